@@ -1,0 +1,1 @@
+"""Billing: one usage record per authenticated request, written without loss."""
