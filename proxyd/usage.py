@@ -1,0 +1,235 @@
+"""Token usage as the provider reports it: response bodies and streamed SSE events.
+
+Pure module: no I/O, no aiohttp. Streams are scanned with a bytes search first; only the few
+events that carry a usage object are JSON-parsed. Bodies are never logged or kept beyond a stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_USAGE = b'"usage"'
+_EMPTY_CHOICES = (b'"choices":[]', b'"choices": []')
+_FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one request; cached and reasoning tokens are parts of prompt/completion."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def _int(value: object) -> int:
+    return value if type(value) is int and value > 0 else 0
+
+
+def parse_usage(u: Mapping[str, Any]) -> Usage:
+    """One provider `usage` object, whatever its dialect, as a Usage.
+
+    - OpenAI chat/completions/embeddings: prompt_tokens, completion_tokens,
+      prompt_tokens_details.cached_tokens, completion_tokens_details.reasoning_tokens.
+    - OpenAI Responses: input_tokens (cached included), output_tokens, input_tokens_details,
+      output_tokens_details.
+    - Anthropic: input_tokens excludes the cache, so the prompt is input_tokens +
+      cache_read_input_tokens + cache_creation_input_tokens; cached = cache_read_input_tokens
+      (cache writes are billed at the input rate).
+    The dialects never share the distinguishing keys, so the shape decides.
+    """
+    if "prompt_tokens" in u or "completion_tokens" in u:
+        pd = u.get("prompt_tokens_details")
+        cd = u.get("completion_tokens_details")
+        return Usage(
+            _int(u.get("prompt_tokens")),
+            _int(u.get("completion_tokens")),
+            _int(pd.get("cached_tokens")) if isinstance(pd, Mapping) else 0,
+            _int(cd.get("reasoning_tokens")) if isinstance(cd, Mapping) else 0,
+        )
+    cache_read = _int(u.get("cache_read_input_tokens"))
+    cache_write = _int(u.get("cache_creation_input_tokens"))
+    idt = u.get("input_tokens_details")
+    odt = u.get("output_tokens_details")
+    cached = cache_read + (_int(idt.get("cached_tokens")) if isinstance(idt, Mapping) else 0)
+    return Usage(
+        _int(u.get("input_tokens")) + cache_read + cache_write,
+        _int(u.get("output_tokens")),
+        cached,
+        _int(odt.get("reasoning_tokens")) if isinstance(odt, Mapping) else 0,
+    )
+
+
+def usage_from_body(body: bytes | Mapping[str, Any]) -> Usage | None:
+    """Usage of a non-stream response (chat, completions, embeddings, responses, messages)."""
+    try:
+        obj = orjson.loads(body) if isinstance(body, bytes | bytearray | memoryview) else body
+    except orjson.JSONDecodeError:
+        return None
+    u = obj.get("usage") if isinstance(obj, Mapping) else None
+    return parse_usage(u) if isinstance(u, Mapping) else None
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The payload of one SSE event: its data lines joined by newlines, or None."""
+    parts = [
+        line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
+    ]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else b"\n".join(parts)
+
+
+def has_usage_object(event: bytes) -> bool:
+    """Cheap test (one reverse bytes search) that an event carries a non-null usage object.
+
+    A usage object is a key, so it is never inside a JSON string, where quotes are escaped.
+    """
+    i = event.rfind(_USAGE)
+    return i >= 0 and event.find(b"{", i + 7, i + 10) >= 0
+
+
+def is_usage_only_chunk(event: bytes) -> bool:
+    """True for OpenAI's extra usage chunk (`"choices":[]` with a usage object).
+
+    The relay drops it when proxyd itself asked for `stream_options.include_usage`.
+    """
+    return has_usage_object(event) and (_EMPTY_CHOICES[0] in event or _EMPTY_CHOICES[1] in event)
+
+
+def _merge(into: dict[str, Any], u: Mapping[str, Any]) -> None:
+    """Fold a usage object into the running one; counts are cumulative, so keep the largest."""
+    for k, v in u.items():
+        if type(v) is int:
+            old = into.get(k)
+            into[k] = max(v, old) if type(old) is int else v
+        elif isinstance(v, Mapping):
+            sub = into.get(k)
+            if not isinstance(sub, dict):
+                sub = into[k] = {}
+            _merge(sub, v)
+
+
+class StreamUsage:
+    """Per-stream usage scanner: the relay feeds it each complete SSE event it delivered.
+
+    `feed()` costs a list append and one reverse bytes search unless the event carries a usage
+    object. To estimate when usage never comes, it keeps *references* to the delivered event
+    bytes (the relay allocated them anyway; nothing is copied or decoded) up to `keep_bytes`
+    in total; past that it only counts bytes, and `delivered_text()` gives the text of the
+    kept events and `extrapolation()` the factor to scale their token count by. The references
+    are dropped as soon as the final usage arrives. Nothing here is ever logged or stored.
+    """
+
+    __slots__ = ("_events", "_kept", "_raw", "_skipped", "complete", "keep_bytes", "prompt_known")
+
+    def __init__(self, keep_bytes: int = 1 << 20) -> None:
+        self.keep_bytes = keep_bytes
+        self._events: list[bytes] | None = []
+        self._kept = 0
+        self._skipped = 0
+        self._raw: dict[str, Any] = {}
+        self.complete = False  # a final usage (with the completion count) arrived
+        self.prompt_known = False  # the provider told the prompt count (Anthropic message_start)
+
+    def feed(self, event: bytes) -> None:
+        """Take one complete SSE event as delivered to the client."""
+        events = self._events
+        if events is not None:
+            if self._kept < self.keep_bytes:
+                events.append(event)
+                self._kept += len(event)
+            else:
+                self._skipped += len(event)
+        i = event.rfind(_USAGE)
+        if i >= 0 and event.find(b"{", i + 7, i + 10) >= 0:
+            self._take(event)
+
+    def _take(self, event: bytes) -> None:
+        data = event_data(event)
+        if data is None:
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        final = True
+        if kind == "message_start":  # Anthropic: prompt counts; output_tokens is a placeholder
+            msg = obj.get("message")
+            u = msg.get("usage") if isinstance(msg, dict) else None
+            final = False
+            if isinstance(u, dict):
+                u = {k: v for k, v in u.items() if k != "output_tokens"}
+        elif kind in _FINAL_TYPES:  # Responses API
+            resp = obj.get("response")
+            u = resp.get("usage") if isinstance(resp, dict) else None
+        else:  # OpenAI chat/completions usage chunk, Anthropic message_delta
+            u = obj.get("usage")
+        if not isinstance(u, dict):
+            return
+        _merge(self._raw, u)
+        self.prompt_known = True
+        if final:
+            self.complete = True
+            self._events = None
+
+    def usage(self) -> Usage | None:
+        """What the provider reported so far (None when nothing); final only if `complete`."""
+        return parse_usage(self._raw) if self._raw else None
+
+    def extrapolation(self) -> tuple[int, int]:
+        """(delivered bytes, kept bytes): scale the kept text's token count by their ratio."""
+        return self._kept + self._skipped, self._kept
+
+    def delivered_text(self) -> str:
+        """The completion text of the kept events (content, reasoning, tool arguments)."""
+        return "".join(_texts(self._events or ()))
+
+
+def _texts(events: Iterable[bytes]) -> Iterable[str]:
+    for event in events:
+        data = event_data(event)
+        if data is None or data == b"[DONE]":
+            continue
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            yield from _event_texts(obj)
+
+
+def _strs(*values: object) -> Iterable[str]:
+    return (v for v in values if isinstance(v, str))
+
+
+def _event_texts(obj: dict[str, Any]) -> Iterable[str]:
+    kind = obj.get("type")
+    if kind is None or "choices" in obj:  # OpenAI chat / completions chunk
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            yield from _strs(choice.get("text"))
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                yield from _strs(
+                    delta.get("content"), delta.get("reasoning_content"), delta.get("refusal")
+                )
+                for call in delta.get("tool_calls") or ():
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict):
+                        yield from _strs(fn.get("name"), fn.get("arguments"))
+    elif kind == "content_block_delta":  # Anthropic
+        delta = obj.get("delta")
+        if isinstance(delta, dict):
+            yield from _strs(delta.get("text"), delta.get("partial_json"), delta.get("thinking"))
+    elif isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta"):
+        yield from _strs(obj.get("delta"))  # Responses API text, reasoning, tool arguments
