@@ -233,3 +233,39 @@ def _event_texts(obj: dict[str, Any]) -> Iterable[str]:
             yield from _strs(delta.get("text"), delta.get("partial_json"), delta.get("thinking"))
     elif isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta"):
         yield from _strs(obj.get("delta"))  # Responses API text, reasoning, tool arguments
+
+
+def completion_text(body: bytes | Mapping[str, Any]) -> str:
+    """The generated text of a non-stream response, for estimation when it has no usage."""
+    try:
+        obj = orjson.loads(body) if isinstance(body, bytes | bytearray | memoryview) else body
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(obj, Mapping):
+        return ""
+    out: list[str] = []
+    for choice in obj.get("choices") or ():  # OpenAI chat / completions
+        if isinstance(choice, Mapping):
+            out.extend(_strs(choice.get("text")))
+            msg = choice.get("message")
+            if isinstance(msg, Mapping):
+                out.extend(_strs(msg.get("content"), msg.get("reasoning_content")))
+                for call in msg.get("tool_calls") or ():
+                    fn = call.get("function") if isinstance(call, Mapping) else None
+                    if isinstance(fn, Mapping):
+                        out.extend(_strs(fn.get("name"), fn.get("arguments")))
+    for block in _blocks(obj.get("content")):  # Anthropic messages
+        out.extend(_strs(block.get("text"), block.get("thinking")))
+        if "input" in block:
+            out.append(orjson.dumps(block["input"]).decode())
+    for item in _blocks(obj.get("output")):  # Responses API
+        out.extend(_strs(item.get("arguments")))
+        for part in _blocks(item.get("content")):
+            out.extend(_strs(part.get("text")))
+    return "".join(out)
+
+
+def _blocks(value: object) -> Iterable[Mapping[str, Any]]:
+    if isinstance(value, list):
+        return (v for v in value if isinstance(v, Mapping))
+    return ()

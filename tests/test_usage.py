@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import orjson
 
-from proxyd.usage import StreamUsage, Usage, is_usage_only_chunk, parse_usage, usage_from_body
+from proxyd.usage import (
+    StreamUsage,
+    Usage,
+    completion_text,
+    is_usage_only_chunk,
+    parse_usage,
+    usage_from_body,
+)
 
 
 def sse(obj: object, event: str | None = None) -> bytes:
@@ -207,3 +214,28 @@ def test_references_dropped_once_usage_arrives() -> None:
     scanner.feed(chat_chunk("secret"))
     scanner.feed(sse({"choices": [], "usage": CHAT_USAGE}))
     assert scanner.delivered_text() == ""
+
+
+def test_completion_text_of_non_stream_bodies() -> None:
+    """The generated text of chat, completions, Anthropic and Responses bodies."""
+    chat = {
+        "choices": [
+            {
+                "message": {
+                    "content": "Hi",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}],
+                }
+            }
+        ]
+    }
+    assert completion_text(orjson.dumps(chat)) == "Hif{}"
+    assert completion_text({"choices": [{"text": "abc"}]}) == "abc"
+    anthropic = {
+        "content": [{"type": "text", "text": "yo"}, {"type": "tool_use", "input": {"a": 1}}]
+    }
+    assert completion_text(anthropic) == 'yo{"a":1}'
+    responses = {
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": "ok"}]}]
+    }
+    assert completion_text(responses) == "ok"
+    assert completion_text(b"not json") == ""
