@@ -1,0 +1,5 @@
+"""`python -m proxyd` is the `proxyd` command."""
+
+from proxyd.cli import main
+
+raise SystemExit(main())

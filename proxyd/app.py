@@ -1,0 +1,184 @@
+"""The one wiring module: builds the client app and its parts in `cleanup_ctx` order.
+
+Only this module knows how the pieces are assembled. Each cleanup runs only if its start-up ran,
+in reverse order: stop accepting, let streams finish, then flush billing, then close the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import web
+
+from proxyd import estimate, logs
+from proxyd.admit import Admission, AdmissionSettings
+from proxyd.balances import LocalLedger
+from proxyd.billing.sink import open_sink
+from proxyd.billing.spool import Spool
+from proxyd.billing.writer import BillingWriter
+from proxyd.clientip import client_address, parse_networks
+from proxyd.config import Config
+from proxyd.handlers import MAX_BODY, ClientHandlers
+from proxyd.metrics import Metrics
+from proxyd.pipeline import Pipeline
+from proxyd.relay import Upstream
+from proxyd.resale import ResaleWatch
+from proxyd.limits import LocalLimits
+from proxyd.state import StateStore
+
+log = structlog.get_logger("proxyd.app")
+
+
+@dataclass
+class Parts:
+    """The long-lived objects of one proxyd process, built by `build_parts`."""
+
+    config: Config
+    store: StateStore
+    metrics: Metrics
+    upstream: Upstream
+    writer: BillingWriter
+    admission: Admission
+    ledger: LocalLedger
+    limits: LocalLimits
+    tokenizer: estimate.Tokenizer
+    ready_reasons: list[Callable[[], str | None]] = field(default_factory=list)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when state is loaded and billing is writable or spooling within bounds."""
+        if not self.store.loaded:
+            return False, "state not loaded yet"
+        ok, reason = self.writer.ready()
+        if not ok:
+            return False, reason
+        return True, "ready"
+
+
+PARTS = web.AppKey("parts", Parts)
+
+
+def build_parts(config: Config, store: StateStore | None = None) -> Parts:
+    """Create every part (nothing started yet)."""
+    store = store or StateStore()
+    metrics = Metrics(enabled=config.metrics_enabled)
+    ledger = LocalLedger()
+    limits = LocalLimits()
+    admission = Admission(
+        limits=limits,
+        ledger=ledger,
+        resale=ResaleWatch(
+            window=config.admission.resale_window_seconds,
+            max_ips=config.admission.resale_max_ips,
+            max_user_agents=config.admission.resale_max_user_agents,
+        ),
+        settings=AdmissionSettings(default_max_tokens=config.admission.default_max_tokens),
+    )
+    b = config.billing
+    writer = BillingWriter(
+        open_sink(b.database_url),
+        Spool(b.spool_dir),
+        batch_size=b.batch_size,
+        flush_interval=b.flush_interval_seconds,
+        queue_max=b.queue_max,
+        spool_max_rows=b.spool_max_rows,
+        on_flush=metrics.flush_observe,
+    )
+    return Parts(
+        config=config,
+        store=store,
+        metrics=metrics,
+        upstream=Upstream(config.upstream),
+        writer=writer,
+        admission=admission,
+        ledger=ledger,
+        limits=limits,
+        tokenizer=estimate.Tokenizer(),
+    )
+
+
+def create_app(config: Config, parts: Parts | None = None) -> web.Application:
+    """The client-facing application with every part wired in."""
+    parts = parts or build_parts(config)
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app[PARTS] = parts
+    app[MAX_BODY] = config.server.max_body_bytes
+    trusted = parse_networks(config.server.trusted_proxies)
+    pipeline = Pipeline(
+        store=parts.store,
+        upstream=parts.upstream,
+        admission=parts.admission,
+        writer=parts.writer,
+        metrics=parts.metrics,
+        tokenizer=parts.tokenizer,
+        client_ip=lambda request: client_address(request.remote, request.headers, trusted),
+        request_log=logs.request_log,
+        default_max_tokens=config.admission.default_max_tokens,
+    )
+    app.router.add_routes(ClientHandlers(pipeline).routes())
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.cleanup_ctx.append(_state_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_billing_ctx)
+    return app
+
+
+async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
+    parts = app[PARTS]
+    if not parts.store.loaded:
+        parts.store.load(parts.config.state)
+        for account, push in parts.config.state.balances.items():
+            await parts.ledger.set_balance(account, push.version, push.balance_nanos)
+    yield
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    parts = app[PARTS]
+    await parts.upstream.start()
+    yield
+    await parts.upstream.close()
+
+
+async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
+    parts = app[PARTS]
+    await parts.writer.start()
+    yield
+    await parts.writer.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process answers."""
+    return web.json_response({"status": "ok"}, headers={"x-request-id": _rid()})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """State loaded and billing writable or spooling within bounds; the reason when not."""
+    ok, reason = request.app[PARTS].readiness()
+    return web.json_response(
+        {"ready": ok, "reason": reason}, status=200 if ok else 503, headers={"x-request-id": _rid()}
+    )
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    body, content_type = request.app[PARTS].metrics.render()
+    response = web.Response(body=body, headers={"x-request-id": _rid()})
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def _rid() -> str:
+    return f"req_{time.time_ns():x}"
+
+
+async def wait_for_streams(parts: Parts, grace: float) -> None:
+    """Wait until no request is in flight, or `grace` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while parts.metrics.in_flight() > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)

@@ -1,0 +1,130 @@
+"""Command line: `proxyd serve`, `proxyd check-config PATH`, `proxyd migrate`.
+
+Entry point only: it reads the configuration, starts the listeners and waits for a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+
+from proxyd import __version__, logs
+from proxyd.config import Config, ConfigError, load_config, split_host_port
+
+log = structlog.get_logger("proxyd")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command named by `argv`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="proxyd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"proxyd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy (client and control listeners)")
+    serve.add_argument("--config", help="configuration file (default: $PROXYD_CONFIG or none)")
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("path")
+    migrate = sub.add_parser("migrate", help="create or upgrade the billing schema")
+    migrate.add_argument("--config", help="configuration file (default: $PROXYD_CONFIG or none)")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(args.path if args.command == "check-config" else args.config)
+    except ConfigError as exc:
+        print(f"proxyd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        return _check(config, args.path)
+    logs.configure_logging(config.logging.level, config.logging.format)
+    if args.command == "migrate":
+        return _run(_migrate(config))
+    return _run(serve_forever(config))
+
+
+def _check(config: Config, path: str) -> int:
+    from proxyd.state import StateError, StateStore
+
+    try:
+        StateStore().load(config.state)
+    except StateError as exc:
+        print(f"proxyd: configuration error: {path}: state.{exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok")
+    return 0
+
+
+def _run(coro: object) -> int:
+    import uvloop
+
+    result: int = uvloop.run(coro)  # type: ignore[arg-type]
+    return result
+
+
+async def _migrate(config: Config) -> int:
+    from proxyd.billing.migrate import migrate
+
+    await migrate(config.billing.database_url)
+    log.info("migrated", database=_redact(config.billing.database_url))
+    return 0
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+async def serve_forever(config: Config) -> int:
+    """Serve until SIGTERM or SIGINT, then drain streams, flush billing and exit 0."""
+    from proxyd.app import PARTS, create_app
+    from proxyd.control.api import create_control_app
+
+    app = create_app(config)
+    parts = app[PARTS]
+    grace = config.server.shutdown_grace_seconds
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=grace
+    )
+    await runner.setup()
+    host, port = split_host_port(config.server.listen)
+    await web.TCPSite(runner, host, port, reuse_port=True, backlog=4096).start()
+
+    control_runner: web.AppRunner | None = None
+    if config.server.admin_token:
+        control = create_control_app(
+            store=parts.store,
+            ledger=parts.ledger,
+            limits=parts.limits,
+            channel_health=lambda: [],
+            admin_token=config.server.admin_token,
+            allow_cidrs=list(config.server.control_allow_cidrs),
+        )
+        control_runner = web.AppRunner(control, access_log=None)
+        await control_runner.setup()
+        chost, cport = split_host_port(config.server.control_listen)
+        await web.TCPSite(control_runner, chost, cport).start()
+    else:
+        log.warning("control_api_disabled", reason="no admin token configured")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving", listen=config.server.listen, control=config.server.control_listen)
+    await stop.wait()
+    log.info("stopping", grace_seconds=grace)
+    if control_runner is not None:
+        await control_runner.cleanup()
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Process configuration: one file (TOML or JSON), validated at start, with environment overrides.
+
+Pure module: reads a file and the environment, never the network. A mistake names the file and
+the field; the state part has the control API's shape and is validated by the same schemas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from proxyd.schemas import Cidr, Snapshot
+
+DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_CONTROL_LISTEN = "127.0.0.1:9090"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    """Listeners, request limits and shutdown."""
+
+    listen: str = DEFAULT_LISTEN
+    control_listen: str = DEFAULT_CONTROL_LISTEN
+    admin_token: str | None = Field(default=None, min_length=16)
+    control_allow_cidrs: list[Cidr] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    trusted_proxies: list[Cidr] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1024)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    workers: int = Field(default=1, ge=1, le=256)
+
+
+class UpstreamSettings(_Section):
+    """The shared upstream connection pool and the failover budget."""
+
+    pool_size: int = Field(default=10_000, ge=1)
+    pool_size_per_host: int = Field(default=0, ge=0)
+    keepalive_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    deadline_seconds: float = Field(default=60.0, gt=0)
+    default_anthropic_max_tokens: int = Field(default=4096, ge=1)
+
+
+class BillingSettings(_Section):
+    """Where usage rows go and how they are batched, spooled and retained."""
+
+    database_url: str = "sqlite:///var/proxyd.sqlite3"
+    batch_size: int = Field(default=1000, ge=1)
+    flush_interval_seconds: float = Field(default=0.5, gt=0)
+    queue_max: int = Field(default=100_000, ge=1)
+    spool_dir: str = "var/spool"
+    spool_max_rows: int = Field(default=5_000_000, ge=1)
+    retention_days: int = Field(default=90, ge=1)
+
+
+class RedisSettings(_Section):
+    """Optional Redis shared by all instances for limits, balances and invalidations."""
+
+    url: str | None = None
+    prefix: str = "proxyd:"
+
+
+class AdmissionConfig(_Section):
+    """Admission defaults that are not per key."""
+
+    default_max_tokens: int = Field(default=4096, ge=1)
+    resale_window_seconds: float = Field(default=3600.0, gt=0)
+    resale_max_ips: int = Field(default=20, ge=1)
+    resale_max_user_agents: int = Field(default=10, ge=1)
+
+
+class ControlPlaneSettings(_Section):
+    """Where to fetch a state snapshot at start, and how often to poll it again."""
+
+    snapshot_url: str | None = None
+    snapshot_token: str | None = None
+    poll_interval_seconds: float | None = Field(default=None, gt=0)
+
+
+class LoggingSettings(_Section):
+    """Log level and format."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Section):
+    """The whole configuration file."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    billing: BillingSettings = Field(default_factory=BillingSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    control_plane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics_enabled: bool = True
+    state: Snapshot = Field(default_factory=Snapshot)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the field."""
+
+
+# Environment variable -> (section, field) it overrides.
+ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
+    "PROXYD_LISTEN": ("server", "listen"),
+    "PROXYD_CONTROL_LISTEN": ("server", "control_listen"),
+    "PROXYD_ADMIN_TOKEN": ("server", "admin_token"),
+    "PROXYD_DATABASE_URL": ("billing", "database_url"),
+    "PROXYD_REDIS_URL": ("redis", "url"),
+    "PROXYD_LOG_LEVEL": ("logging", "level"),
+    "PROXYD_LOG_FORMAT": ("logging", "format"),
+    "PROXYD_SNAPSHOT_URL": ("control_plane", "snapshot_url"),
+}
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """`("keys", 3, "hash")` -> `keys[3].hash`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per problem: `field: message`."""
+    return "; ".join(f"{field_path(e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        if path.suffix == ".json":
+            data = json.loads(raw)
+        else:
+            data = tomllib.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a table/object")
+    return data
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration; `path` None means PROXYD_CONFIG or no file at all."""
+    env = os.environ if environ is None else environ
+    chosen = path if path is not None else env.get("PROXYD_CONFIG") or None
+    data: dict[str, Any] = _read(Path(chosen)) if chosen is not None else {}
+    for var, (section, name) in ENV_OVERRIDES.items():
+        value = env.get(var)
+        if value:
+            data.setdefault(section, {})
+            if not isinstance(data[section], dict):
+                raise ConfigError(f"{chosen}: {section}: must be a table")
+            data[section][name] = value
+    where = str(chosen) if chosen is not None else "environment"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {describe(exc)}") from exc
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """`"0.0.0.0:8080"` -> `("0.0.0.0", 8080)`; `"[::1]:8080"` works too."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{value!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)

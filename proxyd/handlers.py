@@ -1,0 +1,196 @@
+"""Client handlers: each request is one pass, authenticate → admit → route → relay → record.
+
+Every request that passed authentication yields exactly one usage record, handed to the billing
+queue in `finally`. Errors are rendered in the wire format of the endpoint that was called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxyd import pricing
+from proxyd.authenticate import authenticate
+from proxyd.billing.record import UsageRecord
+from proxyd.call import Call, parse_call
+from proxyd.errors import BodyTooLarge, ErrorType, ModelNotFound, ProxydError
+from proxyd.pipeline import Pipeline
+from proxyd.relay import Outcome, relay
+from proxyd.state import KeyRecord, State
+from proxyd.wire import anthropic as anthropic_wire
+from proxyd.wire import openai as openai_wire
+from proxyd.wire.endpoints import ALL, Endpoint
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def new_request_id() -> str:
+    """A fresh request id; it is also the billing row's key."""
+    return "req_" + uuid.uuid4().hex
+
+
+def error_response(protocol: str, err: ProxydError, request_id: str) -> web.Response:
+    """`err` rendered in the caller's wire format, with Retry-After and extra headers."""
+    body = anthropic_wire.error_body(err) if protocol == "anthropic" else openai_wire.error_body(err)
+    headers = {"Content-Type": "application/json", "x-request-id": request_id, **err.headers}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
+    return web.Response(body=body, status=err.status, headers=headers)
+
+
+@dataclass(slots=True)
+class Meter:
+    """Per-request timing kept by the handler."""
+
+    request_id: str
+    wall: float
+    start: float
+
+
+class ClientHandlers:
+    """The client API: one method per kind of endpoint."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+
+    def routes(self) -> list[web.RouteDef]:
+        """The route table of the client listener."""
+        table = [web.post(e.path, self._completion_handler(e)) for e in ALL]
+        table.append(web.get("/v1/models", self.models))
+        return table
+
+    def _completion_handler(self, endpoint: Endpoint) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.completion(request, endpoint)
+
+        return handle
+
+    async def completion(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        """authenticate → admit → route → relay → record."""
+        p = self.p
+        loop = asyncio.get_running_loop()
+        meter = Meter(new_request_id(), time.time(), loop.time())
+        state = p.store.current
+        try:
+            key = authenticate(request.headers, state, meter.wall)
+        except ProxydError as err:
+            p.metrics.refused(err.error_type.value)
+            return error_response(endpoint.protocol, err, meter.request_id)
+        p.metrics.request_started()
+        outcome = Outcome()
+        record = UsageRecord(
+            request_id=meter.request_id,
+            created_at=meter.wall,
+            key_id=key.id,
+            account_id=key.account_id,
+            model="",
+            endpoint=endpoint.name,
+            client_ip=p.client_ip(request),
+        )
+        call: Call | None = None
+        ticket = None
+        try:
+            call = await read_call(request, endpoint)
+            record.model = call.model
+            record.stream = call.stream
+            price = resolve(state, key, call)
+            ticket = await p.admission.admit(
+                key,
+                model=call.model,
+                client_ip=record.client_ip or "",
+                user_agent=request.headers.get("User-Agent", ""),
+                est_tokens=p.estimate_tokens(call),
+                max_cost_nanos=p.max_cost(price, call),
+            )
+            channels = p.route(state, call)
+            if call.stream:
+                p.metrics.stream_opened()
+            try:
+                return await relay(
+                    request,
+                    call,
+                    channels,
+                    p.upstream,
+                    outcome,
+                    credential=p.credential,
+                    request_id=meter.request_id,
+                    extra_headers=ticket.headers,
+                )
+            finally:
+                if call.stream:
+                    p.metrics.stream_closed()
+        except ProxydError as err:
+            outcome.status = err.status
+            outcome.error_type = err.error_type
+            if err.status in (403, 429):
+                p.metrics.refused(err.error_type.value)
+            return error_response(endpoint.protocol, err, meter.request_id)
+        except asyncio.CancelledError:
+            outcome.status = 499
+            outcome.error_type = ErrorType.CLIENT_DISCONNECT
+            raise
+        finally:
+            p.finish(record, outcome, call, ticket, meter.start, loop.time(), state)
+            p.metrics.request_finished()
+
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: the models the calling key may use, in the caller's format."""
+        request_id = new_request_id()
+        anthropic = "anthropic-version" in request.headers
+        state = self.p.store.current
+        try:
+            key = authenticate(request.headers, state, time.time())
+        except ProxydError as err:
+            return error_response("anthropic" if anthropic else "openai", err, request_id)
+        names = [m for m in state.models() if key.allows_model(m)]
+        if anthropic:
+            data: object = {
+                "data": [
+                    {"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}
+                    for m in names
+                ],
+                "has_more": False,
+                "first_id": names[0] if names else None,
+                "last_id": names[-1] if names else None,
+            }
+        else:
+            data = {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "created": 0, "owned_by": "proxyd"} for m in names],
+            }
+        return web.json_response(data, headers={"x-request-id": request_id}, dumps=_dumps)
+
+
+def _dumps(obj: object) -> str:
+    import orjson
+
+    return orjson.dumps(obj).decode()
+
+
+async def read_call(request: web.Request, endpoint: Endpoint) -> Call:
+    """Read the body within the size limit and parse it; 413 without reading an oversized one."""
+    limit = request.app[MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.") from None
+    return parse_call(endpoint, raw)
+
+
+def resolve(state: State, key: KeyRecord, call: Call) -> pricing.Price:
+    """The price of the requested model; 403 outside the key's list, 404 if nobody serves it."""
+    price = state.prices.get(call.model)
+    if price is None or call.model not in state.routes:
+        raise ModelNotFound(f"The model '{call.model}' does not exist or is not served here.",
+                            param="model")
+    return price
+
+
+MAX_BODY = web.AppKey("max_body_bytes", int)

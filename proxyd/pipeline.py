@@ -1,0 +1,165 @@
+"""The pieces one request passes through, held together for the handler, and the record step.
+
+Owns the decisions that join the steps: what to reserve at admission, which channels to try,
+and how a finished request becomes its one usage record. Never touches a body beyond counting.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from proxyd import pricing
+from proxyd.billing.record import UsageRecord
+from proxyd.call import Call
+from proxyd.estimate import Tokenizer
+from proxyd.errors import ErrorType, UpstreamFailure
+from proxyd.relay import Outcome, Upstream
+from proxyd.state import Channel, KeyRecord, State, StateStore
+from proxyd.usage import Usage
+
+
+class TicketLike(Protocol):
+    """What admission hands back: headers for the response, and a release for the end."""
+
+    headers: dict[str, str]
+
+    def finish(self, *, tokens: int, cost_nanos: int) -> None: ...
+
+
+class AdmissionLike(Protocol):
+    async def admit(
+        self,
+        key: KeyRecord,
+        *,
+        model: str,
+        client_ip: str,
+        user_agent: str,
+        est_tokens: int,
+        max_cost_nanos: int,
+    ) -> TicketLike: ...
+
+
+class WriterLike(Protocol):
+    def submit(self, record: UsageRecord) -> None: ...
+
+
+class MetricsLike(Protocol):
+    def observe_request(self, record: UsageRecord) -> None: ...
+    def request_started(self) -> None: ...
+    def request_finished(self) -> None: ...
+    def stream_opened(self) -> None: ...
+    def stream_closed(self) -> None: ...
+    def refused(self, reason: str) -> None: ...
+
+
+class Pipeline:
+    """Everything the client handler needs, assembled by the app factory."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        upstream: Upstream,
+        admission: AdmissionLike,
+        writer: WriterLike,
+        metrics: MetricsLike,
+        tokenizer: Tokenizer,
+        client_ip: Callable[[web.Request], str],
+        request_log: Callable[[UsageRecord], None],
+        default_max_tokens: int,
+    ) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.admission = admission
+        self.writer = writer
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.client_ip = client_ip
+        self._request_log = request_log
+        self.default_max_tokens = default_max_tokens
+        self._rotation: dict[str, itertools.count[int]] = {}
+
+    # -- admit ------------------------------------------------------------------------------
+    def estimate_tokens(self, call: Call) -> int:
+        """Tokens to reserve from the per-minute bucket: a cheap prompt estimate plus the cap."""
+        return len(call.raw) // 4 + (call.max_tokens or self.default_max_tokens)
+
+    def max_cost(self, price: pricing.Price, call: Call) -> int:
+        """The most this request can cost; a prompt never has more tokens than bytes."""
+        return pricing.max_cost_nanos(
+            price, len(call.raw), call.max_tokens or self.default_max_tokens
+        )
+
+    # -- route ------------------------------------------------------------------------------
+    def route(self, state: State, call: Call) -> list[Channel]:
+        """The channels to try, best first; 503 when none can serve this endpoint."""
+        protocol = call.endpoint.protocol
+        channels = [
+            c for c in state.routes.get(call.model, ()) if c.type == protocol
+        ]
+        if not channels:
+            raise UpstreamFailure(
+                "No channel can serve this model on this endpoint.",
+                status=503,
+                error_type=ErrorType.NO_CHANNEL,
+            )
+        return channels
+
+    def credential(self, channel: Channel) -> str:
+        """The channel's credentials in rotation."""
+        if len(channel.api_keys) == 1:
+            return channel.api_keys[0]
+        counter = self._rotation.setdefault(channel.id, itertools.count())
+        return channel.api_keys[next(counter) % len(channel.api_keys)]
+
+    # -- record -----------------------------------------------------------------------------
+    def finish(
+        self,
+        record: UsageRecord,
+        outcome: Outcome,
+        call: Call | None,
+        ticket: TicketLike | None,
+        start: float,
+        end: float,
+        state: State,
+    ) -> None:
+        """Complete the request's one usage record and hand it on; never raises."""
+        record.channel_id = outcome.channel_id
+        record.upstream_model = outcome.upstream_model
+        record.status_code = outcome.status or 500
+        record.error_type = outcome.error_type.value if outcome.error_type else None
+        record.latency_ms = int((end - start) * 1000)
+        if outcome.first_byte_at is not None:
+            record.ttft_ms = int((outcome.first_byte_at - start) * 1000)
+        if call is not None and outcome.sent:
+            usage, estimated = self._usage(outcome, call)
+            record.prompt_tokens = usage.prompt_tokens
+            record.completion_tokens = usage.completion_tokens
+            record.cached_tokens = usage.cached_tokens
+            record.reasoning_tokens = usage.reasoning_tokens
+            record.usage_source = "estimated" if estimated else "upstream"
+            price = state.prices.get(call.model)
+            if price is not None:  # what was delivered is billed, also to a client that left
+                record.cost_nanos = pricing.cost_nanos(
+                    price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+                )
+        if ticket is not None:
+            ticket.finish(
+                tokens=record.prompt_tokens + record.completion_tokens,
+                cost_nanos=record.cost_nanos,
+            )
+        self.writer.submit(record)
+        self.metrics.observe_request(record)
+        self._request_log(record)
+
+    def _usage(self, outcome: Outcome, call: Call) -> tuple[Usage, bool]:
+        """The provider's counts when it gave them, else what was delivered, counted offline."""
+        if outcome.scanner is None:
+            if outcome.usage is not None or outcome.status >= 400:
+                return outcome.usage or Usage(), False
+        usage, source = self.tokenizer.estimate(call.endpoint.path, call.body, outcome.scanner)
+        return usage, source == "estimated"

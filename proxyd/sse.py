@@ -1,0 +1,52 @@
+"""Splits an upstream byte stream into whole server-sent events, whatever the read boundaries.
+
+Pure module. It copies nothing it does not have to: a read that holds exactly whole events is
+passed on as the same bytes object.
+"""
+
+from __future__ import annotations
+
+_SEP = b"\n\n"
+_CRLF_SEP = b"\r\n\r\n"
+
+
+class EventSplitter:
+    """Feed reads in; get back whole events (each with its blank-line terminator)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Return the events completed by `data`, in order; keep any partial tail."""
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+            if data.endswith(b"\r"):  # a CRLF split across reads: keep the CR for the next one
+                self._buf = b"\r"
+                data = data[:-1]
+            data = data.replace(b"\r", b"\n")
+        end = data.rfind(_SEP)
+        if end < 0:
+            self._buf = data + self._buf
+            return []
+        end += 2
+        if end < len(data):
+            self._buf = data[end:] + self._buf
+            data = data[:end]
+        if data.find(_SEP) == end - 2:
+            return [data]
+        events = []
+        start = 0
+        while start < end:
+            cut = data.find(_SEP, start) + 2
+            events.append(data[start:cut])
+            start = cut
+        return events
+
+    def pending(self) -> bytes:
+        """The bytes of an incomplete event still held (at the end of a stream: a cut event)."""
+        return self._buf

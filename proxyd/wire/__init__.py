@@ -1,0 +1,1 @@
+"""Client wire formats: how each protocol names its endpoints and renders proxyd's errors."""

@@ -1,0 +1,381 @@
+"""The relay core end to end: real SDKs → proxyd → scripted fake providers."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+
+from tests.conftest import (
+    OTHER_SECRET,
+    SECRET,
+    StartProxy,
+    StartServer,
+    channel,
+    key,
+    make_config,
+    server_url,
+)
+from tests.fakes import (
+    FakeProvider,
+    Step,
+    anthropic_body,
+    anthropic_events,
+    chat_body,
+    chat_events,
+    sse,
+)
+
+
+async def _setup(
+    tmp_path: Path,
+    start_server: StartServer,
+    start_proxy: StartProxy,
+    fake: FakeProvider,
+    *,
+    type: str = "openai",
+    models: list[str] | None = None,
+    **extra: Any,
+) -> Any:
+    server = await start_server(fake.app())
+    config = make_config(
+        tmp_path,
+        [channel("c1", server_url(server), type=type, models=models, **extra)],
+        keys=[
+            key(),
+            key("k2", OTHER_SECRET, status="disabled"),
+        ],
+    )
+    client, parts = await start_proxy(config)
+    return client, parts
+
+
+def _openai(client: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        api_key=SECRET, base_url=str(client.make_url("/v1")), max_retries=0
+    )
+
+
+def _anthropic(client: Any) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(
+        api_key=SECRET, base_url=str(client.make_url("")), max_retries=0
+    )
+
+
+async def test_chat_non_stream_through_openai_sdk(tmp_path, start_server, start_proxy) -> None:
+    """A non-stream chat completion arrives intact and upstream sees the channel's own key."""
+    fake = FakeProvider(Step(body=chat_body("hi there")))
+    client, _ = await _setup(
+        tmp_path, start_server, start_proxy, fake, model_map={"gpt-test": "up-model"}
+    )
+    result = await _openai(client).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert result.choices[0].message.content == "hi there"
+    seen = fake.seen[0]
+    assert seen.path == "/v1/chat/completions"
+    assert seen.headers["Authorization"] == "Bearer upstream-c1"
+    assert SECRET not in str(seen.headers)
+    assert seen.body["model"] == "up-model"
+
+
+async def test_chat_stream_is_byte_identical(tmp_path, start_server, start_proxy) -> None:
+    """A client that asked for usage gets exactly the provider's bytes, event for event."""
+    events = chat_events(["Hel", "lo", " world"])
+    fake = FakeProvider(Step(events=events))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={
+            "model": "gpt-test",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert "Content-Encoding" not in resp.headers
+    assert await resp.read() == b"".join(events)
+    assert resp.headers["x-request-id"].startswith("req_")
+
+
+async def test_injected_usage_chunk_is_removed(tmp_path, start_server, start_proxy) -> None:
+    """proxyd asks upstream for usage and strips that chunk from a client that did not ask."""
+    events = chat_events(["a", "b"])
+    fake = FakeProvider(Step(events=events))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    )
+    body = await resp.read()
+    assert fake.seen[0].body["stream_options"] == {"include_usage": True}
+    expected = b"".join(e for e in events if b'"usage"' not in e)
+    assert body == expected
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_event_split_across_reads(tmp_path, start_server, start_proxy) -> None:
+    """An event cut in two TCP reads reaches the client whole and unchanged."""
+    events = chat_events(["one", "two", "three"])
+    whole = b"".join(events)
+    fake = FakeProvider(Step(events=events, split_at=len(events[0]) + 17))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    stream = await _openai(client).chat.completions.create(
+        model="gpt-test",
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "x"}],
+    )
+    texts = [c.choices[0].delta.content async for c in stream if c.choices]
+    assert "".join(t or "" for t in texts) == "onetwothree"
+    assert len(whole) > len(events[0]) + 17
+
+
+async def test_openai_sdk_stream(tmp_path, start_server, start_proxy) -> None:
+    """The openai SDK reads a relayed stream to its end."""
+    fake = FakeProvider(Step(events=chat_events(["x", "y", "z"])))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    stream = await _openai(client).chat.completions.create(
+        model="gpt-test", stream=True, messages=[{"role": "user", "content": "x"}]
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "xyz"
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_anthropic_sdk_stream_and_body(tmp_path, start_server, start_proxy) -> None:
+    """Anthropic clients stream and fetch messages through an anthropic channel."""
+    events = anthropic_events(["Hi", " there"])
+    fake = FakeProvider().then(Step(events=events), Step(body=anthropic_body("plain")))
+    client, _ = await _setup(
+        tmp_path, start_server, start_proxy, fake, type="anthropic", models=["claude-test"]
+    )
+    sdk = _anthropic(client)
+    async with sdk.messages.stream(
+        model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "hello"}]
+    ) as stream:
+        text = await stream.get_final_text()
+    assert text == "Hi there"
+    message = await sdk.messages.create(
+        model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "hello"}]
+    )
+    assert message.content[0].text == "plain"  # type: ignore[union-attr]
+    seen = fake.seen[0]
+    assert seen.path == "/v1/messages"
+    assert seen.headers["x-api-key"] == "upstream-c1"
+    assert seen.headers["anthropic-version"]
+    assert "Authorization" not in seen.headers
+
+
+async def test_anthropic_stream_bytes(tmp_path, start_server, start_proxy) -> None:
+    """Anthropic events are relayed byte for byte, ping included."""
+    events = anthropic_events(["a", "b"])
+    fake = FakeProvider(Step(events=events))
+    client, _ = await _setup(
+        tmp_path, start_server, start_proxy, fake, type="anthropic", models=["claude-test"]
+    )
+    resp = await client.post(
+        "/v1/messages",
+        headers={"x-api-key": SECRET, "anthropic-version": "2023-06-01"},
+        json={"model": "claude-test", "max_tokens": 5, "stream": True, "messages": []},
+    )
+    assert await resp.read() == b"".join(events)
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "upstream_path"),
+    [
+        ("/v1/completions", {"model": "gpt-test", "prompt": "hi"}, "/v1/completions"),
+        ("/v1/embeddings", {"model": "gpt-test", "input": "hi"}, "/v1/embeddings"),
+        ("/v1/responses", {"model": "gpt-test", "input": "hi"}, "/v1/responses"),
+    ],
+)
+async def test_other_openai_endpoints(
+    tmp_path, start_server, start_proxy, path, payload, upstream_path
+) -> None:
+    """Completions, embeddings and responses reach the matching upstream path unchanged."""
+    answer = orjson.dumps({"object": "x", "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+    fake = FakeProvider(Step(body=answer))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    resp = await client.post(path, headers={"Authorization": f"Bearer {SECRET}"}, json=payload)
+    assert resp.status == 200
+    assert await resp.read() == answer
+    assert fake.seen[0].path == upstream_path
+    assert fake.seen[0].body == payload
+
+
+async def test_models_lists_what_the_key_may_use(tmp_path, start_server, start_proxy) -> None:
+    """GET /v1/models shows the served models the key's list allows, in both formats."""
+    fake = FakeProvider()
+    server = await start_server(fake.app())
+    config = make_config(
+        tmp_path,
+        [channel("c1", server_url(server), models=["gpt-a", "gpt-b"])],
+        keys=[key(models=["gpt-b"])],
+    )
+    client, _ = await start_proxy(config)
+    page = await _openai(client).models.list()
+    assert [m.id for m in page.data] == ["gpt-b"]
+    resp = await client.get(
+        "/v1/models", headers={"x-api-key": SECRET, "anthropic-version": "2023-06-01"}
+    )
+    assert (await resp.json())["data"][0]["type"] == "model"
+
+
+async def test_refusals_in_openai_format(tmp_path, start_server, start_proxy) -> None:
+    """401, 403, 404 come as OpenAI errors that the SDK raises as the right exception."""
+    fake = FakeProvider()
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    base = str(client.make_url("/v1"))
+    messages: Any = [{"role": "user", "content": "x"}]
+    wrong = openai.AsyncOpenAI(api_key="sk-nope", base_url=base, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as unknown:
+        await wrong.chat.completions.create(model="gpt-test", messages=messages)
+    assert "sk-nope" not in str(unknown.value)
+    disabled = openai.AsyncOpenAI(api_key=OTHER_SECRET, base_url=base, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        await disabled.chat.completions.create(model="gpt-test", messages=messages)
+    with pytest.raises(openai.NotFoundError) as missing:
+        await _openai(client).chat.completions.create(model="nope", messages=messages)
+    assert missing.value.code == "model_not_found"
+    assert fake.seen == []
+
+
+async def test_refusals_in_anthropic_format(tmp_path, start_server, start_proxy) -> None:
+    """The same refusals on /v1/messages come in Anthropic's error shape."""
+    fake = FakeProvider()
+    client, _ = await _setup(
+        tmp_path, start_server, start_proxy, fake, type="anthropic", models=["claude-test"]
+    )
+    resp = await client.post(
+        "/v1/messages",
+        headers={"x-api-key": "wrong"},
+        json={"model": "claude-test", "max_tokens": 5, "messages": []},
+    )
+    assert resp.status == 401
+    assert await resp.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "The API key provided is not valid."},
+    }
+    sdk = anthropic.AsyncAnthropic(
+        api_key=SECRET, base_url=str(client.make_url("")), max_retries=0
+    )
+    with pytest.raises(anthropic.NotFoundError):
+        await sdk.messages.create(model="nope", max_tokens=5, messages=[])
+
+
+async def test_expired_key(tmp_path, start_server, start_proxy) -> None:
+    """An expired key gets 403 key_expired."""
+    fake = FakeProvider()
+    server = await start_server(fake.app())
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    config = make_config(
+        tmp_path, [channel("c1", server_url(server))], keys=[key(expires_at=past)]
+    )
+    client, _ = await start_proxy(config)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={"model": "gpt-test", "messages": []},
+    )
+    assert resp.status == 403
+    assert (await resp.json())["error"]["code"] == "key_expired"
+
+
+@pytest.mark.parametrize(
+    ("data", "param"),
+    [(b"{not json", None), (b'{"messages": []}', "model"), (b"[1, 2]", None),
+     (b'{"model": "gpt-test", "stream": "yes"}', "stream")],
+)
+async def test_malformed_bodies(tmp_path, start_server, start_proxy, data, param) -> None:
+    """Malformed JSON or a missing model is a 400 naming the parameter; nothing goes upstream."""
+    fake = FakeProvider()
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"},
+        data=data,
+    )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert fake.seen == []
+
+
+async def test_body_over_limit_is_413(tmp_path, start_server, start_proxy) -> None:
+    """A body over the limit is refused with 413 before it is read."""
+    fake = FakeProvider()
+    server = await start_server(fake.app())
+    config = make_config(
+        tmp_path, [channel("c1", server_url(server))], server={"max_body_bytes": 2048}
+    )
+    client, _ = await start_proxy(config)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        data=b"{" + b" " * 5000 + b"}",
+    )
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "body_too_large"
+
+
+async def test_upstream_4xx_passes_through(tmp_path, start_server, start_proxy) -> None:
+    """An upstream 400 reaches the client unchanged and is not retried."""
+    error = orjson.dumps({"error": {"message": "bad temperature", "type": "invalid_request_error",
+                                    "param": "temperature", "code": None}})
+    fake = FakeProvider(Step(status=400, body=error))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={"model": "gpt-test", "messages": [], "temperature": 9},
+    )
+    assert resp.status == 400
+    assert await resp.read() == error
+    assert len(fake.seen) == 1
+
+
+async def test_client_disconnect_releases_upstream(tmp_path, start_server, start_proxy) -> None:
+    """When the client leaves mid-stream, proxyd stops reading upstream at once."""
+    events = chat_events([f"w{i}" for i in range(200)])
+    fake = FakeProvider(Step(events=events, stall_between=0.02))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={"model": "gpt-test", "stream": True, "messages": []},
+    )
+    await resp.content.readany()
+    resp.close()
+    await asyncio.wait_for(fake.disconnected.wait(), 2)
+
+
+async def test_request_id_on_every_response(tmp_path, start_server, start_proxy) -> None:
+    """Success, refusal, health and metrics responses all carry x-request-id."""
+    fake = FakeProvider(Step(body=chat_body("ok")))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    for method, path, kwargs in [
+        ("POST", "/v1/chat/completions", {"json": {"model": "gpt-test", "messages": []},
+                                          "headers": {"Authorization": f"Bearer {SECRET}"}}),
+        ("POST", "/v1/chat/completions", {"json": {}}),
+        ("GET", "/healthz", {}),
+        ("GET", "/metrics", {}),
+    ]:
+        resp = await client.request(method, path, **kwargs)
+        assert resp.headers.get("x-request-id"), path
+
+
+def test_sse_helper_shape() -> None:
+    """The fake's SSE framing is what providers send (guards the fixtures themselves)."""
+    assert sse({"a": 1}) == b'data: {"a":1}\n\n'
