@@ -6,7 +6,6 @@ in reverse order: stop accepting, let streams finish, then flush billing, then c
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,11 +22,11 @@ from proxyd.billing.writer import BillingWriter
 from proxyd.clientip import client_address, parse_networks
 from proxyd.config import Config
 from proxyd.handlers import MAX_BODY, ClientHandlers
+from proxyd.limits import LocalLimits
 from proxyd.metrics import Metrics
 from proxyd.pipeline import Pipeline
 from proxyd.relay import Upstream
 from proxyd.resale import ResaleWatch
-from proxyd.limits import LocalLimits
 from proxyd.state import StateStore
 
 log = structlog.get_logger("proxyd.app")
@@ -174,11 +173,3 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 def _rid() -> str:
     return f"req_{time.time_ns():x}"
-
-
-async def wait_for_streams(parts: Parts, grace: float) -> None:
-    """Wait until no request is in flight, or `grace` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
-    while parts.metrics.in_flight() > 0 and loop.time() < deadline:
-        await asyncio.sleep(0.05)

@@ -90,5 +90,8 @@ def native_body(call: Call, upstream_model: str) -> bytes:
     body["model"] = upstream_model
     if inject:
         options = body.get("stream_options")
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     return orjson.dumps(body)

@@ -88,9 +88,7 @@ async def serve_forever(config: Config) -> int:
     app = create_app(config)
     parts = app[PARTS]
     grace = config.server.shutdown_grace_seconds
-    runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=grace
-    )
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=grace)
     await runner.setup()
     host, port = split_host_port(config.server.listen)
     await web.TCPSite(runner, host, port, reuse_port=True, backlog=4096).start()
@@ -101,7 +99,7 @@ async def serve_forever(config: Config) -> int:
             store=parts.store,
             ledger=parts.ledger,
             limits=parts.limits,
-            channel_health=lambda: [],
+            channel_health=list,
             admin_token=config.server.admin_token,
             allow_cidrs=list(config.server.control_allow_cidrs),
         )

@@ -15,7 +15,7 @@ from proxyd.config import ConfigError, load_config
 from proxyd.logs import configure_logging
 from proxyd.mockprovider import create_mock_app
 
-DEMO_SECRET = "sk-proxyd-demo"
+DEMO_SECRET = "sk-proxyd-demo"  # noqa: S105 - the published demo key of config/example.toml
 MOCK_PORT = 9100
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.toml"
 
@@ -27,7 +27,6 @@ async def _run() -> int:
         print(f"proxyd demo: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.logging.level, config.logging.format)
-    Path("var").mkdir(exist_ok=True)
     mock = web.AppRunner(create_mock_app(), access_log=None)
     await mock.setup()
     await web.TCPSite(mock, "127.0.0.1", MOCK_PORT).start()
@@ -54,6 +53,7 @@ Ctrl-C stops it.
 def main() -> int:
     import uvloop
 
+    Path("var").mkdir(exist_ok=True)
     return uvloop.run(_run())
 
 

@@ -36,7 +36,9 @@ def new_request_id() -> str:
 
 def error_response(protocol: str, err: ProxydError, request_id: str) -> web.Response:
     """`err` rendered in the caller's wire format, with Retry-After and extra headers."""
-    body = anthropic_wire.error_body(err) if protocol == "anthropic" else openai_wire.error_body(err)
+    body = (
+        anthropic_wire.error_body(err) if protocol == "anthropic" else openai_wire.error_body(err)
+    )
     headers = {"Content-Type": "application/json", "x-request-id": request_id, **err.headers}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
@@ -151,7 +153,12 @@ class ClientHandlers:
         if anthropic:
             data: object = {
                 "data": [
-                    {"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}
+                    {
+                        "type": "model",
+                        "id": m,
+                        "display_name": m,
+                        "created_at": "1970-01-01T00:00:00Z",
+                    }
                     for m in names
                 ],
                 "has_more": False,
@@ -161,7 +168,9 @@ class ClientHandlers:
         else:
             data = {
                 "object": "list",
-                "data": [{"id": m, "object": "model", "created": 0, "owned_by": "proxyd"} for m in names],
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "proxyd"} for m in names
+                ],
             }
         return web.json_response(data, headers={"x-request-id": request_id}, dumps=_dumps)
 
@@ -188,8 +197,9 @@ def resolve(state: State, key: KeyRecord, call: Call) -> pricing.Price:
     """The price of the requested model; 403 outside the key's list, 404 if nobody serves it."""
     price = state.prices.get(call.model)
     if price is None or call.model not in state.routes:
-        raise ModelNotFound(f"The model '{call.model}' does not exist or is not served here.",
-                            param="model")
+        raise ModelNotFound(
+            f"The model '{call.model}' does not exist or is not served here.", param="model"
+        )
     return price
 
 

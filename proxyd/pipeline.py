@@ -15,8 +15,8 @@ from aiohttp import web
 from proxyd import pricing
 from proxyd.billing.record import UsageRecord
 from proxyd.call import Call
-from proxyd.estimate import Tokenizer
 from proxyd.errors import ErrorType, UpstreamFailure
+from proxyd.estimate import Tokenizer
 from proxyd.relay import Outcome, Upstream
 from proxyd.state import Channel, KeyRecord, State, StateStore
 from proxyd.usage import Usage
@@ -98,9 +98,7 @@ class Pipeline:
     def route(self, state: State, call: Call) -> list[Channel]:
         """The channels to try, best first; 503 when none can serve this endpoint."""
         protocol = call.endpoint.protocol
-        channels = [
-            c for c in state.routes.get(call.model, ()) if c.type == protocol
-        ]
+        channels = [c for c in state.routes.get(call.model, ()) if c.type == protocol]
         if not channels:
             raise UpstreamFailure(
                 "No channel can serve this model on this endpoint.",
@@ -158,8 +156,7 @@ class Pipeline:
 
     def _usage(self, outcome: Outcome, call: Call) -> tuple[Usage, bool]:
         """The provider's counts when it gave them, else what was delivered, counted offline."""
-        if outcome.scanner is None:
-            if outcome.usage is not None or outcome.status >= 400:
-                return outcome.usage or Usage(), False
+        if outcome.scanner is None and (outcome.usage is not None or outcome.status >= 400):
+            return outcome.usage or Usage(), False
         usage, source = self.tokenizer.estimate(call.endpoint.path, call.body, outcome.scanner)
         return usage, source == "estimated"

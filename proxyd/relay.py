@@ -101,17 +101,13 @@ def upstream_request(
         url = channel.base_url + "/v1/messages"
         headers["x-api-key"] = credential
         headers["anthropic-version"] = ANTHROPIC_VERSION
-        for name in _ANTHROPIC_PASS:
-            value = client_headers.get(name)
-            if value:
-                headers[name] = value
+        headers.update({n: v for n in _ANTHROPIC_PASS if (v := client_headers.get(n))})
     else:
         url = channel.base_url + call.endpoint.upstream_suffix
         headers["Authorization"] = "Bearer " + credential
     if call.stream:
         headers["Accept"] = "text/event-stream"
-    for name, value in channel.headers:
-        headers[name] = value
+    headers.update(channel.headers)
     return url, headers, body
 
 
@@ -225,7 +221,9 @@ async def deliver(
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             resp.close()
             kind = (
-                ErrorType.UPSTREAM_TIMEOUT if isinstance(exc, TimeoutError) else ErrorType.UPSTREAM_RESET
+                ErrorType.UPSTREAM_TIMEOUT
+                if isinstance(exc, TimeoutError)
+                else ErrorType.UPSTREAM_RESET
             )
             raise UpstreamFailure(
                 "The upstream provider failed while sending its response.",

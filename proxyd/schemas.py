@@ -26,7 +26,9 @@ _DECIMAL = re.compile(r"^\d{1,12}(\.\d{1,12})?$")
 
 Id = Annotated[str, Field(pattern=_ID_PATTERN, description="An identifier (1-128 characters).")]
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
-Version = Annotated[int, Field(ge=0, description="Monotonic version; a lower one than in force is refused.")]
+Version = Annotated[
+    int, Field(ge=0, description="Monotonic version; a lower one than in force is refused.")
+]
 
 
 def _decimal_string(value: str) -> str:
@@ -49,7 +51,7 @@ def _cidr(value: str) -> str:
 DecimalString = Annotated[
     str,
     AfterValidator(_decimal_string),
-    Field(description="A non-negative decimal number written as a string, e.g. \"2.50\"."),
+    Field(description='A non-negative decimal number written as a string, e.g. "2.50".'),
 ]
 Cidr = Annotated[str, AfterValidator(_cidr), Field(description="An IP network, e.g. 10.0.0.0/8.")]
 

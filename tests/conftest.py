@@ -25,11 +25,18 @@ def key(id: str = "k1", secret: str = SECRET, **extra: Any) -> dict[str, Any]:
     return {"id": id, "hash": key_hash(secret), "account_id": "acct-1", **extra}
 
 
-def channel(id: str, url: str, *, type: str = "openai", models: list[str] | None = None,
-            **extra: Any) -> dict[str, Any]:
+def channel(
+    id: str, url: str, *, type: str = "openai", models: list[str] | None = None, **extra: Any
+) -> dict[str, Any]:
     base = url + "/v1" if type == "openai" else url
-    return {"id": id, "type": type, "base_url": base, "api_key": f"upstream-{id}",
-            "models": models or ["gpt-test"], **extra}
+    return {
+        "id": id,
+        "type": type,
+        "base_url": base,
+        "api_key": f"upstream-{id}",
+        "models": models or ["gpt-test"],
+        **extra,
+    }
 
 
 def make_config(
@@ -94,7 +101,7 @@ async def start_proxy(aiohttp_client: Any) -> AsyncIterator[StartProxy]:
         )
         return client, app[PARTS]
 
-    yield start
+    return start
 
 
 def server_url(server: TestServer) -> str:

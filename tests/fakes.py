@@ -160,7 +160,11 @@ def anthropic_events(words: list[str], *, prompt: int = 9) -> list[bytes]:
     out.append(
         named(
             "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
         )
     )
     out.append(named("ping", {"type": "ping"}))

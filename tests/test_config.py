@@ -43,8 +43,10 @@ def test_environment_overrides_the_file() -> None:
 def test_error_names_file_and_field(tmp_path: Path) -> None:
     """A bad field is reported with the file name and the field's path."""
     path = tmp_path / "bad.toml"
-    path.write_text('[state.keys]\nversion = 1\n[[state.keys.keys]]\nid = "a"\nhash = "XYZ"\n'
-                    'account_id = "acct"\n')
+    path.write_text(
+        '[state.keys]\nversion = 1\n[[state.keys.keys]]\nid = "a"\nhash = "XYZ"\n'
+        'account_id = "acct"\n'
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path, environ={})
     assert str(path) in str(err.value)
@@ -68,8 +70,9 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "server.max_body_bytes" in capsys.readouterr().err
 
 
-def test_missing_credential_variable_is_reported(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_credential_variable_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A channel whose api_key_env is unset fails check-config naming that field."""
     path = tmp_path / "c.toml"
     path.write_text(

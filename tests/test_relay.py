@@ -57,9 +57,7 @@ async def _setup(
 
 
 def _openai(client: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        api_key=SECRET, base_url=str(client.make_url("/v1")), max_retries=0
-    )
+    return openai.AsyncOpenAI(api_key=SECRET, base_url=str(client.make_url("/v1")), max_retries=0)
 
 
 def _anthropic(client: Any) -> anthropic.AsyncAnthropic:
@@ -267,9 +265,7 @@ async def test_refusals_in_anthropic_format(tmp_path, start_server, start_proxy)
         "type": "error",
         "error": {"type": "authentication_error", "message": "The API key provided is not valid."},
     }
-    sdk = anthropic.AsyncAnthropic(
-        api_key=SECRET, base_url=str(client.make_url("")), max_retries=0
-    )
+    sdk = anthropic.AsyncAnthropic(api_key=SECRET, base_url=str(client.make_url("")), max_retries=0)
     with pytest.raises(anthropic.NotFoundError):
         await sdk.messages.create(model="nope", max_tokens=5, messages=[])
 
@@ -279,9 +275,7 @@ async def test_expired_key(tmp_path, start_server, start_proxy) -> None:
     fake = FakeProvider()
     server = await start_server(fake.app())
     past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
-    config = make_config(
-        tmp_path, [channel("c1", server_url(server))], keys=[key(expires_at=past)]
-    )
+    config = make_config(tmp_path, [channel("c1", server_url(server))], keys=[key(expires_at=past)])
     client, _ = await start_proxy(config)
     resp = await client.post(
         "/v1/chat/completions",
@@ -294,8 +288,12 @@ async def test_expired_key(tmp_path, start_server, start_proxy) -> None:
 
 @pytest.mark.parametrize(
     ("data", "param"),
-    [(b"{not json", None), (b'{"messages": []}', "model"), (b"[1, 2]", None),
-     (b'{"model": "gpt-test", "stream": "yes"}', "stream")],
+    [
+        (b"{not json", None),
+        (b'{"messages": []}', "model"),
+        (b"[1, 2]", None),
+        (b'{"model": "gpt-test", "stream": "yes"}', "stream"),
+    ],
 )
 async def test_malformed_bodies(tmp_path, start_server, start_proxy, data, param) -> None:
     """Malformed JSON or a missing model is a 400 naming the parameter; nothing goes upstream."""
@@ -332,8 +330,16 @@ async def test_body_over_limit_is_413(tmp_path, start_server, start_proxy) -> No
 
 async def test_upstream_4xx_passes_through(tmp_path, start_server, start_proxy) -> None:
     """An upstream 400 reaches the client unchanged and is not retried."""
-    error = orjson.dumps({"error": {"message": "bad temperature", "type": "invalid_request_error",
-                                    "param": "temperature", "code": None}})
+    error = orjson.dumps(
+        {
+            "error": {
+                "message": "bad temperature",
+                "type": "invalid_request_error",
+                "param": "temperature",
+                "code": None,
+            }
+        }
+    )
     fake = FakeProvider(Step(status=400, body=error))
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
     resp = await client.post(
@@ -366,8 +372,14 @@ async def test_request_id_on_every_response(tmp_path, start_server, start_proxy)
     fake = FakeProvider(Step(body=chat_body("ok")))
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
     for method, path, kwargs in [
-        ("POST", "/v1/chat/completions", {"json": {"model": "gpt-test", "messages": []},
-                                          "headers": {"Authorization": f"Bearer {SECRET}"}}),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {
+                "json": {"model": "gpt-test", "messages": []},
+                "headers": {"Authorization": f"Bearer {SECRET}"},
+            },
+        ),
         ("POST", "/v1/chat/completions", {"json": {}}),
         ("GET", "/healthz", {}),
         ("GET", "/metrics", {}),

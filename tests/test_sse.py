@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,7 +25,7 @@ def test_any_read_boundaries_give_the_same_events(events: list[bytes], cuts: lis
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     splitter = EventSplitter()
     out: list[bytes] = []
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         out.extend(splitter.feed(data[a:b]))
     assert out == events
     assert splitter.pending() == b""

@@ -23,7 +23,9 @@ class Endpoint:
     translatable: bool  # whether a channel of the other protocol can serve it
 
 
-CHAT = Endpoint("chat.completions", "/v1/chat/completions", "openai", "/chat/completions", True, True)
+CHAT = Endpoint(
+    "chat.completions", "/v1/chat/completions", "openai", "/chat/completions", True, True
+)
 COMPLETIONS = Endpoint("completions", "/v1/completions", "openai", "/completions", True, False)
 EMBEDDINGS = Endpoint("embeddings", "/v1/embeddings", "openai", "/embeddings", False, False)
 RESPONSES = Endpoint("responses", "/v1/responses", "openai", "/responses", True, False)
