@@ -1,0 +1,36 @@
+"""Translation between the OpenAI chat-completions and Anthropic messages wire formats.
+
+Pure package: no aiohttp, no I/O, no logging; bodies pass through it and go nowhere else.
+Requests, whole responses, error bodies and SSE streams, in both directions.
+"""
+
+from proxyd.translate.anthropic_to_openai import messages_request_to_chat
+from proxyd.translate.common import (
+    ANTHROPIC_MESSAGES_PATH,
+    ANTHROPIC_VERSION,
+    OPENAI_CHAT_PATH,
+    UpstreamRequest,
+    Usage,
+)
+from proxyd.translate.openai_to_anthropic import chat_request_to_messages, stream_include_usage
+from proxyd.translate.response_to_anthropic import openai_error_to_anthropic, translate_completion
+from proxyd.translate.response_to_openai import anthropic_error_to_openai, translate_message
+from proxyd.translate.stream_to_anthropic import OpenAIToAnthropicStream
+from proxyd.translate.stream_to_openai import AnthropicToOpenAIStream
+
+__all__ = [
+    "ANTHROPIC_MESSAGES_PATH",
+    "ANTHROPIC_VERSION",
+    "OPENAI_CHAT_PATH",
+    "AnthropicToOpenAIStream",
+    "OpenAIToAnthropicStream",
+    "UpstreamRequest",
+    "Usage",
+    "anthropic_error_to_openai",
+    "chat_request_to_messages",
+    "messages_request_to_chat",
+    "openai_error_to_anthropic",
+    "stream_include_usage",
+    "translate_completion",
+    "translate_message",
+]

@@ -1,0 +1,141 @@
+"""OpenAI chat.completion and error bodies -> Anthropic message and error bodies.
+
+Pure module: no aiohttp, no I/O. Content is carried over unchanged, never trimmed or invented.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxyd.translate.common import JSON, Usage, bad_upstream, int_or_zero, load_json_object
+
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+"""OpenAI finish_reason -> Anthropic stop_reason."""
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def openai_usage(usage: Any) -> Usage | None:
+    """Billing usage from an OpenAI `usage` object (prompt includes cached tokens)."""
+    if not isinstance(usage, dict):
+        return None
+    prompt_details = usage.get("prompt_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
+    return Usage(
+        int_or_zero(usage.get("prompt_tokens")),
+        int_or_zero(usage.get("completion_tokens")),
+        int_or_zero(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        int_or_zero(completion_details.get("reasoning_tokens"))
+        if isinstance(completion_details, dict)
+        else 0,
+    )
+
+
+def anthropic_usage_json(usage: Usage) -> JSON:
+    """The `usage` object of an Anthropic message: input excludes the cached part."""
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "output_tokens": usage.completion_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": usage.cached_tokens,
+    }
+
+
+def tool_input(arguments: Any) -> JSON:
+    """A tool call's JSON arguments string as an Anthropic tool_use input object."""
+    if arguments in (None, ""):
+        return {}
+    try:
+        value = orjson.loads(arguments)
+    except (orjson.JSONDecodeError, TypeError):
+        value = None
+    if not isinstance(value, dict):
+        raise bad_upstream("The upstream returned tool call arguments that are not a JSON object.")
+    return value
+
+
+def chat_completion_to_message(completion: JSON, *, model: str) -> tuple[JSON, Usage | None]:
+    """An OpenAI chat.completion as an Anthropic message for the client's model name."""
+    choices = completion.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        raise bad_upstream("The upstream completion does not hold exactly one choice.")
+    choice = choices[0]
+    reply = choice.get("message")
+    if not isinstance(reply, dict):
+        raise bad_upstream("The upstream completion has no message.")
+    blocks: list[JSON] = []
+    if isinstance(reply.get("content"), str) and reply["content"]:
+        blocks.append({"type": "text", "text": reply["content"]})
+    refusal = reply.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        blocks.append({"type": "text", "text": refusal})
+    for call in reply.get("tool_calls") or ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise bad_upstream("The upstream returned a tool call that is not a function call.")
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id"),
+                "name": fn.get("name"),
+                "input": tool_input(fn.get("arguments")),
+            }
+        )
+    stop_reason = STOP_REASONS.get(choice.get("finish_reason") or "", "end_turn")
+    if isinstance(refusal, str) and refusal:
+        stop_reason = "refusal"
+    usage = openai_usage(completion.get("usage"))
+    body = {
+        "id": completion.get("id"),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": blocks,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": anthropic_usage_json(usage or Usage()),
+    }
+    return body, usage
+
+
+def translate_completion(raw: bytes, *, model: str) -> tuple[bytes, Usage | None]:
+    """A successful upstream body (bytes) as the client's body (bytes) and its usage."""
+    completion = load_json_object(raw)
+    if completion is None:
+        raise bad_upstream("The upstream returned a body that is not a JSON object.")
+    body, usage = chat_completion_to_message(completion, model=model)
+    return orjson.dumps(body), usage
+
+
+def anthropic_error_json(message: str, error_type: str) -> JSON:
+    """An error body in Anthropic's wire format."""
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def openai_error_to_anthropic(status: int, raw: bytes) -> bytes:
+    """An upstream OpenAI error body as an Anthropic error body; the caller keeps the status."""
+    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    body = load_json_object(raw)
+    error = body.get("error") if body is not None else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        if error.get("code") == "insufficient_quota" or error.get("type") == "insufficient_quota":
+            kind = "billing_error"
+        return orjson.dumps(anthropic_error_json(error["message"], kind))
+    return orjson.dumps(anthropic_error_json(f"The upstream provider answered {status}.", kind))
