@@ -12,9 +12,9 @@ from proxyd.translate import (
     translate_completion,
     translate_message,
 )
-from proxyd.translate.common import Usage
 from proxyd.translate.response_to_anthropic import chat_completion_to_message
 from proxyd.translate.response_to_openai import message_to_chat_completion
+from proxyd.usage import Usage
 
 ANTHROPIC_MESSAGE = {
     "id": "msg_01",

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxyd.translate import OpenAIToAnthropicStream
-from proxyd.translate.common import Usage
+from proxyd.usage import Usage
 
 DONE = b"data: [DONE]\n\n"
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxyd.translate import AnthropicToOpenAIStream
-from proxyd.translate.common import Usage
+from proxyd.usage import Usage
 
 
 def ev(name: str, body: dict[str, Any]) -> bytes:

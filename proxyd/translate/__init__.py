@@ -10,13 +10,13 @@ from proxyd.translate.common import (
     ANTHROPIC_VERSION,
     OPENAI_CHAT_PATH,
     UpstreamRequest,
-    Usage,
 )
 from proxyd.translate.openai_to_anthropic import chat_request_to_messages, stream_include_usage
 from proxyd.translate.response_to_anthropic import openai_error_to_anthropic, translate_completion
 from proxyd.translate.response_to_openai import anthropic_error_to_openai, translate_message
 from proxyd.translate.stream_to_anthropic import OpenAIToAnthropicStream
 from proxyd.translate.stream_to_openai import AnthropicToOpenAIStream
+from proxyd.usage import Usage
 
 __all__ = [
     "ANTHROPIC_MESSAGES_PATH",

@@ -43,21 +43,6 @@ class UpstreamRequest:
         return orjson.dumps(self.body)
 
 
-@dataclass(slots=True)
-class Usage:
-    """Token counts in billing terms: prompt includes cached, completion includes reasoning."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        """Prompt plus completion tokens."""
-        return self.prompt_tokens + self.completion_tokens
-
-
 def unsupported(param: str, what: str) -> InvalidRequest:
     """The refusal of a feature with no faithful equivalent on the other protocol (400)."""
     return InvalidRequest(
@@ -76,11 +61,6 @@ def invalid(param: str, what: str) -> InvalidRequest:
 def bad_upstream(what: str) -> UpstreamFailure:
     """The failure of an upstream answer that cannot be translated (502)."""
     return UpstreamFailure(what, error_type=ErrorType.UPSTREAM_ERROR)
-
-
-def int_or_zero(value: object) -> int:
-    """An integer token count, or 0 when absent or not an integer."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def parse_data_url(url: str, param: str) -> tuple[str, str]:

@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 
-from proxyd.translate.common import JSON, Usage, bad_upstream, int_or_zero, load_json_object
+from proxyd.translate.common import JSON, bad_upstream, load_json_object
+from proxyd.usage import Usage, parse_usage
 
 STOP_REASONS = {
     "stop": "end_turn",
@@ -34,18 +35,7 @@ _ERROR_TYPES = {
 
 def openai_usage(usage: Any) -> Usage | None:
     """Billing usage from an OpenAI `usage` object (prompt includes cached tokens)."""
-    if not isinstance(usage, dict):
-        return None
-    prompt_details = usage.get("prompt_tokens_details")
-    completion_details = usage.get("completion_tokens_details")
-    return Usage(
-        int_or_zero(usage.get("prompt_tokens")),
-        int_or_zero(usage.get("completion_tokens")),
-        int_or_zero(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
-        int_or_zero(completion_details.get("reasoning_tokens"))
-        if isinstance(completion_details, dict)
-        else 0,
-    )
+    return parse_usage(usage) if isinstance(usage, dict) else None
 
 
 def anthropic_usage_json(usage: Usage) -> JSON:

@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 
-from proxyd.translate.common import JSON, Usage, bad_upstream, int_or_zero, load_json_object
+from proxyd.translate.common import JSON, bad_upstream, load_json_object
+from proxyd.usage import Usage, parse_usage
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -39,15 +40,7 @@ ERROR_TYPES = {
 
 def anthropic_usage(usage: Any) -> Usage:
     """Billing usage from an Anthropic `usage` object (input excludes cache reads and writes)."""
-    if not isinstance(usage, dict):
-        return Usage()
-    cached = int_or_zero(usage.get("cache_read_input_tokens"))
-    prompt = (
-        int_or_zero(usage.get("input_tokens"))
-        + cached
-        + int_or_zero(usage.get("cache_creation_input_tokens"))
-    )
-    return Usage(prompt, int_or_zero(usage.get("output_tokens")), cached)
+    return parse_usage(usage) if isinstance(usage, dict) else Usage()
 
 
 def openai_usage_json(usage: Usage) -> JSON:
@@ -55,7 +48,7 @@ def openai_usage_json(usage: Usage) -> JSON:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }

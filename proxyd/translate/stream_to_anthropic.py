@@ -10,13 +10,14 @@ from typing import Any
 
 import orjson
 
-from proxyd.translate.common import JSON, Usage, load_json_object, sse_data
+from proxyd.translate.common import JSON, load_json_object, sse_data
 from proxyd.translate.response_to_anthropic import (
     STOP_REASONS,
     anthropic_error_json,
     anthropic_usage_json,
     openai_usage,
 )
+from proxyd.usage import Usage
 
 _BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
 _TEXT_DELTA = (

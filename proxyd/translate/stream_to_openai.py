@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from proxyd.translate.common import JSON, Usage, load_json_object, sse_data
+from proxyd.translate.common import JSON, load_json_object, sse_data
 from proxyd.translate.response_to_openai import (
     ERROR_TYPES,
     FINISH_REASONS,
@@ -18,6 +18,7 @@ from proxyd.translate.response_to_openai import (
     openai_error_json,
     openai_usage_json,
 )
+from proxyd.usage import Usage
 
 DONE = b"data: [DONE]\n\n"
 _OPEN_SUFFIX = b',"logprobs":null,"finish_reason":null}]}\n\n'
