@@ -145,6 +145,11 @@ def days_between(first: float, last: float) -> list[date]:
     return [a + timedelta(days=i) for i in range((b - a).days + 1)]
 
 
+def days_of(stamps: Iterable[float]) -> list[date]:
+    """The distinct UTC days of some unix times, in order."""
+    return [day_of(d * DAY) for d in sorted({int(ts // DAY) for ts in stamps})]
+
+
 def expired_partitions(names: Iterable[str], cutoff: float) -> list[str]:
     """The partitions whose whole day ends at or before `cutoff`."""
     out = []

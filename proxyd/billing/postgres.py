@@ -114,8 +114,7 @@ class PostgresSink:
     async def _write(self, records: Sequence[UsageRecord]) -> int:
         conn = await self._connection()
         rows = list(map(self._row, records))
-        stamps = [r.created_at for r in records]
-        await self._ensure_days(conn, ddl.days_between(min(stamps), max(stamps)))
+        await self._ensure_days(conn, ddl.days_of(r.created_at for r in records))
         async with conn.transaction():
             await conn.copy_records_to_table(
                 "proxyd_stage", records=rows, columns=COLUMNS, timeout=self._timeout

@@ -1,0 +1,172 @@
+"""Append-only spool files holding usage rows while the database is away, until replayed.
+
+Format: `<dir>/spool-<12-digit seq>.jsonl`, one orjson object per row (keys are the COLUMNS, so
+metadata only), each append flushed and fsync'd. `<dir>/rejected.jsonl` keeps rows the database
+refused. `<dir>/lock` (flock) gives one process a directory. Blocking file I/O: call it from a
+worker thread. A segment is deleted only after all its rows were written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+from proxyd.billing.record import UsageRecord
+from proxyd.errors import ProxydError
+
+_FIELDS = frozenset(f.name for f in fields(UsageRecord))
+_PREFIX = "spool-"
+_SUFFIX = ".jsonl"
+
+
+class SpoolLocked(ProxydError):
+    """Another process holds this spool directory; give each worker its own."""
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Rows read from a segment, where reading stopped and what could not be parsed."""
+
+    records: list[UsageRecord] = field(default_factory=list)
+    offset: int = 0
+    lines: int = 0  # lines consumed, good and bad
+    nbytes: int = 0
+    bad: int = 0
+    eof: bool = False
+
+
+def encode(records: Sequence[UsageRecord]) -> bytes:
+    """The spool lines of some records."""
+    return b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+
+
+def decode(line: bytes) -> UsageRecord:
+    """One spool line back to a record; unknown keys (a later schema) are ignored."""
+    d = orjson.loads(line)
+    return UsageRecord(**{k: v for k, v in d.items() if k in _FIELDS})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Segments in one directory; counters say how much is pending replay."""
+
+    def __init__(self, directory: Path | str, *, segment_bytes: int = 64 << 20) -> None:
+        self.directory = Path(directory)
+        self.segment_bytes = segment_bytes
+        self.rows = 0  # pending rows (newline-terminated lines not yet replayed)
+        self.bytes = 0  # pending bytes
+        self._seq = 0
+        self._current: IO[bytes] | None = None
+        self._current_path: Path | None = None
+        self._lock: IO[bytes] | None = None
+
+    def _segments(self) -> list[Path]:
+        return sorted(self.directory.glob(f"{_PREFIX}*{_SUFFIX}"))
+
+    def open(self) -> None:
+        """Lock the directory and count what earlier runs left to replay."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock = (self.directory / "lock").open("ab")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            lock.close()
+            raise SpoolLocked(f"spool directory {self.directory} is in use") from exc
+        self._lock = lock
+        for path in self._segments():
+            data = path.read_bytes()
+            self.rows += data.count(b"\n")
+            self.bytes += len(data)
+            self._seq = max(self._seq, int(path.name[len(_PREFIX) : -len(_SUFFIX)]))
+
+    def append(self, records: Sequence[UsageRecord]) -> int:
+        """Append rows durably (fsync); return the bytes written."""
+        data = encode(records)
+        f = self._current
+        if f is None:
+            self._seq += 1
+            self._current_path = self.directory / f"{_PREFIX}{self._seq:012d}{_SUFFIX}"
+            f = self._current = self._current_path.open("ab")
+            _fsync_dir(self.directory)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        self.rows += len(records)
+        self.bytes += len(data)
+        if f.tell() >= self.segment_bytes:
+            self.seal()
+        return len(data)
+
+    def seal(self) -> None:
+        """Close the segment being appended to, so it can be replayed; the next append starts
+        a new one."""
+        f, self._current, self._current_path = self._current, None, None
+        if f is not None:
+            f.close()
+
+    def sealed(self) -> list[Path]:
+        """Segments ready for replay, oldest first."""
+        return [p for p in self._segments() if p != self._current_path]
+
+    def read(self, path: Path, offset: int, max_rows: int) -> Chunk:
+        """Up to `max_rows` rows of a sealed segment from byte `offset`.
+
+        A line without its newline (a write torn by a crash) or one that does not parse is
+        counted in `bad` and skipped.
+        """
+        chunk = Chunk(offset=offset)
+        with path.open("rb") as f:
+            f.seek(offset)
+            while len(chunk.records) < max_rows:
+                line = f.readline()
+                if not line:
+                    break
+                chunk.lines += 1
+                chunk.nbytes += len(line)
+                if not line.endswith(b"\n"):
+                    chunk.bad += 1
+                    continue
+                try:
+                    chunk.records.append(decode(line))
+                except (orjson.JSONDecodeError, TypeError, AttributeError):
+                    chunk.bad += 1
+            chunk.offset = f.tell()
+            chunk.eof = chunk.offset >= os.fstat(f.fileno()).st_size
+        return chunk
+
+    def consumed(self, chunk: Chunk) -> None:
+        """A chunk's rows are in the database: take them off the pending counters."""
+        self.rows = max(0, self.rows - chunk.lines)
+        self.bytes = max(0, self.bytes - chunk.nbytes)
+
+    def remove(self, path: Path) -> None:
+        """Delete a fully replayed segment."""
+        path.unlink(missing_ok=True)
+        _fsync_dir(self.directory)
+
+    def reject(self, records: Sequence[UsageRecord]) -> None:
+        """Keep rows the database refused, for an operator to look at."""
+        with (self.directory / "rejected.jsonl").open("ab") as f:
+            f.write(encode(records))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        """Close the open segment and release the directory."""
+        self.seal()
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()
