@@ -8,9 +8,9 @@ import pytest
 from proxyd.errors import UpstreamFailure
 from proxyd.translate import (
     anthropic_error_to_openai,
+    anthropic_message_to_openai,
+    openai_completion_to_anthropic,
     openai_error_to_anthropic,
-    translate_completion,
-    translate_message,
 )
 from proxyd.translate.response_to_anthropic import chat_completion_to_message
 from proxyd.translate.response_to_openai import message_to_chat_completion
@@ -38,7 +38,9 @@ ANTHROPIC_MESSAGE = {
 
 def test_anthropic_message_to_chat_completion() -> None:
     """Text, tool calls (JSON string arguments), finish reason, usage and model name map over."""
-    raw, usage = translate_message(orjson.dumps(ANTHROPIC_MESSAGE), model="gpt-alias", created=17)
+    raw, usage = anthropic_message_to_openai(
+        orjson.dumps(ANTHROPIC_MESSAGE), model="gpt-alias", created=17
+    )
     body = orjson.loads(raw)
     assert body["object"] == "chat.completion"
     assert body["created"] == 17
@@ -112,7 +114,9 @@ OPENAI_COMPLETION = {
 
 def test_chat_completion_to_anthropic_message() -> None:
     """Text, tool_use (parsed input), stop reason, usage with cache reads and model name map."""
-    raw, usage = translate_completion(orjson.dumps(OPENAI_COMPLETION), model="claude-alias")
+    raw, usage = openai_completion_to_anthropic(
+        orjson.dumps(OPENAI_COMPLETION), model="claude-alias"
+    )
     body = orjson.loads(raw)
     assert body["type"] == "message"
     assert body["model"] == "claude-alias"
@@ -166,9 +170,9 @@ def test_broken_tool_arguments_from_upstream_are_a_502() -> None:
 def test_non_json_upstream_body_is_a_502() -> None:
     """A success body that is not JSON is an upstream failure, not a crash."""
     with pytest.raises(UpstreamFailure):
-        translate_message(b"<html>", model="m", created=0)
+        anthropic_message_to_openai(b"<html>", model="m", created=0)
     with pytest.raises(UpstreamFailure):
-        translate_completion(b"[]", model="m")
+        openai_completion_to_anthropic(b"[]", model="m")
 
 
 def test_anthropic_error_to_openai() -> None:

@@ -23,12 +23,12 @@ from proxyd.translate import (
     OpenAIToAnthropicStream,
     UpstreamRequest,
     anthropic_error_to_openai,
+    anthropic_message_to_openai,
     chat_request_to_messages,
     messages_request_to_chat,
+    openai_completion_to_anthropic,
     openai_error_to_anthropic,
     stream_include_usage,
-    translate_completion,
-    translate_message,
 )
 from proxyd.wire import anthropic as anthropic_wire
 from proxyd.wire import openai as openai_wire
@@ -80,7 +80,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raw = anthropic_error_to_openai(script.status, script.body)
         return web.Response(status=script.status, body=raw, content_type="application/json")
     if not upstream.stream:
-        raw, _ = translate_message(script.body, model=body["model"], created=1700000000)
+        raw, _ = anthropic_message_to_openai(script.body, model=body["model"], created=1700000000)
         return web.Response(body=raw, content_type="application/json")
     translator = AnthropicToOpenAIStream(
         model=body["model"], created=1700000000, include_usage=stream_include_usage(body)
@@ -103,7 +103,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raw = openai_error_to_anthropic(script.status, script.body)
         return web.Response(status=script.status, body=raw, content_type="application/json")
     if not upstream.stream:
-        raw, _ = translate_completion(script.body, model=body["model"])
+        raw, _ = openai_completion_to_anthropic(script.body, model=body["model"])
         return web.Response(body=raw, content_type="application/json")
     translator = OpenAIToAnthropicStream(model=body["model"])
     return await _stream(request, script.events, translator.feed, translator.finish)

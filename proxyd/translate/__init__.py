@@ -12,8 +12,14 @@ from proxyd.translate.common import (
     UpstreamRequest,
 )
 from proxyd.translate.openai_to_anthropic import chat_request_to_messages, stream_include_usage
-from proxyd.translate.response_to_anthropic import openai_error_to_anthropic, translate_completion
-from proxyd.translate.response_to_openai import anthropic_error_to_openai, translate_message
+from proxyd.translate.response_to_anthropic import (
+    openai_completion_to_anthropic,
+    openai_error_to_anthropic,
+)
+from proxyd.translate.response_to_openai import (
+    anthropic_error_to_openai,
+    anthropic_message_to_openai,
+)
 from proxyd.translate.stream_to_anthropic import OpenAIToAnthropicStream
 from proxyd.translate.stream_to_openai import AnthropicToOpenAIStream
 from proxyd.usage import Usage
@@ -27,10 +33,10 @@ __all__ = [
     "UpstreamRequest",
     "Usage",
     "anthropic_error_to_openai",
+    "anthropic_message_to_openai",
     "chat_request_to_messages",
     "messages_request_to_chat",
+    "openai_completion_to_anthropic",
     "openai_error_to_anthropic",
     "stream_include_usage",
-    "translate_completion",
-    "translate_message",
 ]

@@ -105,7 +105,7 @@ def chat_completion_to_message(completion: JSON, *, model: str) -> tuple[JSON, U
     return body, usage
 
 
-def translate_completion(raw: bytes, *, model: str) -> tuple[bytes, Usage | None]:
+def openai_completion_to_anthropic(raw: bytes, *, model: str) -> tuple[bytes, Usage | None]:
     """A successful upstream body (bytes) as the client's body (bytes) and its usage."""
     completion = load_json_object(raw)
     if completion is None:

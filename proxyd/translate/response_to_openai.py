@@ -106,7 +106,7 @@ def message_to_chat_completion(message: JSON, *, model: str, created: int) -> tu
     return body, usage
 
 
-def translate_message(raw: bytes, *, model: str, created: int) -> tuple[bytes, Usage]:
+def anthropic_message_to_openai(raw: bytes, *, model: str, created: int) -> tuple[bytes, Usage]:
     """A successful upstream body (bytes) as the client's body (bytes) and its usage."""
     message = load_json_object(raw)
     if message is None:
