@@ -107,15 +107,17 @@ def pg_stage_table() -> str:
     return f"CREATE TEMP TABLE IF NOT EXISTS proxyd_stage ({cols}) ON COMMIT DELETE ROWS"
 
 
-def pg_insert_from_stage(schema: str) -> str:
-    """Move the staged rows into usage_records, skipping any (request_id, created_at) stored."""
+def pg_insert_from_stage(schema: str, *, skip_known: bool = True) -> str:
+    """Move the staged rows into usage_records.
+
+    With `skip_known`, rows whose (request_id, created_at) is stored are skipped; without it
+    the statement fails on the first such row (the cheaper path, tried first).
+    """
     s = check_schema_name(schema)
     cols = ", ".join(COLUMNS)
     select = ", ".join("to_timestamp(created_at)" if c == "created_at" else c for c in COLUMNS)
-    return (
-        f'INSERT INTO "{s}".usage_records ({cols}) SELECT {select} FROM proxyd_stage '  # noqa: S608 - checked schema name, fixed columns
-        "ON CONFLICT DO NOTHING"
-    )
+    tail = " ON CONFLICT DO NOTHING" if skip_known else ""
+    return f'INSERT INTO "{s}".usage_records ({cols}) SELECT {select} FROM proxyd_stage{tail}'  # noqa: S608 - checked schema name, fixed columns
 
 
 def partition_name(day: date) -> str:

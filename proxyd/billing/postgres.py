@@ -1,4 +1,4 @@
-"""The PostgreSQL billing sink: COPY into a staging table, then an idempotent insert.
+"""The PostgreSQL billing sink: COPY into a staging table, then an insert idempotent on the key.
 
 The only module that imports asyncpg; its errors are translated here, at one boundary, into
 SinkUnavailable (retry later) or SinkRejected (bad rows). Error texts carry no row values.
@@ -52,7 +52,8 @@ class PostgresSink:
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._days: set[date] = set()
-        self._insert = ddl.pg_insert_from_stage(schema)
+        self._insert = ddl.pg_insert_from_stage(schema, skip_known=False)
+        self._insert_skipping = ddl.pg_insert_from_stage(schema)
         self._row = operator.attrgetter(*COLUMNS)
 
     async def open(self) -> None:
@@ -119,7 +120,13 @@ class PostgresSink:
             await conn.copy_records_to_table(
                 "proxyd_stage", records=rows, columns=COLUMNS, timeout=self._timeout
             )
-            status = await conn.execute(self._insert, timeout=self._timeout)
+            try:
+                # A plain insert skips ON CONFLICT's per-row speculative insertion; a batch with
+                # a row already stored (a replay) fails it as a whole and takes the slow path.
+                async with conn.transaction():
+                    status = await conn.execute(self._insert, timeout=self._timeout)
+            except asyncpg.UniqueViolationError:
+                status = await conn.execute(self._insert_skipping, timeout=self._timeout)
         return int(status.rsplit(" ", 1)[-1])
 
     async def _ensure_days(self, conn: asyncpg.Connection, days: list[date]) -> None:
