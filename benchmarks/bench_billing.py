@@ -72,13 +72,21 @@ def _submit_cost(spool_dir: Path, n: int = 200_000) -> float:
 async def _throughput(schema: str, spool_dir: Path, seconds: float) -> dict[str, Any]:
     """Rows per second from a full queue into PostgreSQL, COPY batches, idempotent insert."""
     batch_sizes: list[int] = []
+    done = asyncio.Event()
+    target = 0
+
+    def on_flush(n: int, _seconds: float) -> None:
+        batch_sizes.append(n)
+        if writer.stats.rows_written >= target:
+            done.set()
+
     writer = BillingWriter(
         open_sink(DSN, schema=schema),
         Spool(spool_dir),
         batch_size=5000,
         flush_interval=0.05,
         queue_max=10_000_000,
-        on_flush=lambda n, _s: batch_sizes.append(n),
+        on_flush=on_flush,
     )
     await writer.start()
     total = 0
@@ -91,8 +99,8 @@ async def _throughput(schema: str, spool_dir: Path, seconds: float) -> dict[str,
         for r in records:
             writer.submit(r)
         target = writer.stats.rows_written + round_rows
-        while writer.stats.rows_written < target:
-            await asyncio.sleep(0.002)
+        done.clear()
+        await done.wait()
         elapsed += time.perf_counter() - t0
         total += round_rows
     await writer.close()
