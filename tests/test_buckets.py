@@ -1,4 +1,4 @@
-"""The token bucket under a fake clock: capacity, continuous refill, exact waits, no over-admission."""
+"""The token bucket under a fake clock: capacity, refill, exact waits, no over-admission."""
 
 from __future__ import annotations
 
@@ -111,7 +111,9 @@ def test_rejects_empty_buckets(bad: tuple[int, int | None]) -> None:
 
 rates = st.integers(min_value=1, max_value=100_000)
 steps = st.lists(
-    st.tuples(st.integers(min_value=0, max_value=3_000_000), st.integers(min_value=1, max_value=50)),
+    st.tuples(
+        st.integers(min_value=0, max_value=3_000_000), st.integers(min_value=1, max_value=50)
+    ),
     min_size=1,
     max_size=200,
 )
@@ -145,7 +147,7 @@ def test_no_window_admits_more_than_rate_plus_burst(
 def test_retry_after_is_never_early_and_at_most_a_second_late(
     rate: int, burst: int | None, plan: list[tuple[int, int]]
 ) -> None:
-    """At every refusal, the request passes after Retry-After seconds and not a µs before the wait."""
+    """At every refusal the request passes after Retry-After, and not one µs before the wait."""
     bucket = TokenBucket(rate, burst, 0.0)
     now_us = 0
     for dt, amount in plan:

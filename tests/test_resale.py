@@ -1,4 +1,4 @@
-"""The resale signal: distinct IPs and user agents per key in a sliding window, in bounded memory."""
+"""The resale signal: distinct IPs and user agents per key in a sliding window, bounded memory."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ def watch(**extra: float) -> ResaleWatch:
     args: dict[str, float] = {"window": 600.0, "max_ips": 3, "max_user_agents": 2}
     args.update(extra)
     return ResaleWatch(
-        window=args["window"], max_ips=int(args["max_ips"]), max_user_agents=int(args["max_user_agents"])
+        window=args["window"],
+        max_ips=int(args["max_ips"]),
+        max_user_agents=int(args["max_user_agents"]),
     )
 
 
