@@ -98,7 +98,11 @@ class Pipeline:
     def route(self, state: State, call: Call) -> list[Channel]:
         """The channels to try, best first; 503 when none can serve this endpoint."""
         protocol = call.endpoint.protocol
-        channels = [c for c in state.routes.get(call.model, ()) if c.type == protocol]
+        channels = [
+            c
+            for c in state.routes.get(call.model, ())
+            if c.type == protocol or call.endpoint.translatable
+        ]
         if not channels:
             raise UpstreamFailure(
                 "No channel can serve this model on this endpoint.",
@@ -156,7 +160,9 @@ class Pipeline:
 
     def _usage(self, outcome: Outcome, call: Call) -> tuple[Usage, bool]:
         """The provider's counts when it gave them, else what was delivered, counted offline."""
-        if outcome.scanner is None and (outcome.usage is not None or outcome.status >= 400):
-            return outcome.usage or Usage(), False
+        if outcome.usage is not None:
+            return outcome.usage, False
+        if outcome.scanner is None and outcome.status >= 400:
+            return Usage(), False
         usage, source = self.tokenizer.estimate(call.endpoint.path, call.body, outcome.scanner)
         return usage, source == "estimated"

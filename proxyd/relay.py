@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,19 +17,15 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxyd.call import Call, injects_usage, native_body
+from proxyd.call import Call
 from proxyd.config import UpstreamSettings
 from proxyd.errors import ErrorType, ProxydError, UpstreamFailure
+from proxyd.exchange import Exchange, stream_failure
 from proxyd.sse import EventSplitter
 from proxyd.state import Channel
-from proxyd.usage import StreamUsage, Usage, is_usage_only_chunk, usage_from_body
-from proxyd.wire import anthropic as anthropic_wire
-from proxyd.wire import openai as openai_wire
+from proxyd.usage import StreamUsage, Usage
 
-ANTHROPIC_VERSION = "2023-06-01"
 _MAX_ERROR_BODY = 1 << 20
-# Client request headers passed on to an Anthropic channel (the rest are the operator's business).
-_ANTHROPIC_PASS = ("anthropic-version", "anthropic-beta")
 
 
 @dataclass(slots=True)
@@ -90,27 +86,6 @@ class Upstream:
         return True if channel.verify_tls else self._insecure
 
 
-def upstream_request(
-    call: Call, channel: Channel, credential: str, client_headers: Mapping[str, str]
-) -> tuple[str, dict[str, str], bytes]:
-    """URL, headers and body for one attempt on a channel of the client's own protocol."""
-    upstream_model = channel.upstream_model(call.model)
-    body = native_body(call, upstream_model)
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-    if channel.type == "anthropic":
-        url = channel.base_url + "/v1/messages"
-        headers["x-api-key"] = credential
-        headers["anthropic-version"] = ANTHROPIC_VERSION
-        headers.update({n: v for n in _ANTHROPIC_PASS if (v := client_headers.get(n))})
-    else:
-        url = channel.base_url + call.endpoint.upstream_suffix
-        headers["Authorization"] = "Bearer " + credential
-    if call.stream:
-        headers["Accept"] = "text/event-stream"
-    headers.update(channel.headers)
-    return url, headers, body
-
-
 def client_headers_for(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """Response headers for the client: the content type and proxyd's own; nothing hop-by-hop."""
     out: CIMultiDict[str] = CIMultiDict()
@@ -120,13 +95,6 @@ def client_headers_for(upstream: CIMultiDictProxy[str], request_id: str) -> CIMu
     if upstream_id:
         out["x-upstream-request-id"] = upstream_id
     return out
-
-
-def render_error_event(call: Call, err: ProxydError) -> bytes:
-    """An SSE error event in the client's wire format."""
-    if call.endpoint.protocol == "anthropic":
-        return anthropic_wire.error_event(err)
-    return openai_wire.error_event(err)
 
 
 class AttemptFailed(Exception):
@@ -159,14 +127,11 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 async def open_attempt(
-    upstream: Upstream,
-    call: Call,
-    channel: Channel,
-    credential: str,
-    client_headers: Mapping[str, str],
+    upstream: Upstream, exchange: Exchange, credential: str, client_headers: Mapping[str, str]
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for the response headers; raise AttemptFailed when retryable."""
-    url, headers, body = upstream_request(call, channel, credential, client_headers)
+    channel = exchange.channel
+    url, headers, body = exchange.request(credential, client_headers)
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=channel.connect_timeout, sock_read=channel.chunk_timeout
     )
@@ -181,9 +146,7 @@ async def open_attempt(
                 ssl=upstream.ssl_for(channel),
                 allow_redirects=False,
             )
-    except TimeoutError:
-        raise AttemptFailed(ErrorType.UPSTREAM_TIMEOUT) from None
-    except aiohttp.ServerTimeoutError:
+    except (TimeoutError, aiohttp.ServerTimeoutError):
         raise AttemptFailed(ErrorType.UPSTREAM_TIMEOUT) from None
     except (aiohttp.ClientError, OSError):
         raise AttemptFailed(ErrorType.UPSTREAM_CONNECT) from None
@@ -195,14 +158,18 @@ async def open_attempt(
         finally:
             resp.close()
         raise AttemptFailed(
-            ErrorType.UPSTREAM_ERROR, resp.status, data, resp.headers, _retry_after(resp.headers)
+            ErrorType.UPSTREAM_ERROR,
+            resp.status,
+            exchange.error_body(resp.status, data),
+            resp.headers,
+            _retry_after(resp.headers),
         )
     return resp
 
 
 async def deliver(
     request: web.Request,
-    call: Call,
+    exchange: Exchange,
     resp: aiohttp.ClientResponse,
     outcome: Outcome,
     request_id: str,
@@ -212,48 +179,47 @@ async def deliver(
     headers = client_headers_for(resp.headers, request_id)
     headers.update(extra_headers)
     outcome.status = resp.status
+    is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
+    if exchange.call.stream and is_sse and resp.status < 400:
+        return await _stream(request, exchange, resp, outcome, headers)
+    try:
+        raw = await resp.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        resp.close()
+        raise stream_failure(isinstance(exc, TimeoutError)) from None
+    finally:
+        resp.release()
     if resp.status >= 400:
         outcome.error_type = ErrorType.UPSTREAM_CLIENT_ERROR
-    is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
-    if not (call.stream and is_sse and resp.status < 400):
-        try:
-            body = await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            resp.close()
-            kind = (
-                ErrorType.UPSTREAM_TIMEOUT
-                if isinstance(exc, TimeoutError)
-                else ErrorType.UPSTREAM_RESET
-            )
-            raise UpstreamFailure(
-                "The upstream provider failed while sending its response.",
-                status=504 if kind is ErrorType.UPSTREAM_TIMEOUT else 502,
-                error_type=kind,
-            ) from None
-        finally:
-            resp.release()
-        if resp.status < 400:
-            outcome.usage = usage_from_body(body)
-        outcome.first_byte_at = asyncio.get_running_loop().time()
-        outcome.sent = True
-        return web.Response(body=body, status=resp.status, headers=headers)
-    return await _stream(request, call, resp, outcome, headers)
+        body = exchange.error_body(resp.status, raw)
+        if exchange.translated:
+            headers["Content-Type"] = "application/json"
+    else:
+        body, outcome.usage = exchange.body(raw)
+        if exchange.translated:
+            headers["Content-Type"] = "application/json"
+    outcome.first_byte_at = asyncio.get_running_loop().time()
+    outcome.sent = True
+    return web.Response(body=body, status=resp.status, headers=headers)
 
 
 async def _stream(
     request: web.Request,
-    call: Call,
+    exchange: Exchange,
     resp: aiohttp.ClientResponse,
     outcome: Outcome,
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
+    headers["Content-Type"] = (
+        resp.headers["Content-Type"] if not exchange.translated else "text/event-stream"
+    )
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=resp.status, headers=headers)
     loop = asyncio.get_running_loop()
     splitter = EventSplitter()
-    scanner = outcome.scanner = StreamUsage()
-    strip = injects_usage(call)
+    transform = exchange.stream()
+    outcome.scanner = transform.scanner
     content = resp.content
     writing = False
     try:
@@ -263,51 +229,40 @@ async def _stream(
             data = await content.readany()
             if not data:
                 break
-            events = splitter.feed(data)
+            events = transform.feed(splitter.feed(data))
             if not events:
                 continue
-            for event in events:
-                scanner.feed(event)
-            if strip:
-                events = [e for e in events if not is_usage_only_chunk(e)]
-                if not events:
-                    continue
             if outcome.first_byte_at is None:
                 outcome.first_byte_at = loop.time()
             writing = True
             await response.write(events[0] if len(events) == 1 else b"".join(events))
             writing = False
         if splitter.pending():
-            raise aiohttp.ClientPayloadError("stream ended inside an event")
+            raise aiohttp.ClientPayloadError("the stream ended inside an event")
+        tail, complete = transform.finish()
+        outcome.usage = transform.usage()
+        if not complete:
+            outcome.status, outcome.error_type = 502, ErrorType.UPSTREAM_RESET
+        writing = True
+        if tail:
+            await response.write(b"".join(tail))
+        await response.write_eof()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         resp.close()
         if writing or request.transport is None or request.transport.is_closing():
             outcome.status = 499
             outcome.error_type = ErrorType.CLIENT_DISCONNECT
             return response
-        timeout = isinstance(exc, TimeoutError)
-        err = UpstreamFailure(
-            "The upstream provider stopped responding mid-stream."
-            if timeout
-            else "The upstream provider closed the stream before it was complete.",
-            status=504 if timeout else 502,
-            error_type=ErrorType.UPSTREAM_TIMEOUT if timeout else ErrorType.UPSTREAM_RESET,
-        )
+        err = stream_failure(isinstance(exc, TimeoutError))
         outcome.status = err.status
         outcome.error_type = err.error_type
         try:
-            await response.write(render_error_event(call, err))
+            await response.write(b"".join(transform.fail(err)))
             await response.write_eof()
         except (OSError, aiohttp.ClientError):
             pass
-        return response
     finally:
         resp.release()
-    try:
-        await response.write_eof()
-    except (OSError, aiohttp.ClientError):
-        outcome.status = 499
-        outcome.error_type = ErrorType.CLIENT_DISCONNECT
     return response
 
 
@@ -337,7 +292,7 @@ def final_failure(last: AttemptFailed | None) -> ProxydError | AttemptFailed:
 def passthrough_error(
     last: AttemptFailed, request_id: str, extra_headers: Mapping[str, str]
 ) -> web.Response:
-    """The last upstream error response, as the provider sent it."""
+    """The last upstream error response, as the provider sent it (in the client's format)."""
     assert last.status is not None
     content_type = "application/json"
     if last.headers is not None:
@@ -356,27 +311,29 @@ async def relay(
     upstream: Upstream,
     outcome: Outcome,
     *,
-    credential: Any,
+    credential: Callable[[Channel], str],
     request_id: str,
     extra_headers: Mapping[str, str],
 ) -> web.StreamResponse:
     """Try the channels in order until one answers; failover only before the first byte."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + upstream.settings.deadline_seconds
+    settings = upstream.settings
+    deadline = loop.time() + settings.deadline_seconds
     last: AttemptFailed | None = None
     for channel in channels:
-        if outcome.attempts >= upstream.settings.max_attempts or loop.time() >= deadline:
+        if outcome.attempts >= settings.max_attempts or loop.time() >= deadline:
             break
+        exchange = Exchange(call, channel, settings.default_anthropic_max_tokens)
         outcome.attempts += 1
         outcome.channel_id = channel.id
-        outcome.upstream_model = channel.upstream_model(call.model)
+        outcome.upstream_model = exchange.upstream_model
         outcome.tried.append(channel.id)
         try:
-            resp = await open_attempt(upstream, call, channel, credential(channel), request.headers)
+            resp = await open_attempt(upstream, exchange, credential(channel), request.headers)
         except AttemptFailed as failed:
             last = failed
             continue
-        return await deliver(request, call, resp, outcome, request_id, extra_headers)
+        return await deliver(request, exchange, resp, outcome, request_id, extra_headers)
     result = final_failure(last)
     if isinstance(result, ProxydError):
         raise result
