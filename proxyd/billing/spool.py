@@ -8,12 +8,14 @@ worker thread. A segment is deleted only after all its rows were written.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import orjson
 
@@ -21,6 +23,7 @@ from proxyd.billing.record import UsageRecord
 from proxyd.errors import ProxydError
 
 _FIELDS = frozenset(f.name for f in fields(UsageRecord))
+_TEXT_FIELDS = tuple(f.name for f in fields(UsageRecord) if "str" in str(f.type))
 _PREFIX = "spool-"
 _SUFFIX = ".jsonl"
 
@@ -41,14 +44,37 @@ class Chunk:
     eof: bool = False
 
 
+def clean_text(record: UsageRecord) -> UsageRecord:
+    """The record with NUL characters and unencodable surrogates removed from its text."""
+    changes: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            clean = value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+            if clean != value:
+                changes[name] = clean
+    return dataclasses.replace(record, **changes) if changes else record
+
+
+def _line(record: UsageRecord) -> bytes:
+    try:
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # a surrogate or an integer past 64 bits: never fail to spool a row
+        d = dataclasses.asdict(clean_text(record))
+        return json.dumps(d, separators=(",", ":")).encode() + b"\n"
+
+
 def encode(records: Sequence[UsageRecord]) -> bytes:
-    """The spool lines of some records."""
-    return b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+    """The spool lines of some records; it does not fail on odd values."""
+    return b"".join(map(_line, records))
 
 
 def decode(line: bytes) -> UsageRecord:
     """One spool line back to a record; unknown keys (a later schema) are ignored."""
-    d = orjson.loads(line)
+    try:
+        d = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        d = json.loads(line)  # the fallback encoding of _line, e.g. integers past 64 bits
     return UsageRecord(**{k: v for k, v in d.items() if k in _FIELDS})
 
 
@@ -141,7 +167,7 @@ class Spool:
                     continue
                 try:
                     chunk.records.append(decode(line))
-                except (orjson.JSONDecodeError, TypeError, AttributeError):
+                except (ValueError, TypeError, AttributeError):  # JSONDecodeError is a ValueError
                     chunk.bad += 1
             chunk.offset = f.tell()
             chunk.eof = chunk.offset >= os.fstat(f.fileno()).st_size

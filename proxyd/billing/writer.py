@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -18,22 +17,8 @@ import structlog
 
 from proxyd.billing.record import UsageRecord
 from proxyd.billing.sink import Sink, SinkRejected
-from proxyd.billing.spool import Chunk, Spool
+from proxyd.billing.spool import Chunk, Spool, clean_text
 from proxyd.errors import ProxydError
-
-_TEXT_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord) if "str" in str(f.type))
-
-
-def sanitized(record: UsageRecord) -> UsageRecord:
-    """The record with NUL characters and unencodable surrogates removed from its text."""
-    changes: dict[str, str] = {}
-    for name in _TEXT_FIELDS:
-        value = getattr(record, name)
-        if isinstance(value, str):
-            clean = value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
-            if clean != value:
-                changes[name] = clean
-    return dataclasses.replace(record, **changes) if changes else record  # type: ignore[arg-type]
 
 
 class WriterStats:
@@ -45,6 +30,7 @@ class WriterStats:
         "flush_seconds_last",
         "rows_duplicate",
         "rows_rejected",
+        "rows_after_close",
         "rows_replayed",
         "rows_spooled",
         "rows_submitted",
@@ -65,6 +51,7 @@ class WriterStats:
         self.rows_replayed = 0  # spooled rows written back to the database
         self.rows_rejected = 0  # rows the database refused, kept in rejected.jsonl
         self.rows_unreadable = 0  # spool lines that could not be parsed (torn by a crash)
+        self.rows_after_close = 0  # submitted after close(): a wiring bug, logged, not stored
         self.batches = 0  # successful database writes
         self.flush_seconds_last = 0.0
         self.spool_rows = 0  # pending replay
@@ -120,6 +107,7 @@ class BillingWriter:
         self._spool_wake = asyncio.Event()
         self._spool_lock = asyncio.Lock()
         self._closing = False
+        self._closed = False
         self._spooler_closing = False
         self._retry_at = 0.0
         self._retry_delay = 0.0
@@ -133,6 +121,10 @@ class BillingWriter:
     def submit(self, record: UsageRecord) -> None:
         """Hand over one row: a plain append, no I/O, never raises, never drops."""
         self.stats.rows_submitted += 1
+        if self._closed:
+            self.stats.rows_after_close += 1
+            self._log.error("billing_submit_after_close", request_id=record.request_id)
+            return
         q = self._queue
         if len(q) < self._queue_max:
             q.append(record)
@@ -176,6 +168,7 @@ class BillingWriter:
         self._closing = True
         self._wake.set()
         await self._tasks[0]
+        self._closed = True
         self._spooler_closing = True
         self._spool_wake.set()
         await self._tasks[1]
@@ -224,8 +217,12 @@ class BillingWriter:
                 await asyncio.sleep(self._flush_interval)
 
     async def _deliver(self, batch: list[UsageRecord]) -> None:
-        if not (self._may_try_sink() and await self._write(batch)):
-            self._to_spool(batch)
+        try:
+            if self._may_try_sink() and await self._write(batch):
+                return
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the rows go to the spool
+            self._log.error("billing_deliver_error", error=type(exc).__name__)
+        self._to_spool(batch)
 
     async def _write(self, batch: Sequence[UsageRecord], *, cleaned: bool = False) -> bool:
         """Store a batch; False when the sink is away (the caller spools it).
@@ -240,7 +237,7 @@ class BillingWriter:
             if len(batch) > 1:
                 mid = len(batch) // 2
                 return await self._write(batch[:mid]) and await self._write(batch[mid:])
-            clean = sanitized(batch[0])
+            clean = clean_text(batch[0])
             if not cleaned and clean is not batch[0]:
                 return await self._write([clean], cleaned=True)
             await self._reject(batch[0])
@@ -264,7 +261,7 @@ class BillingWriter:
         self._log.warning("billing_row_rejected", request_id=record.request_id)
         try:
             await asyncio.to_thread(self._spool.reject, [record])
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a refused row must not stop the writer
             self._log.error("billing_reject_file_failed", error=type(exc).__name__)
 
     def _to_spool(self, batch: list[UsageRecord]) -> None:
