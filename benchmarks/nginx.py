@@ -1,0 +1,93 @@
+"""nginx as the reference reverse proxy: find or install Debian's binary, write a config, run it.
+
+Plain streaming proxy (proxy_buffering off, upstream keep-alive, one worker), loopback only.
+Installing uses apt-get, and only when the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 16000; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+{servers}}}
+"""
+
+SERVER = """\
+    upstream up_{port} {{ server 127.0.0.1:{upstream}; keepalive 1024;
+        keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://up_{port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+"""
+
+
+def find_binary() -> str | None:
+    """The nginx binary on PATH or in /usr/sbin, or None."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def install() -> str | None:
+    """apt-get install nginx-light (or nginx) when nginx is missing; the binary or None."""
+    found = find_binary()
+    if found or shutil.which("apt-get") is None:
+        return found
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    subprocess.run(["apt-get", "update", "-q"], check=False, env=env, capture_output=True)
+    for package in ("nginx-light", "nginx"):
+        done = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", package],
+            check=False,
+            env=env,
+            capture_output=True,
+        )
+        if done.returncode == 0 and find_binary():
+            break
+    return find_binary()
+
+
+def version(binary: str) -> str:
+    """`nginx -v` as one line, e.g. 'nginx/1.22.1'."""
+    out = subprocess.run([binary, "-v"], check=False, capture_output=True, text=True)
+    return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
+
+
+def write_config(routes: dict[int, int]) -> Path:
+    """A temp dir holding nginx.conf that proxies each listen port to its upstream port."""
+    workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-nginx-"))
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (workdir / sub).mkdir()
+    servers = "".join(SERVER.format(port=p, upstream=u) for p, u in routes.items())
+    (workdir / "nginx.conf").write_text(CONF.format(dir=workdir, servers=servers))
+    return workdir
+
+
+def command(binary: str, workdir: Path) -> list[str]:
+    """The argv that runs nginx in the foreground on the config in `workdir`."""
+    return [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", "stderr"]

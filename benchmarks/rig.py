@@ -1,0 +1,249 @@
+"""Starts and stops the benchmark's processes: the mock providers, nginx and proxyd, each pinned.
+
+The proxy under test goes on core 0, the mock provider and the load client on core 1. Only
+loopback addresses; every process it starts it also stops, by its own pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import nginx
+
+PROXY_CORE = "0"
+RIG_CORE = "1"
+BENCH_SECRET = "sk-bench-0123456789abcdef"  # noqa: S105 - throwaway benchmark secret
+LIMITED_SECRET = "sk-bench-limited-0123456789"  # noqa: S105 - throwaway benchmark secret
+ADMIN_TOKEN = "bench-admin-token-0123456789"  # noqa: S105 - throwaway benchmark secret
+DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+INSTANT_MODEL = "mock-gpt"
+STREAM_MODEL = "mock-gpt-stream"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    """argv run under `taskset -c core` when taskset exists and the core does."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > int(core):
+        return ["taskset", "-c", core, *argv]
+    return argv
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Block until something accepts on 127.0.0.1:port; fail if the process died first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop(svc: Service, grace: float = 10.0) -> None:
+    """SIGTERM the process we started, SIGKILL it if it lingers, then remove its temp dir."""
+    _stop(svc.proc, grace)
+    if "workdir" in svc.extra:
+        shutil.rmtree(svc.extra["workdir"], ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Service:
+    """One started process and the port it serves."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        """The pid of the real server (taskset execs it, so the pid is the same)."""
+        return self.proc.pid
+
+
+def _spawn(
+    name: str, argv: list[str], port: int, logdir: Path, env: dict[str, str] | None = None
+) -> Service:
+    log = logdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent
+        )
+    try:
+        wait_port(port, proc)
+    except RuntimeError:
+        _stop(proc)
+        raise
+    return Service(name, proc, port, log)
+
+
+def start_mock(logdir: Path, *, instant: bool, chunks: int, interval: float) -> Service:
+    """The mock provider on the rig core."""
+    port = free_port()
+    argv = [sys.executable, "-m", "proxyd.mockprovider", "--port", str(port)]
+    argv += ["--chunks", str(chunks), "--interval", str(interval)]
+    argv += ["--instant"] if instant else []
+    return _spawn("mock-instant" if instant else "mock-paced", pinned(RIG_CORE, argv), port, logdir)
+
+
+def start_nginx(
+    binary: str, routes: dict[str, int], logdir: Path
+) -> tuple[Service, dict[str, int]]:
+    """nginx on the proxy core with one listen port per named upstream port."""
+    ports = {name: free_port() for name in routes}
+    workdir = nginx.write_config({ports[n]: up for n, up in routes.items()})
+    try:
+        svc = _spawn(
+            "nginx",
+            pinned(PROXY_CORE, nginx.command(binary, workdir)),
+            next(iter(ports.values())),
+            logdir,
+        )
+    except RuntimeError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    for port in ports.values():
+        wait_port(port, svc.proc)
+    svc.extra["workdir"] = str(workdir)
+    return svc, ports
+
+
+def sha256_hex(secret: str) -> str:
+    """The key hash proxyd stores."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def proxyd_config(instant_port: int, paced_port: int, workdir: Path) -> str:
+    """The TOML state proxyd starts with: a bench key, a rate-limited key, two mock channels."""
+    return f"""\
+[server]
+max_body_bytes = 1048576
+shutdown_grace_seconds = 2
+
+[billing]
+spool_dir = "{workdir}/spool"
+
+[logging]
+level = "warning"
+format = "json"
+
+[state.keys]
+version = 1
+
+[[state.keys.keys]]
+id = "bench"
+hash = "{sha256_hex(BENCH_SECRET)}"
+account_id = "acct-bench"
+status = "active"
+models = ["*"]
+rpm = 100000000
+tpm = 100000000000
+
+[[state.keys.keys]]
+id = "bench-limited"
+hash = "{sha256_hex(LIMITED_SECRET)}"
+account_id = "acct-bench"
+status = "active"
+models = ["*"]
+rpm = 1
+tpm = 1000000
+
+[state.prices]
+version = 1
+discount = "1"
+
+[state.prices.prices."{INSTANT_MODEL}"]
+input = "0.15"
+output = "0.60"
+
+[state.prices.prices."{STREAM_MODEL}"]
+input = "0.15"
+output = "0.60"
+
+[state.channels]
+version = 1
+
+[[state.channels.channels]]
+id = "mock-instant"
+type = "openai"
+base_url = "http://127.0.0.1:{instant_port}/v1"
+api_key = "mock"
+models = ["{INSTANT_MODEL}"]
+
+[[state.channels.channels]]
+id = "mock-paced"
+type = "openai"
+base_url = "http://127.0.0.1:{paced_port}/v1"
+api_key = "mock"
+models = ["{STREAM_MODEL}"]
+
+[state.balances."acct-bench"]
+version = 1
+balance_nanos = 1000000000000000
+"""
+
+
+def proxyd_argv() -> list[str]:
+    """`python -m proxyd serve`, run from the checkout so this tree's proxyd is the one served."""
+    return [sys.executable, "-m", "proxyd", "serve"]
+
+
+def proxyd_available() -> bool:
+    """Whether this checkout has a proxyd that can serve (the CLI module imports)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import proxyd.cli, proxyd.app"], check=False, capture_output=True
+    )
+    return done.returncode == 0
+
+
+def start_proxyd(logdir: Path, instant_port: int, paced_port: int, database_url: str) -> Service:
+    """proxyd on the proxy core with billing into `database_url` and metrics on."""
+    workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-"))
+    config = workdir / "proxyd.toml"
+    config.write_text(proxyd_config(instant_port, paced_port, workdir))
+    port, control = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PROXYD_CONFIG": str(config),
+        "PROXYD_LISTEN": f"127.0.0.1:{port}",
+        "PROXYD_CONTROL_LISTEN": f"127.0.0.1:{control}",
+        "PROXYD_ADMIN_TOKEN": ADMIN_TOKEN,
+        "PROXYD_DATABASE_URL": database_url,
+    }
+    try:
+        svc = _spawn("proxyd", pinned(PROXY_CORE, proxyd_argv()), port, logdir, env=env)
+    except RuntimeError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    svc.extra.update(workdir=str(workdir), control_port=str(control))
+    return svc

@@ -1,0 +1,304 @@
+"""`python -m benchmarks.run [--quick|--smoke] [--out DIR]`: the benchmark driver (`make bench`).
+
+Starts the mock providers, nginx and proxyd pinned to their cores, runs every workload against
+each target in the same session, and writes JSON per run, a summary, RESULTS.md and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib
+import json
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks import nginx, procstat, report, rig, workloads
+from benchmarks.workloads import Scale, Target
+
+HERE = Path(__file__).resolve().parent
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _postgres_up() -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 5432), 1.0):
+        return True
+    return False
+
+
+def _wait_ready(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r,
+        ):
+            if r.status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"proxyd on port {port} is not ready after {timeout}s")
+
+
+def _versions(nginx_bin: str | None) -> dict[str, str]:
+    out = {"Python": sys.version.split()[0]}
+    for mod in ("aiohttp", "uvloop", "orjson", "proxyd"):
+        with contextlib.suppress(Exception):
+            out[mod] = str(importlib.import_module(mod).__version__)
+    if nginx_bin:
+        out["nginx"] = nginx.version(nginx_bin).removeprefix("nginx/")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=HERE.parent,
+    )
+    if commit.returncode == 0:
+        out["commit"] = commit.stdout.strip()
+    return out
+
+
+@contextlib.contextmanager
+def session(
+    scale: Scale,
+    logdir: Path,
+    notes: list[str],
+    want_nginx: bool,
+    install_nginx: bool,
+    want_proxyd: bool,
+) -> Iterator[tuple[list[Target], str | None]]:
+    """Everything the runs need, started pinned and stopped afterwards, as a list of targets."""
+    started: list[rig.Service] = []
+    try:
+        instant = rig.start_mock(logdir, instant=True, chunks=16, interval=scale.interval)
+        started.append(instant)
+        paced = rig.start_mock(logdir, instant=False, chunks=scale.chunks, interval=scale.interval)
+        started.append(paced)
+        mocks = [instant.pid, paced.pid]
+        targets = [Target("direct", instant.port, paced.port, rig_pids=mocks)]
+        binary = (nginx.install() if install_nginx else nginx.find_binary()) if want_nginx else None
+        if want_nginx and binary is None:
+            notes.append("nginx is not installed here: the nginx column is skipped.")
+        if binary:
+            svc, ports = rig.start_nginx(binary, {"i": instant.port, "p": paced.port}, logdir)
+            started.append(svc)
+            pids = [svc.pid, *procstat.children(svc.pid)]
+            targets.append(Target("nginx", ports["i"], ports["p"], pids, mocks))
+        if want_proxyd and rig.proxyd_available():
+            db = rig.DATABASE_URL
+            if not _postgres_up():
+                db = f"sqlite:///{logdir.resolve()}/bench.sqlite3"
+                notes.append("PostgreSQL is not answering: proxyd billed into SQLite instead.")
+            try:
+                svc = rig.start_proxyd(logdir, instant.port, paced.port, db)
+            except RuntimeError as exc:
+                tail = (logdir / "proxyd.log").read_text(errors="replace").strip()[-300:]
+                notes.append(f"proxyd did not start ({exc}); its column is skipped: {tail}")
+            else:
+                started.append(svc)
+                _wait_ready(svc.port)
+                pids = [svc.pid, *procstat.children(svc.pid)]
+                targets.append(Target("proxyd", svc.port, svc.port, pids, mocks, own_auth=True))
+        elif want_proxyd:
+            notes.append("proxyd does not import in this checkout yet: its column is skipped.")
+        yield targets, binary
+    finally:
+        for svc in reversed(started):
+            rig.stop(svc)
+
+
+class Recorder:
+    """Keeps every run, in memory and as one JSON file each."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+    def record(self, group: str, target: str, run: int, fn: Callable[[], dict[str, Any]]) -> None:
+        try:
+            data = fn()
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            data = {
+                "error": str(exc)[-500:],
+                "derived": {"limit": "-", "error_rate": 1.0, "stall_free": False},
+                "result": {},
+            }
+        data.update(group=group, target=target, run=run)
+        name = f"{group.replace(':', '-').replace('@', '-')}-{target}-run{run}.json"
+        (self.out / name).write_text(json.dumps(data, indent=1))
+        self.results.setdefault(group, {}).setdefault(target, []).append(data)
+        status = data.get("error") or data["derived"].get("limit")
+        print(f"  {group:<14} {target:<7} run {run}: {status}", flush=True)
+
+
+def run_all(scale: Scale, targets: list[Target], rec: Recorder) -> dict[str, int]:
+    """Every workload, runs interleaved across targets; returns W5's largest stall-free level."""
+    plain: list[tuple[str, Callable[[Target], dict[str, Any]]]] = [
+        ("W1", lambda t: workloads.w1(t, scale)),
+        ("W2", lambda t: workloads.w2(t, scale)),
+        ("W4", lambda t: workloads.streams(t, scale, scale.w4_streams, scale.w4_s)),
+        ("W7:invalid", lambda t: workloads.w7(t, scale, "invalid")),
+    ]
+    for group, fn in plain:
+        for i in range(scale.runs):
+            for t in targets:
+                rec.record(group, t.name, i, functools.partial(fn, t))
+    for i in range(scale.runs):
+        for t in targets:
+            if t.own_auth:
+                rec.record(
+                    "W7:limited", t.name, i, functools.partial(workloads.w7, t, scale, "limited")
+                )
+    best: dict[str, int] = {}
+    alive = list(targets)
+    for level in scale.w5_levels:
+        group = f"W5@{level}"
+        for i in range(scale.runs):
+            for t in alive:
+                rec.record(
+                    group,
+                    t.name,
+                    i,
+                    functools.partial(workloads.streams, t, scale, level, scale.w5_s),
+                )
+        for t in list(alive):
+            runs = rec.results[group][t.name]
+            free = sorted(r["derived"].get("stall_free", False) for r in runs)
+            if free[len(free) // 2]:  # the median run was stall-free
+                best[t.name] = level
+            else:
+                alive.remove(t)
+        if not alive:
+            break
+    return best
+
+
+def billing(seconds: float, notes: list[str]) -> dict[str, Any] | None:
+    """The billing writer benchmark from benchmarks/bench_billing.py, when it exists."""
+    try:
+        mod = importlib.import_module("benchmarks.bench_billing")
+    except ImportError as exc:
+        notes.append(f"billing writer benchmark skipped: benchmarks.bench_billing: {exc}")
+        return None
+    try:
+        result: dict[str, Any] = mod.run(seconds)
+    except Exception as exc:  # the other module's failure must not lose the whole session
+        notes.append(f"billing writer benchmark failed: {type(exc).__name__}: {exc}")
+        return None
+    return result
+
+
+def write_results(
+    path: Path,
+    scale: Scale,
+    summary: dict[str, Any],
+    best: dict[str, int],
+    versions: dict[str, str],
+    notes: list[str],
+    bill: dict[str, Any] | None,
+    plotted: bool,
+) -> None:
+    """RESULTS.md: header, targets, one table per workload, W5 levels, billing, notes."""
+    when = time.strftime("%Y-%m-%d %H:%M %Z")
+    parts = [
+        "# proxyd benchmark results",
+        "",
+        f"{when}; scale `{scale.name}` ({scale.runs} run(s) per cell, cells show median "
+        "(min..max)).  ",
+        f"Machine: {report.machine(versions)}.  ",
+        "proxy under test pinned to core 0; mock provider and load client pinned to core 1. "
+        "'limit' names the core that was ≥ 90 % busy during the run (other tenants of this "
+        "machine count too), 'neither' means the offered load, not a core, set the figure.",
+        "",
+        "## Targets from issue 8",
+        "",
+        *report.targets_check(summary, best),
+    ]
+    titles = {
+        "W1": "W1 overhead — non-stream, concurrency 1",
+        "W2": "W2 throughput — non-stream, concurrency 64",
+        "W4": f"W4 stream latency — {scale.w4_streams} streams of {scale.chunks} chunks "
+        f"every {scale.interval * 1000:.0f} ms, open-loop",
+        "W7:invalid": "W7 rejections — unknown key (401), concurrency 16",
+        "W7:limited": "W7 rejections — key over its rate limit (429), concurrency 16",
+    }
+    for group, title in titles.items():
+        if group in summary:
+            parts += ["", f"## {title}", "", report.table(summary, group)]
+    w5 = sorted((g for g in summary if g.startswith("W5@")), key=lambda g: int(g[3:]))
+    if w5:
+        parts += ["", "## W5 stream capacity — open-loop streams at each concurrency level", ""]
+        parts += [f"Largest stall-free level: {best or 'none'}.", ""]
+        if plotted:
+            parts += ["![gap p99 and CPU per chunk vs concurrent streams](results.png)", ""]
+        for g in w5:
+            parts += [f"### {g[3:]} concurrent streams", "", report.table(summary, g), ""]
+    parts += ["", "## Billing writer", ""]
+    parts += [f"```json\n{json.dumps(bill, indent=1)}\n```" if bill else "not measured (see notes)"]
+    if notes:
+        parts += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    path.write_text("\n".join(parts) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, run the session, write the results; 0 unless nothing could run."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="one short run per cell")
+    p.add_argument("--smoke", action="store_true", help="every workload for about a second")
+    p.add_argument("--out", type=Path, default=HERE / "out", help="where the JSON goes")
+    p.add_argument("--no-nginx", action="store_true")
+    p.add_argument("--no-proxyd", action="store_true")
+    args = p.parse_args(argv)
+    scale = workloads.SCALES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    out: Path = args.out / time.strftime("%Y%m%d-%H%M%S")
+    logdir = out / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    _raise_nofile()
+    notes: list[str] = []
+    rec = Recorder(out)
+    print(f"benchmark ({scale.name}) -> {out}", flush=True)
+    with session(scale, logdir, notes, not args.no_nginx, not args.smoke, not args.no_proxyd) as (
+        targets,
+        nginx_bin,
+    ):
+        best = run_all(scale, targets, rec)
+    bill = billing(scale.billing_s, notes)
+    summary = report.summarise(rec.results)
+    versions = _versions(nginx_bin)
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "scale": scale.name,
+                "summary": summary,
+                "w5_best": best,
+                "billing": bill,
+                "notes": notes,
+                "versions": versions,
+            },
+            indent=1,
+        )
+    )
+    dest = out if args.smoke else HERE
+    plotted = report.plot(summary, dest / "results.png") if not args.smoke else False
+    write_results(dest / "RESULTS.md", scale, summary, best, versions, notes, bill, plotted)
+    print(f"wrote {dest / 'RESULTS.md'}", flush=True)
+    for n in notes:
+        print(f"note: {n}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""A few-second run of the whole benchmark suite, so the benchmark code cannot rot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import loadclient, nginx, rig
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = ("W1", "W2", "W4", "W7:invalid", "W5@10")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run `python -m benchmarks.run --smoke` once and return its summary.json."""
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(  # noqa: S603 - our own interpreter running our own module
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (session,) = [p for p in out.iterdir() if p.is_dir()]
+    summary: dict[str, Any] = json.loads((session / "summary.json").read_text())
+    summary["_dir"] = str(session)
+    return summary
+
+
+def _runs(summary: dict[str, Any], group: str, target: str) -> list[dict[str, Any]]:
+    session = Path(summary["_dir"])
+    name = f"{group.replace(':', '-').replace('@', '-')}-{target}-run0.json"
+    data: dict[str, Any] = json.loads((session / name).read_text())
+    return [data]
+
+
+def _assert_clean(summary: dict[str, Any], target: str) -> None:
+    for group in GROUPS:
+        (run,) = _runs(summary, group, target)
+        assert "error" not in run, run.get("error")
+        res = run["result"]
+        assert res["ok"] > 0, (group, target, res)
+        assert res["errors"] == 0, (group, target, res)
+        assert res["latency_us"]["p50"] > 0
+    (w4,) = _runs(summary, "W4", target)
+    assert w4["result"]["gap_us"]["n"] > 0
+    assert w4["result"]["events"] >= w4["result"]["ok"] * 8
+
+
+def test_direct_connection_runs_every_workload(smoke: dict[str, Any]) -> None:
+    """Every workload completes against the mock provider directly, without errors."""
+    _assert_clean(smoke, "direct")
+    assert (Path(smoke["_dir"]) / "RESULTS.md").read_text().startswith("# proxyd benchmark")
+
+
+def test_nginx_column_when_nginx_is_installed(smoke: dict[str, Any]) -> None:
+    """With nginx installed, the nginx column runs too and its CPU is read from /proc."""
+    if nginx.find_binary() is None:
+        pytest.skip("nginx is not installed (make bench installs it)")
+    _assert_clean(smoke, "nginx")
+    (w2,) = _runs(smoke, "W2", "nginx")
+    assert w2["derived"]["limit"]
+
+
+def test_proxyd_column(smoke: dict[str, Any]) -> None:
+    """proxyd serves every workload with billing and metrics on, and rejects as W7 expects."""
+    if not rig.proxyd_available():
+        pytest.skip("proxyd does not import in this checkout")
+    assert "W1" in smoke["summary"], smoke["notes"]
+    assert "proxyd" in smoke["summary"]["W1"], smoke["notes"]
+    _assert_clean(smoke, "proxyd")
+    (limited,) = _runs(smoke, "W7:limited", "proxyd")
+    assert limited["result"]["status"].get("429", 0) > 0
+
+
+def test_chunked_parser_handles_split_reads() -> None:
+    """The load client's HTTP parser completes a chunked response fed one byte at a time."""
+    loop = asyncio.new_event_loop()
+    try:
+        resp = loadclient._Resp(loop.create_future(), [])
+        wire = (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"6\r\ndata:\n\n\r\n7\r\ndata: x\n\r\n1\r\n\n\r\n0\r\n\r\n"
+        )
+        done = [resp.feed(wire[i : i + 1], float(i)) for i in range(len(wire))]
+    finally:
+        loop.close()
+    assert done[-1] is True
+    assert done.count(True) == 1
+    assert resp.status == 200
+    assert resp.events == 2
