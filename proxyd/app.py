@@ -6,6 +6,8 @@ in reverse order: stop accepting, let streams finish, then flush billing, then c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from aiohttp import web
 from proxyd import estimate, logs
 from proxyd.admit import Admission, AdmissionSettings
 from proxyd.balances import LocalLedger
+from proxyd.billing.migrate import migrate, retention_task
 from proxyd.billing.sink import open_sink
 from proxyd.billing.spool import Spool
 from proxyd.billing.writer import BillingWriter
@@ -26,7 +29,6 @@ from proxyd.limits import LocalLimits
 from proxyd.metrics import Metrics
 from proxyd.pipeline import Pipeline
 from proxyd.relay import Upstream
-from proxyd.resale import ResaleWatch
 from proxyd.state import StateStore
 
 log = structlog.get_logger("proxyd.app")
@@ -66,15 +68,17 @@ def build_parts(config: Config, store: StateStore | None = None) -> Parts:
     metrics = Metrics(enabled=config.metrics_enabled)
     ledger = LocalLedger()
     limits = LocalLimits()
+    a = config.admission
     admission = Admission(
         limits=limits,
         ledger=ledger,
-        resale=ResaleWatch(
-            window=config.admission.resale_window_seconds,
-            max_ips=config.admission.resale_max_ips,
-            max_user_agents=config.admission.resale_max_user_agents,
+        settings=AdmissionSettings(
+            default_max_tokens=a.default_max_tokens,
+            resale_window_seconds=a.resale_window_seconds,
+            resale_max_ips=a.resale_max_ips,
+            resale_max_user_agents=a.resale_max_user_agents,
+            trusted_proxies=tuple(config.server.trusted_proxies),
         ),
-        settings=AdmissionSettings(default_max_tokens=config.admission.default_max_tokens),
     )
     b = config.billing
     writer = BillingWriter(
@@ -145,9 +149,34 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
     parts = app[PARTS]
+    b = parts.config.billing
+    try:  # the schema is created or upgraded at start; a database that is away is not fatal
+        await asyncio.wait_for(migrate(b.database_url), timeout=10)
+    except Exception as exc:  # noqa: BLE001 - any failure here only means "spool until it is back"
+        log.warning("billing_migrate_failed", error=type(exc).__name__)
     await parts.writer.start()
+    retention = asyncio.create_task(_retention(b.database_url, b.retention_days))
     yield
+    retention.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await retention
     await parts.writer.close()
+
+
+async def _retention(url: str, days: int) -> None:
+    """Keep partitions ahead and drop expired ones, on a sink of its own."""
+    sink = open_sink(url)
+    try:
+        while True:
+            try:
+                await sink.open()
+                break
+            except Exception as exc:  # noqa: BLE001 - retried; the database may come back
+                log.warning("billing_retention_waiting", error=type(exc).__name__)
+                await asyncio.sleep(30)
+        await retention_task(sink, days=days)
+    finally:
+        await sink.close()
 
 
 async def healthz(request: web.Request) -> web.Response:

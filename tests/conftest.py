@@ -106,3 +106,37 @@ async def start_proxy(aiohttp_client: Any) -> AsyncIterator[StartProxy]:
 
 def server_url(server: TestServer) -> str:
     return str(server.make_url("")).rstrip("/")
+
+
+class SDKs:
+    """Real `openai` and `anthropic` SDK clients pointed at a test proxyd, closed after the test."""
+
+    def __init__(self) -> None:
+        self.made: list[Any] = []
+
+    def openai(self, client: TestClient[Any, Any], secret: str = SECRET) -> Any:
+        import openai
+
+        sdk = openai.AsyncOpenAI(
+            api_key=secret, base_url=str(client.make_url("/v1")), max_retries=0
+        )
+        self.made.append(sdk)
+        return sdk
+
+    def anthropic(self, client: TestClient[Any, Any], secret: str = SECRET) -> Any:
+        import anthropic
+
+        sdk = anthropic.AsyncAnthropic(
+            api_key=secret, base_url=str(client.make_url("")), max_retries=0
+        )
+        self.made.append(sdk)
+        return sdk
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[SDKs]:
+    """Factory of SDK clients that are closed when the test ends."""
+    sdks = SDKs()
+    yield sdks
+    for made in sdks.made:
+        await made.close()

@@ -56,23 +56,13 @@ async def _setup(
     return client, parts
 
 
-def _openai(client: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(api_key=SECRET, base_url=str(client.make_url("/v1")), max_retries=0)
-
-
-def _anthropic(client: Any) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(
-        api_key=SECRET, base_url=str(client.make_url("")), max_retries=0
-    )
-
-
-async def test_chat_non_stream_through_openai_sdk(tmp_path, start_server, start_proxy) -> None:
+async def test_chat_non_stream_through_openai_sdk(tmp_path, start_server, start_proxy, sdk) -> None:
     """A non-stream chat completion arrives intact and upstream sees the channel's own key."""
     fake = FakeProvider(Step(body=chat_body("hi there")))
     client, _ = await _setup(
         tmp_path, start_server, start_proxy, fake, model_map={"gpt-test": "up-model"}
     )
-    result = await _openai(client).chat.completions.create(
+    result = await sdk.openai(client).chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": "hello"}]
     )
     assert result.choices[0].message.content == "hi there"
@@ -122,13 +112,13 @@ async def test_injected_usage_chunk_is_removed(tmp_path, start_server, start_pro
     assert body.endswith(b"data: [DONE]\n\n")
 
 
-async def test_event_split_across_reads(tmp_path, start_server, start_proxy) -> None:
+async def test_event_split_across_reads(tmp_path, start_server, start_proxy, sdk) -> None:
     """An event cut in two TCP reads reaches the client whole and unchanged."""
     events = chat_events(["one", "two", "three"])
     whole = b"".join(events)
     fake = FakeProvider(Step(events=events, split_at=len(events[0]) + 17))
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
-    stream = await _openai(client).chat.completions.create(
+    stream = await sdk.openai(client).chat.completions.create(
         model="gpt-test",
         stream=True,
         stream_options={"include_usage": True},
@@ -139,11 +129,11 @@ async def test_event_split_across_reads(tmp_path, start_server, start_proxy) -> 
     assert len(whole) > len(events[0]) + 17
 
 
-async def test_openai_sdk_stream(tmp_path, start_server, start_proxy) -> None:
+async def test_openai_sdk_stream(tmp_path, start_server, start_proxy, sdk) -> None:
     """The openai SDK reads a relayed stream to its end."""
     fake = FakeProvider(Step(events=chat_events(["x", "y", "z"])))
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
-    stream = await _openai(client).chat.completions.create(
+    stream = await sdk.openai(client).chat.completions.create(
         model="gpt-test", stream=True, messages=[{"role": "user", "content": "x"}]
     )
     chunks = [c async for c in stream]
@@ -151,20 +141,20 @@ async def test_openai_sdk_stream(tmp_path, start_server, start_proxy) -> None:
     assert all(c.usage is None for c in chunks)
 
 
-async def test_anthropic_sdk_stream_and_body(tmp_path, start_server, start_proxy) -> None:
+async def test_anthropic_sdk_stream_and_body(tmp_path, start_server, start_proxy, sdk) -> None:
     """Anthropic clients stream and fetch messages through an anthropic channel."""
     events = anthropic_events(["Hi", " there"])
     fake = FakeProvider().then(Step(events=events), Step(body=anthropic_body("plain")))
     client, _ = await _setup(
         tmp_path, start_server, start_proxy, fake, type="anthropic", models=["claude-test"]
     )
-    sdk = _anthropic(client)
-    async with sdk.messages.stream(
+    claude = sdk.anthropic(client)
+    async with claude.messages.stream(
         model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "hello"}]
     ) as stream:
         text = await stream.get_final_text()
     assert text == "Hi there"
-    message = await sdk.messages.create(
+    message = await claude.messages.create(
         model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "hello"}]
     )
     assert message.content[0].text == "plain"  # type: ignore[union-attr]
@@ -212,7 +202,7 @@ async def test_other_openai_endpoints(
     assert fake.seen[0].body == payload
 
 
-async def test_models_lists_what_the_key_may_use(tmp_path, start_server, start_proxy) -> None:
+async def test_models_lists_what_the_key_may_use(tmp_path, start_server, start_proxy, sdk) -> None:
     """GET /v1/models shows the served models the key's list allows, in both formats."""
     fake = FakeProvider()
     server = await start_server(fake.app())
@@ -222,7 +212,7 @@ async def test_models_lists_what_the_key_may_use(tmp_path, start_server, start_p
         keys=[key(models=["gpt-b"])],
     )
     client, _ = await start_proxy(config)
-    page = await _openai(client).models.list()
+    page = await sdk.openai(client).models.list()
     assert [m.id for m in page.data] == ["gpt-b"]
     resp = await client.get(
         "/v1/models", headers={"x-api-key": SECRET, "anthropic-version": "2023-06-01"}
@@ -230,26 +220,25 @@ async def test_models_lists_what_the_key_may_use(tmp_path, start_server, start_p
     assert (await resp.json())["data"][0]["type"] == "model"
 
 
-async def test_refusals_in_openai_format(tmp_path, start_server, start_proxy) -> None:
+async def test_refusals_in_openai_format(tmp_path, start_server, start_proxy, sdk) -> None:
     """401, 403, 404 come as OpenAI errors that the SDK raises as the right exception."""
     fake = FakeProvider()
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
-    base = str(client.make_url("/v1"))
     messages: Any = [{"role": "user", "content": "x"}]
-    wrong = openai.AsyncOpenAI(api_key="sk-nope", base_url=base, max_retries=0)
+    wrong = sdk.openai(client, "sk-nope")
     with pytest.raises(openai.AuthenticationError) as unknown:
         await wrong.chat.completions.create(model="gpt-test", messages=messages)
     assert "sk-nope" not in str(unknown.value)
-    disabled = openai.AsyncOpenAI(api_key=OTHER_SECRET, base_url=base, max_retries=0)
+    disabled = sdk.openai(client, OTHER_SECRET)
     with pytest.raises(openai.PermissionDeniedError):
         await disabled.chat.completions.create(model="gpt-test", messages=messages)
     with pytest.raises(openai.NotFoundError) as missing:
-        await _openai(client).chat.completions.create(model="nope", messages=messages)
+        await sdk.openai(client).chat.completions.create(model="nope", messages=messages)
     assert missing.value.code == "model_not_found"
     assert fake.seen == []
 
 
-async def test_refusals_in_anthropic_format(tmp_path, start_server, start_proxy) -> None:
+async def test_refusals_in_anthropic_format(tmp_path, start_server, start_proxy, sdk) -> None:
     """The same refusals on /v1/messages come in Anthropic's error shape."""
     fake = FakeProvider()
     client, _ = await _setup(
@@ -265,9 +254,9 @@ async def test_refusals_in_anthropic_format(tmp_path, start_server, start_proxy)
         "type": "error",
         "error": {"type": "authentication_error", "message": "The API key provided is not valid."},
     }
-    sdk = anthropic.AsyncAnthropic(api_key=SECRET, base_url=str(client.make_url("")), max_retries=0)
+    claude = sdk.anthropic(client)
     with pytest.raises(anthropic.NotFoundError):
-        await sdk.messages.create(model="nope", max_tokens=5, messages=[])
+        await claude.messages.create(model="nope", max_tokens=5, messages=[])
 
 
 async def test_expired_key(tmp_path, start_server, start_proxy) -> None:
