@@ -298,3 +298,28 @@ async def test_privacy_canary_never_reaches_rows_or_spool(schema: str, tmp_path:
     dump = await fetch(schema, "SELECT usage_records::text FROM usage_records")
     assert len(dump) == 20
     assert all(CANARY not in r[0] for r in dump)
+
+
+async def test_partition_dropped_under_a_running_writer_is_recreated(
+    schema: str, tmp_path: Path
+) -> None:
+    """A day partition removed elsewhere (retention in another process) is created again."""
+    day = 1_763_900_000.0 - 200 * DAY
+    writer = writer_for(PG, schema, tmp_path / "spool", batch_size=1)
+    await writer.start()
+    writer.submit(record(1, created_at=day))
+    await wait_for(lambda: _written(writer, 1))
+    other = open_sink(PG, schema=schema)
+    try:
+        assert await apply_retention(other, days=90, now=1_763_900_000.0) == 1
+    finally:
+        await other.close()
+    writer.submit(record(2, created_at=day + 1))
+    await writer.close()
+    assert await count(schema) == (1, 1)
+    assert writer.stats.rows_written == 2
+    assert writer.stats.rows_rejected == 0
+
+
+async def _written(writer: BillingWriter, n: int) -> bool:
+    return writer.stats.rows_written >= n

@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -98,6 +99,7 @@ class Spool:
         self._current: IO[bytes] | None = None
         self._current_path: Path | None = None
         self._lock: IO[bytes] | None = None
+        self._count_lock = threading.Lock()  # appends run in a worker thread, reads on the loop
 
     def _segments(self) -> list[Path]:
         return sorted(self.directory.glob(f"{_PREFIX}*{_SUFFIX}"))
@@ -130,8 +132,9 @@ class Spool:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-        self.rows += len(records)
-        self.bytes += len(data)
+        with self._count_lock:
+            self.rows += len(records)
+            self.bytes += len(data)
         if f.tell() >= self.segment_bytes:
             self.seal()
         return len(data)
@@ -175,8 +178,14 @@ class Spool:
 
     def consumed(self, chunk: Chunk) -> None:
         """A chunk's rows are in the database: take them off the pending counters."""
-        self.rows = max(0, self.rows - chunk.lines)
-        self.bytes = max(0, self.bytes - chunk.nbytes)
+        with self._count_lock:
+            self.rows = max(0, self.rows - chunk.lines)
+            self.bytes = max(0, self.bytes - chunk.nbytes)
+
+    def reset_counters(self) -> None:
+        """Nothing is left to replay: set the pending counters to zero."""
+        with self._count_lock:
+            self.rows = self.bytes = 0
 
     def remove(self, path: Path) -> None:
         """Delete a fully replayed segment."""

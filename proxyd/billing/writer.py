@@ -28,9 +28,9 @@ class WriterStats:
         "_writer",
         "batches",
         "flush_seconds_last",
+        "rows_after_close",
         "rows_duplicate",
         "rows_rejected",
-        "rows_after_close",
         "rows_replayed",
         "rows_spooled",
         "rows_submitted",
@@ -307,7 +307,7 @@ class BillingWriter:
                     self._spool.seal()
                     segments = self._spool.sealed()
                 if not segments:
-                    self._spool.rows = self._spool.bytes = 0  # nothing left: heal the counters
+                    self._spool.reset_counters()  # nothing left: heal the counters
                     self._sync_spool_stats()
                     return
             self._replay = (segments[0], 0)
