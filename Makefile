@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench services clean
+.PHONY: install run test lint bench services tools clean
 
 install: $(STAMP)
 
@@ -22,8 +22,12 @@ run: install
 services:
 	@./scripts/services.sh
 
-## test: lint-free code, the whole test suite against real PostgreSQL and Redis, a benchmark smoke run
-test: install services
+## tools: system tools the tests use (Debian's prometheus package for promtool and the server)
+tools:
+	@./scripts/test-tools.sh
+
+## test: the whole suite against real PostgreSQL, Redis and Prometheus, with a benchmark smoke run
+test: install services tools
 	$(BIN)/pytest
 
 lint: install
@@ -32,6 +36,7 @@ lint: install
 	$(BIN)/mypy proxyd tests benchmarks
 
 bench: install services
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run
 
 clean:
