@@ -123,3 +123,33 @@ def test_odd_values_still_spool_and_read_back() -> None:
     back = decode(encode([odd]).rstrip(b"\n"))
     assert back.model == "bad?"
     assert back.prompt_tokens == 2**70
+
+
+async def test_unwritable_spool_turns_unready_and_keeps_rows_until_it_recovers(
+    tmp_path: Path,
+) -> None:
+    """With the database away and the spool failing, readiness drops and rows wait in memory."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    spool_dir = tmp_path / "s"
+    squatter = spool_dir / "spool-000000000001.jsonl"
+    squatter.mkdir(parents=True)  # the next segment's name is taken by a directory
+    writer = BillingWriter(
+        open_sink(f"sqlite:///{blocker}/u.db"), Spool(spool_dir), flush_interval=0.02
+    )
+    await writer.start()
+    for i in range(10):
+        writer.submit(record(i))
+    async with asyncio.timeout(10):
+        while not writer.stats.spool_failing:
+            await _tick()
+    assert writer.ready() == (False, "billing spool is not writable")
+    assert writer.stats.queue_depth == 10
+    squatter.rmdir()
+    async with asyncio.timeout(10):
+        while writer.stats.rows_spooled < 10:
+            await _tick()
+    assert writer.ready()[0]
+    await writer.close()
+    assert writer.stats.rows_lost == 0
+    assert sum(1 for _ in spool_dir.glob("spool-*.jsonl")) == 1

@@ -102,7 +102,7 @@ class Spool:
         self._count_lock = threading.Lock()  # appends run in a worker thread, reads on the loop
 
     def _segments(self) -> list[Path]:
-        return sorted(self.directory.glob(f"{_PREFIX}*{_SUFFIX}"))
+        return sorted(p for p in self.directory.glob(f"{_PREFIX}*{_SUFFIX}") if p.is_file())
 
     def open(self) -> None:
         """Lock the directory and count what earlier runs left to replay."""
@@ -126,8 +126,9 @@ class Spool:
         f = self._current
         if f is None:
             self._seq += 1
-            self._current_path = self.directory / f"{_PREFIX}{self._seq:012d}{_SUFFIX}"
-            f = self._current = self._current_path.open("ab")
+            path = self.directory / f"{_PREFIX}{self._seq:012d}{_SUFFIX}"
+            f = self._current = path.open("ab")
+            self._current_path = path
             _fsync_dir(self.directory)
         f.write(data)
         f.flush()

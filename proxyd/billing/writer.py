@@ -30,6 +30,7 @@ class WriterStats:
         "flush_seconds_last",
         "rows_after_close",
         "rows_duplicate",
+        "rows_lost",
         "rows_rejected",
         "rows_replayed",
         "rows_spooled",
@@ -51,6 +52,7 @@ class WriterStats:
         self.rows_replayed = 0  # spooled rows written back to the database
         self.rows_rejected = 0  # rows the database refused, kept in rejected.jsonl
         self.rows_unreadable = 0  # spool lines that could not be parsed (torn by a crash)
+        self.rows_lost = 0  # at shutdown with neither database nor a writable spool
         self.rows_after_close = 0  # submitted after close(): a wiring bug, logged, not stored
         self.batches = 0  # successful database writes
         self.flush_seconds_last = 0.0
@@ -177,8 +179,11 @@ class BillingWriter:
         if late:
             self._queue.clear()
             self._overflow.clear()
-            await asyncio.to_thread(self._spool.append, late)
-            self.stats.rows_spooled += len(late)
+            try:
+                await asyncio.to_thread(self._spool.append, late)
+                self.stats.rows_spooled += len(late)
+            except Exception as exc:  # noqa: BLE001 - shutdown must finish; the loss is logged
+                self._lost(late, exc)
         await asyncio.to_thread(self._spool.close)
         self._sync_spool_stats()
         try:
@@ -284,6 +289,9 @@ class BillingWriter:
                 async with self._spool_lock:
                     await asyncio.to_thread(self._spool.append, rows)
             except Exception as exc:  # noqa: BLE001 - keep the rows in memory and retry
+                if self._spooler_closing:  # shutting down with neither database nor disk
+                    self._lost(rows, exc)
+                    continue
                 pending[:0] = rows
                 if not self.stats.spool_failing:
                     self._log.error("billing_spool_write_failed", error=type(exc).__name__)
@@ -330,6 +338,10 @@ class BillingWriter:
         else:
             self._replay = (path, chunk.offset)
         self._sync_spool_stats()
+
+    def _lost(self, rows: list[UsageRecord], exc: BaseException) -> None:
+        self.stats.rows_lost += len(rows)
+        self._log.error("billing_rows_lost", rows=len(rows), error=type(exc).__name__)
 
     # -- health ---------------------------------------------------------------------------
 
