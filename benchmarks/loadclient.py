@@ -7,6 +7,7 @@ timestamps and counts only: a response body is parsed for framing, never stored 
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import sys
 import time
@@ -343,6 +344,9 @@ async def run(spec: Spec) -> dict[str, Any]:
         "proxy_cpu_s": round(b.proc_seconds - a.proc_seconds, 3),
         "rig_cpu_s": round(rig_b - rig_a, 3),
         "core_util": [round(u, 3) for u in procstat.core_utilisation(a, b)],
+        "other_cpu_s": round(
+            procstat.busy_seconds(a, b) - (b.proc_seconds - a.proc_seconds) - (rig_b - rig_a), 3
+        ),
         "rss_start": rss_start,
         "rss_peak": max(rss_peak, rss_start),
     }
@@ -361,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m benchmarks.loadclient '<Spec as JSON>'`: prints the result as one JSON line."""
     args = sys.argv[1:] if argv is None else argv
     spec = Spec(**orjson.loads(args[0]))
+    gc.freeze()
+    gc.disable()  # a bounded run: no collector pauses inside the measured gaps
     result = uvloop.run(run(spec))
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS).decode() + "\n")
 

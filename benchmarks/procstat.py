@@ -105,3 +105,8 @@ def core_utilisation(a: CpuSample, b: CpuSample) -> list[float]:
         dt = b.core_total[i] - a.core_total[i]
         out.append((b.core_busy[i] - a.core_busy[i]) / dt if dt > 0 else 0.0)
     return out
+
+
+def busy_seconds(a: CpuSample, b: CpuSample) -> float:
+    """CPU seconds all cores spent busy between two samples, whoever used them."""
+    return (sum(b.core_busy) - sum(a.core_busy)) / CLK_TCK
