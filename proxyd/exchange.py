@@ -20,6 +20,9 @@ from proxyd.wire import openai as openai_wire
 ANTHROPIC_VERSION = "2023-06-01"
 # Client request headers passed on to an Anthropic channel (the rest are the operator's business).
 _ANTHROPIC_PASS = ("anthropic-version", "anthropic-beta")
+# OpenAI adds this to every chunk of a stream that asked for usage; inside a JSON string the
+# quotes would be escaped, so the raw bytes only ever match the field itself.
+_NULL_USAGE = b',"usage":null'
 
 
 class StreamTransform:
@@ -35,8 +38,8 @@ class StreamTransform:
         scanner = self.scanner
         for event in events:
             scanner.feed(event)
-        if self._strip:
-            return [e for e in events if not is_usage_only_chunk(e)]
+        if self._strip:  # undo what asking for usage changed: the usage chunk, "usage":null
+            return [e.replace(_NULL_USAGE, b"") for e in events if not is_usage_only_chunk(e)]
         return events
 
     def finish(self) -> tuple[list[bytes], bool]:

@@ -98,7 +98,12 @@ async def test_chat_stream_is_byte_identical(tmp_path, start_server, start_proxy
 async def test_injected_usage_chunk_is_removed(tmp_path, start_server, start_proxy) -> None:
     """proxyd asks upstream for usage and strips that chunk from a client that did not ask."""
     events = chat_events(["a", "b"])
-    fake = FakeProvider(Step(events=events))
+    # OpenAI adds "usage":null to each chunk of a stream that asked for usage.
+    upstream = [
+        e.replace(b',"choices"', b',"usage":null,"choices"') if b'"usage"' not in e else e
+        for e in events
+    ]
+    fake = FakeProvider(Step(events=upstream))
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
     resp = await client.post(
         "/v1/chat/completions",
