@@ -27,6 +27,7 @@ from proxyd.config import Config
 from proxyd.handlers import MAX_BODY, ClientHandlers
 from proxyd.limits import LocalLimits
 from proxyd.metrics import Metrics
+from proxyd.observe import wire_sources
 from proxyd.pipeline import Pipeline
 from proxyd.relay import Upstream
 from proxyd.state import StateStore
@@ -120,6 +121,15 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
         client_ip=lambda request: client_address(request.remote, request.headers, trusted),
         request_log=logs.request_log,
         default_max_tokens=config.admission.default_max_tokens,
+    )
+    wire_sources(
+        parts.metrics,
+        writer=parts.writer,
+        store=parts.store,
+        ready=lambda: parts.readiness()[0],
+        redis_fallback=lambda: False,
+        resale_flagged=parts.admission.resale.flagged_count,
+        channel_health=list,
     )
     app.router.add_routes(ClientHandlers(pipeline).routes())
     app.router.add_get("/healthz", healthz)
