@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks import nginx, procstat, report, rig, workloads
+from benchmarks import nginx, procstat, profile, report, rig, workloads
 from benchmarks.workloads import Scale, Target
 
 HERE = Path(__file__).resolve().parent
@@ -194,6 +194,32 @@ def run_all(scale: Scale, targets: list[Target], rec: Recorder) -> dict[str, int
     return best
 
 
+def profiles(scale: Scale, targets: list[Target], out: Path, level: int) -> dict[str, Any]:
+    """Extra W2 and W5 runs against proxyd under py-spy; the top frames of each."""
+    found: dict[str, Any] = {}
+    proxyd = next((t for t in targets if t.own_auth), None)
+    if proxyd is None or profile.py_spy() is None:
+        return found
+    jobs: list[tuple[str, float, Callable[[], dict[str, Any]]]] = [
+        ("W2", scale.w2_s, functools.partial(workloads.w2, proxyd, scale)),
+        (
+            f"W5@{level}",
+            scale.w5_s,
+            functools.partial(workloads.streams, proxyd, scale, level, scale.w5_s),
+        ),
+    ]
+    for name, seconds, job in jobs:
+        path = out / f"profile-{name.replace('@', '-')}.txt"
+        spy = profile.start(proxyd.proxy_pids[0], seconds + 0.5, path)
+        if spy is None:
+            break
+        job()
+        spy.wait(timeout=seconds + 30)
+        if path.exists():
+            found[name] = profile.top_frames(path)
+    return found
+
+
 def billing(seconds: float, notes: list[str]) -> dict[str, Any] | None:
     """The billing writer benchmark from benchmarks/bench_billing.py, when it exists."""
     try:
@@ -218,6 +244,7 @@ def write_results(
     notes: list[str],
     bill: dict[str, Any] | None,
     plotted: bool,
+    spied: dict[str, Any],
 ) -> None:
     """RESULTS.md: header, targets, one table per workload, W5 levels, billing, notes."""
     when = time.strftime("%Y-%m-%d %H:%M %Z")
@@ -262,6 +289,16 @@ def write_results(
             parts += [f"### {g[3:]} concurrent streams", "", report.table(summary, g), ""]
     parts += ["", "## Billing writer", ""]
     parts += [f"```json\n{json.dumps(bill, indent=1)}\n```" if bill else "not measured (see notes)"]
+    for name, frames in spied.items():
+        parts += [
+            "",
+            f"## proxyd profile under {name} (py-spy, % of samples)",
+            "",
+            "| own % | function | | inclusive % | function |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for (f1, p1), (f2, p2) in zip(frames["self"][:15], frames["total"][:15], strict=False):
+            parts.append(f"| {p1} | `{f1}` | | {p2} | `{f2}` |")
     if notes:
         parts += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     path.write_text("\n".join(parts) + "\n")
@@ -275,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "out", help="where the JSON goes")
     p.add_argument("--no-nginx", action="store_true")
     p.add_argument("--no-proxyd", action="store_true")
+    p.add_argument("--profile", action="store_true", help="extra W2/W5 runs of proxyd under py-spy")
+    p.add_argument("--profile-streams", type=int, default=400, help="W5 level to profile")
     args = p.parse_args(argv)
     scale = workloads.SCALES["smoke" if args.smoke else "quick" if args.quick else "full"]
     out: Path = args.out / time.strftime("%Y%m%d-%H%M%S")
@@ -289,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         nginx_bin,
     ):
         best = run_all(scale, targets, rec)
+        spied = profiles(scale, targets, out, args.profile_streams) if args.profile else {}
     bill = billing(scale.billing_s, notes)
     summary = report.summarise(rec.results)
     versions = _versions(nginx_bin)
@@ -307,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     dest = out if args.smoke else HERE
     plotted = report.plot(summary, dest / "results.png") if not args.smoke else False
-    write_results(dest / "RESULTS.md", scale, summary, best, versions, notes, bill, plotted)
+    write_results(dest / "RESULTS.md", scale, summary, best, versions, notes, bill, plotted, spied)
     print(f"wrote {dest / 'RESULTS.md'}", flush=True)
     for n in notes:
         print(f"note: {n}", flush=True)

@@ -166,6 +166,7 @@ class MockConfig:
         self.counter = itertools.count(1)
         self.ticker: Ticker | None = None
         self.chat_tails = [_chat_tail({"content": w}, None) for w in WORDS]
+        self.chat_tails_usage = [_chat_tail({"content": w}, None, usage_null=True) for w in WORDS]
         self.anthropic_deltas = [_frame(_sse("content_block_delta", _delta(w))) for w in WORDS]
 
 
@@ -180,14 +181,22 @@ def _delta(word: str) -> dict[str, Any]:
     }
 
 
-def _chat_tail(delta: dict[str, Any], finish: str | None, obj: str = "chat") -> bytes:
+def _chat_tail(
+    delta: dict[str, Any], finish: str | None, obj: str = "chat", usage_null: bool = False
+) -> bytes:
+    """A chunk after its id/model prefix; with include_usage, OpenAI adds "usage":null to each."""
     if obj == "chat":
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None}
     else:
         choice = {"text": delta.get("content", ""), "index": 0, "logprobs": None}
     choice["finish_reason"] = finish
+    usage = b',"usage":null' if usage_null else b""
     head = (
-        b'"system_fingerprint":"fp_mock","choices":[' + orjson.dumps(choice) + b'],"obfuscation":"'
+        b'"system_fingerprint":"fp_mock","choices":['
+        + orjson.dumps(choice)
+        + b"]"
+        + usage
+        + b',"obfuscation":"'
     )
     pad = _PAD[: max(0, _CHUNK_TARGET - len(head) - 4)]
     return head + pad + b'"}\n\n'
@@ -324,12 +333,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         created,
         orjson.dumps(model),
     )
-    first = prefix + _chat_tail({"role": "assistant", "content": "", "refusal": None}, None)
-    tails = cfg.chat_tails
-    content = [_frame(prefix + tails[k % len(tails)]) for k in range(n)]
-    last = prefix + _chat_tail({}, finish)
     opts = body.get("stream_options")
-    if isinstance(opts, dict) and opts.get("include_usage"):
+    with_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+    role = {"role": "assistant", "content": "", "refusal": None}
+    first = prefix + _chat_tail(role, None, usage_null=with_usage)
+    tails = cfg.chat_tails_usage if with_usage else cfg.chat_tails
+    content = [_frame(prefix + tails[k % len(tails)]) for k in range(n)]
+    last = prefix + _chat_tail({}, finish, usage_null=with_usage)
+    if with_usage:
         usage = orjson.dumps(_usage_openai(p, n))
         last += prefix + b'"system_fingerprint":"fp_mock","choices":[],"usage":' + usage + b"}\n\n"
     return await _stream(request, first, content, last + b"data: [DONE]\n\n")

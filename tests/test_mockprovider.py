@@ -303,3 +303,26 @@ def test_create_mock_app_rejects_bad_options() -> None:
     with pytest.raises(ValueError, match="chunks"):
         create_mock_app(chunks=0)
     assert isinstance(create_mock_app(instant=True), web.Application)
+
+
+async def test_include_usage_marks_every_chunk_usage_null(serve: Serve) -> None:
+    """With include_usage every chunk but the last carries "usage":null, as OpenAI sends it."""
+    root = await serve()
+    body = {
+        "model": "m",
+        "messages": PROMPT,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            root + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}
+        ) as r,
+    ):
+        raw = await r.read()
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert len(events) == 1 + 6 + 1 + 1 + 1
+    assert all(b',"usage":null,' in e for e in events[:-2])
+    assert b'"choices":[],"usage":{"prompt_tokens":9' in events[-2]
+    assert all(200 <= len(e) + 2 <= 300 for e in events[1:7])
