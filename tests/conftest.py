@@ -89,7 +89,7 @@ async def start_server(aiohttp_server: Any) -> StartServer:
 
 
 @pytest.fixture
-async def start_proxy(aiohttp_client: Any) -> AsyncIterator[StartProxy]:
+async def start_proxy(aiohttp_client: Any) -> StartProxy:
     """Start proxyd from a config, as `proxyd serve` would (handlers cancelled on disconnect)."""
 
     from proxyd.app import PARTS, create_app  # imported late: the app pulls in every part

@@ -146,7 +146,7 @@ def chat_events(
 
 
 def anthropic_events(words: list[str], *, prompt: int = 9) -> list[bytes]:
-    msg = {
+    msg: dict[str, Any] = {
         "id": "msg_1",
         "type": "message",
         "role": "assistant",

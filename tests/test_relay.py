@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import (
     OTHER_SECRET,
     SECRET,
+    SDKs,
     StartProxy,
     StartServer,
     channel,
@@ -56,7 +57,9 @@ async def _setup(
     return client, parts
 
 
-async def test_chat_non_stream_through_openai_sdk(tmp_path, start_server, start_proxy, sdk) -> None:
+async def test_chat_non_stream_through_openai_sdk(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
+) -> None:
     """A non-stream chat completion arrives intact and upstream sees the channel's own key."""
     fake = FakeProvider(Step(body=chat_body("hi there")))
     client, _ = await _setup(
@@ -73,7 +76,9 @@ async def test_chat_non_stream_through_openai_sdk(tmp_path, start_server, start_
     assert seen.body["model"] == "up-model"
 
 
-async def test_chat_stream_is_byte_identical(tmp_path, start_server, start_proxy) -> None:
+async def test_chat_stream_is_byte_identical(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
     """A client that asked for usage gets exactly the provider's bytes, event for event."""
     events = chat_events(["Hel", "lo", " world"])
     fake = FakeProvider(Step(events=events))
@@ -95,7 +100,9 @@ async def test_chat_stream_is_byte_identical(tmp_path, start_server, start_proxy
     assert resp.headers["x-request-id"].startswith("req_")
 
 
-async def test_injected_usage_chunk_is_removed(tmp_path, start_server, start_proxy) -> None:
+async def test_injected_usage_chunk_is_removed(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
     """proxyd asks upstream for usage and strips that chunk from a client that did not ask."""
     events = chat_events(["a", "b"])
     # OpenAI adds "usage":null to each chunk of a stream that asked for usage.
@@ -117,7 +124,9 @@ async def test_injected_usage_chunk_is_removed(tmp_path, start_server, start_pro
     assert body.endswith(b"data: [DONE]\n\n")
 
 
-async def test_event_split_across_reads(tmp_path, start_server, start_proxy, sdk) -> None:
+async def test_event_split_across_reads(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
+) -> None:
     """An event cut in two TCP reads reaches the client whole and unchanged."""
     events = chat_events(["one", "two", "three"])
     whole = b"".join(events)
@@ -134,7 +143,9 @@ async def test_event_split_across_reads(tmp_path, start_server, start_proxy, sdk
     assert len(whole) > len(events[0]) + 17
 
 
-async def test_openai_sdk_stream(tmp_path, start_server, start_proxy, sdk) -> None:
+async def test_openai_sdk_stream(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
+) -> None:
     """The openai SDK reads a relayed stream to its end."""
     fake = FakeProvider(Step(events=chat_events(["x", "y", "z"])))
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
@@ -146,7 +157,9 @@ async def test_openai_sdk_stream(tmp_path, start_server, start_proxy, sdk) -> No
     assert all(c.usage is None for c in chunks)
 
 
-async def test_anthropic_sdk_stream_and_body(tmp_path, start_server, start_proxy, sdk) -> None:
+async def test_anthropic_sdk_stream_and_body(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
+) -> None:
     """Anthropic clients stream and fetch messages through an anthropic channel."""
     events = anthropic_events(["Hi", " there"])
     fake = FakeProvider().then(Step(events=events), Step(body=anthropic_body("plain")))
@@ -162,7 +175,7 @@ async def test_anthropic_sdk_stream_and_body(tmp_path, start_server, start_proxy
     message = await claude.messages.create(
         model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "hello"}]
     )
-    assert message.content[0].text == "plain"  # type: ignore[union-attr]
+    assert message.content[0].text == "plain"
     seen = fake.seen[0]
     assert seen.path == "/v1/messages"
     assert seen.headers["x-api-key"] == "upstream-c1"
@@ -170,7 +183,9 @@ async def test_anthropic_sdk_stream_and_body(tmp_path, start_server, start_proxy
     assert "Authorization" not in seen.headers
 
 
-async def test_anthropic_stream_bytes(tmp_path, start_server, start_proxy) -> None:
+async def test_anthropic_stream_bytes(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
     """Anthropic events are relayed byte for byte, ping included."""
     events = anthropic_events(["a", "b"])
     fake = FakeProvider(Step(events=events))
@@ -194,7 +209,12 @@ async def test_anthropic_stream_bytes(tmp_path, start_server, start_proxy) -> No
     ],
 )
 async def test_other_openai_endpoints(
-    tmp_path, start_server, start_proxy, path, payload, upstream_path
+    tmp_path: Path,
+    start_server: StartServer,
+    start_proxy: StartProxy,
+    path: str,
+    payload: dict[str, Any],
+    upstream_path: str,
 ) -> None:
     """Completions, embeddings and responses reach the matching upstream path unchanged."""
     answer = orjson.dumps({"object": "x", "usage": {"prompt_tokens": 3, "total_tokens": 3}})
@@ -207,7 +227,9 @@ async def test_other_openai_endpoints(
     assert fake.seen[0].body == payload
 
 
-async def test_models_lists_what_the_key_may_use(tmp_path, start_server, start_proxy, sdk) -> None:
+async def test_models_lists_what_the_key_may_use(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
+) -> None:
     """GET /v1/models shows the served models the key's list allows, in both formats."""
     fake = FakeProvider()
     server = await start_server(fake.app())
@@ -225,7 +247,9 @@ async def test_models_lists_what_the_key_may_use(tmp_path, start_server, start_p
     assert (await resp.json())["data"][0]["type"] == "model"
 
 
-async def test_refusals_in_openai_format(tmp_path, start_server, start_proxy, sdk) -> None:
+async def test_refusals_in_openai_format(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
+) -> None:
     """401, 403, 404 come as OpenAI errors that the SDK raises as the right exception."""
     fake = FakeProvider()
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
@@ -243,7 +267,9 @@ async def test_refusals_in_openai_format(tmp_path, start_server, start_proxy, sd
     assert fake.seen == []
 
 
-async def test_refusals_in_anthropic_format(tmp_path, start_server, start_proxy, sdk) -> None:
+async def test_refusals_in_anthropic_format(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
+) -> None:
     """The same refusals on /v1/messages come in Anthropic's error shape."""
     fake = FakeProvider()
     client, _ = await _setup(
@@ -264,7 +290,9 @@ async def test_refusals_in_anthropic_format(tmp_path, start_server, start_proxy,
         await claude.messages.create(model="nope", max_tokens=5, messages=[])
 
 
-async def test_expired_key(tmp_path, start_server, start_proxy) -> None:
+async def test_expired_key(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
     """An expired key gets 403 key_expired."""
     fake = FakeProvider()
     server = await start_server(fake.app())
@@ -289,7 +317,13 @@ async def test_expired_key(tmp_path, start_server, start_proxy) -> None:
         (b'{"model": "gpt-test", "stream": "yes"}', "stream"),
     ],
 )
-async def test_malformed_bodies(tmp_path, start_server, start_proxy, data, param) -> None:
+async def test_malformed_bodies(
+    tmp_path: Path,
+    start_server: StartServer,
+    start_proxy: StartProxy,
+    data: bytes,
+    param: str | None,
+) -> None:
     """Malformed JSON or a missing model is a 400 naming the parameter; nothing goes upstream."""
     fake = FakeProvider()
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
@@ -305,7 +339,9 @@ async def test_malformed_bodies(tmp_path, start_server, start_proxy, data, param
     assert fake.seen == []
 
 
-async def test_body_over_limit_is_413(tmp_path, start_server, start_proxy) -> None:
+async def test_body_over_limit_is_413(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
     """A body over the limit is refused with 413 before it is read."""
     fake = FakeProvider()
     server = await start_server(fake.app())
@@ -322,7 +358,9 @@ async def test_body_over_limit_is_413(tmp_path, start_server, start_proxy) -> No
     assert (await resp.json())["error"]["code"] == "body_too_large"
 
 
-async def test_upstream_4xx_passes_through(tmp_path, start_server, start_proxy) -> None:
+async def test_upstream_4xx_passes_through(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
     """An upstream 400 reaches the client unchanged and is not retried."""
     error = orjson.dumps(
         {
@@ -346,7 +384,9 @@ async def test_upstream_4xx_passes_through(tmp_path, start_server, start_proxy) 
     assert len(fake.seen) == 1
 
 
-async def test_client_disconnect_releases_upstream(tmp_path, start_server, start_proxy) -> None:
+async def test_client_disconnect_releases_upstream(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
     """When the client leaves mid-stream, proxyd stops reading upstream at once."""
     events = chat_events([f"w{i}" for i in range(200)])
     fake = FakeProvider(Step(events=events, stall_between=0.02))
@@ -361,11 +401,13 @@ async def test_client_disconnect_releases_upstream(tmp_path, start_server, start
     await asyncio.wait_for(fake.disconnected.wait(), 2)
 
 
-async def test_request_id_on_every_response(tmp_path, start_server, start_proxy) -> None:
+async def test_request_id_on_every_response(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
     """Success, refusal, health and metrics responses all carry x-request-id."""
     fake = FakeProvider(Step(body=chat_body("ok")))
     client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
-    for method, path, kwargs in [
+    calls: list[tuple[str, str, dict[str, Any]]] = [
         (
             "POST",
             "/v1/chat/completions",
@@ -377,7 +419,8 @@ async def test_request_id_on_every_response(tmp_path, start_server, start_proxy)
         ("POST", "/v1/chat/completions", {"json": {}}),
         ("GET", "/healthz", {}),
         ("GET", "/metrics", {}),
-    ]:
+    ]
+    for method, path, kwargs in calls:
         resp = await client.request(method, path, **kwargs)
         assert resp.headers.get("x-request-id"), path
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from proxyd.sse import EventSplitter
 
 _line = st.text(
-    alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+    alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]),
     max_size=40,
 )
 _event = st.lists(_line.map(lambda s: "data: " + s), min_size=1, max_size=3).map(
