@@ -140,9 +140,7 @@ def _derive(res: dict[str, Any], t: Target) -> dict[str, Any]:
         out["proxy_util"] = round(res["proxy_cpu_s"] / res["wall_s"], 3) if res["wall_s"] else 0
         if res["events"]:
             out["cpu_us_per_chunk"] = round(res["proxy_cpu_s"] * 1e6 / res["events"], 2)
-        if res["open_peak"]:
-            grown = max(0, res["rss_peak"] - res["rss_start"])
-            out["rss_bytes_per_stream"] = round(grown / res["open_peak"])
+        out["rss_peak_mb"] = round(res["rss_peak"] / 2**20, 1)
     out["rig_cpu_us_per_request"] = round(res["rig_cpu_s"] * 1e6 / ok, 1)
     return out
 
