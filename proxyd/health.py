@@ -199,6 +199,21 @@ class ChannelHealth:
             entry.trial_owner = permit
         return permit
 
+    def soonest(self, channels: Iterable[Channel], now: float) -> float | None:
+        """Seconds until the first of `channels` ends its cooldown; None if one is not cooling.
+
+        For a Retry-After on the 503 when every candidate was cooling down.
+        """
+        best: float | None = None
+        for channel in channels:
+            entry = self._entries.get(channel.id)
+            if entry is None or not entry.tripped or entry.cooldown_until <= now:
+                return None
+            wait = entry.cooldown_until - now
+            if best is None or wait < best:
+                best = wait
+        return best
+
     # -- outcomes (called by Permit) ----------------------------------------------------------
     def _on_success(self, entry: _Entry, permit: Permit) -> None:
         if permit.generation != entry.generation:

@@ -210,6 +210,23 @@ def test_retry_after_of_a_stale_permit_still_extends(
     assert state_of(health)["cooldown_remaining_seconds"] == 10.0
 
 
+def test_soonest_cooldown_end_for_a_retry_after(health: ChannelHealth, clock: FakeClock) -> None:
+    """With every candidate cooling, soonest() is the shortest wait; any free one gives None."""
+    a, b = make_channel("a"), make_channel("b")
+    p = health.acquire(a, clock.now)
+    assert p is not None
+    p.failure(ErrorType.UPSTREAM_ERROR, retry_after=9.0)
+    p.release()
+    assert health.soonest([a, b], clock.now) is None
+    p = health.acquire(b, clock.now)
+    assert p is not None
+    p.failure(ErrorType.UPSTREAM_ERROR, retry_after=4.0)
+    p.release()
+    assert health.soonest([a, b], clock.now + 1.0) == 3.0
+    assert health.soonest([a, b], clock.now + 4.0) is None
+    assert health.soonest([], clock.now) is None
+
+
 def test_outcomes_from_before_the_trip_do_not_count(
     health: ChannelHealth, clock: FakeClock
 ) -> None:
