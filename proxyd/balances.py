@@ -107,8 +107,11 @@ class LocalLedger:
         """`reserve_now`, for callers that treat local and shared ledgers alike."""
         return self.reserve_now(account_id, amount)
 
-    def settle(self, reservation: Reservation, cost_nanos: int) -> int:
-        """Release the reservation and charge the real cost; returns the shortfall (0 if none)."""
+    def settle(self, reservation: Reservation, cost_nanos: int, *, record: bool = True) -> int:
+        """Release the reservation and charge the real cost; returns the shortfall (0 if none).
+
+        `record=False` leaves the shortfall uncounted (a shared ledger counts its own).
+        """
         if reservation.settled:
             return 0
         reservation.settled = True
@@ -119,7 +122,7 @@ class LocalLedger:
         charge = settle_charge(account.balance, account.reserved, cost_nanos)
         account.balance -= charge
         shortfall = max(0, cost_nanos - charge)
-        if shortfall:
+        if shortfall and record:
             self.record_shortfall(reservation.account_id, shortfall)
         return shortfall
 

@@ -49,6 +49,7 @@ class LimitGrant:
     entry: _Entry | None = None  # local grants
     lease: str | None = None  # remote grants: the concurrency lease id
     remote: bool = False
+    key: KeyRecord | None = None  # remote grants: the key's limits, to give tokens back
     released: bool = field(default=False)
 
 

@@ -1,0 +1,420 @@
+"""Shared limits, ledger and broadcast against the real Redis at 127.0.0.1:6379, with fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from proxyd.admit import Admission, AdmissionSettings
+from proxyd.balances import BalanceView
+from proxyd.errors import ErrorType, InsufficientQuota, ProxydError, RateLimited
+from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
+from proxyd.state import VersionConflict
+from tests.test_limits import make_key
+
+pytestmark = pytest.mark.redis
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def new_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:10]}:"
+
+
+async def wipe(prefix: str) -> None:
+    client: Redis = Redis.from_url(REDIS)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+Open = Callable[..., Awaitable[RedisStore]]
+
+
+@pytest.fixture
+async def open_store() -> AsyncIterator[Open]:
+    """Start RedisStores sharing one unique prefix, as instances of one deployment would."""
+    prefix = new_prefix()
+    stores: list[RedisStore] = []
+
+    async def open_(url: str = REDIS, **kw: float) -> RedisStore:
+        store = RedisStore(url, prefix=prefix, **kw)  # type: ignore[arg-type]
+        await store.start()
+        stores.append(store)
+        return store
+
+    yield open_
+    for store in stores:
+        await store.close()
+    await wipe(prefix)
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to Redis that can be cut and restored, like a network fault."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+        self._writers.clear()
+        await self._server.wait_closed()
+        await asyncio.sleep(0.05)
+
+
+def in_fallback(store: RedisStore) -> bool:
+    return store.fallback_active
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_rate_limit_is_shared_between_instances(open_store: Open) -> None:
+    """Two instances share one bucket: 3 rpm means 3 in total, with an exact Retry-After."""
+    a, b = RedisLimits(await open_store()), RedisLimits(await open_store())
+    key = make_key(rpm=3, tpm=10_000)
+    await a.acquire(key, 10)
+    await b.acquire(key, 10)
+    grant = await a.acquire(key, 10)
+    assert grant.remote
+    assert grant.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(RateLimited) as info:
+        await b.acquire(key, 10)
+    assert info.value.retry_after == 20.0  # one request per 20 s, just taken
+    assert 19_900 <= int(info.value.headers["retry-after-ms"]) <= 20_000
+    assert info.value.headers["x-ratelimit-remaining-tokens"] == "9970"
+
+
+async def test_recovers_after_the_advertised_wait(open_store: Open) -> None:
+    """Waiting exactly retry-after-ms after a refusal is enough for the next request."""
+    limits = RedisLimits(await open_store())
+    key = make_key(rpm=600, burst_requests=1)  # one request per 100 ms
+    await limits.acquire(key, 1)
+    for _ in range(3):
+        with pytest.raises(RateLimited) as info:
+            await limits.acquire(key, 1)
+        await asyncio.sleep(int(info.value.headers["retry-after-ms"]) / 1000)
+        await limits.acquire(key, 1)
+
+
+async def test_tokens_corrected_and_returned(open_store: Open) -> None:
+    """finish corrects the shared tpm bucket; a cancelled grant returns its request and tokens."""
+    store = await open_store()
+    limits = RedisLimits(store)
+    key = make_key(rpm=10, tpm=60_000)  # 1000 tokens per second
+    grant = await limits.acquire(key, 30_000)
+    limits.release(grant, tokens=1_000)
+    await store.drain()
+    view = await limits.key_view(key)
+    assert 59_000 <= view["tokens"]["remaining"] <= 60_000
+    limits.release(await limits.acquire(key, 5_000), tokens=None)
+    await store.drain()
+    view = await limits.key_view(key)
+    assert view["requests"]["remaining"] == 9
+    assert view["shared"] is True
+
+
+async def test_concurrency_is_shared_and_leases_expire(open_store: Open) -> None:
+    """A cap of 2 holds across instances; a dead instance's slot frees itself after its lease."""
+    a = RedisLimits(await open_store(lease_seconds=0.6))
+    b = RedisLimits(await open_store(lease_seconds=0.6))
+    key = make_key(max_concurrency=2)
+    held = await a.acquire(key, 1)
+    await b.acquire(key, 1)
+    with pytest.raises(RateLimited) as info:
+        await a.acquire(key, 1)
+    assert info.value.error_type is ErrorType.CONCURRENCY_LIMITED
+    await asyncio.sleep(0.9)  # b's lease is refreshed by b; a's too
+    with pytest.raises(RateLimited):
+        await a.acquire(key, 1)
+    a.release(held, tokens=1)
+    await a.store.drain()
+    await a.acquire(key, 1)
+    b.store.leases.clear()  # b "dies": nobody refreshes its lease any more
+    await asyncio.sleep(0.8)
+    await a.acquire(key, 1)
+    assert (await a.key_view(key))["in_flight"] == 2
+
+
+async def test_ledger_rules_in_redis(open_store: Open) -> None:
+    """Reserve, settle with shortfall, versioned set and once-only credit behave as locally."""
+    store = await open_store()
+    ledger = RedisLedger(store)
+    with pytest.raises(InsufficientQuota):
+        await ledger.reserve("acct", 1)
+    await ledger.set_balance("acct", 3, 1000)
+    with pytest.raises(VersionConflict):
+        await ledger.set_balance("acct", 2, 5)
+    first = await ledger.reserve("acct", 100)
+    other = await ledger.reserve("acct", 700)
+    with pytest.raises(InsufficientQuota):
+        await ledger.reserve("acct", 201)
+    ledger.settle(first, 450)
+    await store.drain()
+    assert await ledger.view("acct") == BalanceView(700, 700, 3)
+    assert ledger.local.shortfall_nanos_total == 150
+    ledger.settle(other, 700)
+    await store.drain()
+    assert await ledger.view("acct") == BalanceView(0, 0, 3)
+    assert await ledger.credit("acct", "c1", 50)
+    assert not await ledger.credit("acct", "c1", 50)
+    assert await ledger.view("acct") == BalanceView(50, 0, 3)
+
+
+async def test_ledger_is_exact_near_2_to_62(open_store: Open) -> None:
+    """Balances far beyond a double's 2^53 are reserved and charged to the nanosecond."""
+    store = await open_store()
+    ledger = RedisLedger(store)
+    big = 2**62 - 7
+    await ledger.set_balance("rich", 1, big)
+    res = await ledger.reserve("rich", big - 1)
+    with pytest.raises(InsufficientQuota):
+        await ledger.reserve("rich", 2)
+    ledger.settle(res, big - 3)
+    await store.drain()
+    assert await ledger.view("rich") == BalanceView(3, 0, 1)
+
+
+async def test_expired_reservation_is_swept(open_store: Open) -> None:
+    """A reservation whose instance died returns to the account once its lease expires."""
+    store = await open_store(lease_seconds=0.3)
+    ledger = RedisLedger(store)
+    await ledger.set_balance("acct", 1, 100)
+    await ledger.reserve("acct", 100)
+    store.leases.clear()
+    with pytest.raises(InsufficientQuota):
+        await ledger.reserve("acct", 1)
+    await asyncio.sleep(0.4)
+    await ledger.reserve("acct", 100)
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "admit", "admit", "credit", "cancel"]),
+        st.integers(0, 3),  # which instance
+        st.integers(0, 2500),  # cost, or credit amount
+        st.integers(0, 2000),  # reservation
+    ),
+    min_size=5,
+    max_size=40,
+)
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(plan=ops, balance=st.integers(0, 10_000), seed=st.integers(0, 2**16))
+async def test_balance_never_negative_with_real_redis(
+    plan: list[tuple[str, int, int, int]], balance: int, seed: int
+) -> None:
+    """Concurrent admit/finish/credit/cancel on 4 instances keep the balance >= 0 and exact."""
+    prefix = new_prefix()
+    stores = [RedisStore(REDIS, prefix=prefix) for _ in range(4)]
+    for s in stores:
+        await s.start()
+    ledgers = [RedisLedger(s) for s in stores]
+    admissions = [
+        Admission(limits=RedisLimits(s), ledger=ledger, settings=AdmissionSettings())
+        for s, ledger in zip(stores, ledgers, strict=True)
+    ]
+    await admissions[0].ledger.set_balance("a1", 1, balance)
+    key = make_key(max_concurrency=5, rpm=100_000, tpm=10**8)
+    rng = random.Random(seed)
+    costs: list[int] = []
+    credited: list[int] = []
+    seen: list[int] = []
+    probe: Redis = Redis.from_url(REDIS)
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            raw = await probe.hget(f"{prefix}acct:{{a1}}:b", "bal")
+            seen.append(int(raw or 0))
+            await asyncio.sleep(0)
+
+    async def one(kind: str, idx: int, amount: int, reserve: int) -> None:
+        admission = admissions[idx]
+        if kind == "credit":
+            if await admission.ledger.credit("a1", f"c{rng.random()}", amount):
+                credited.append(amount)
+            return
+        ticket = await admission.admit(
+            key,
+            model="m",
+            client_ip="1.1.1.1",
+            user_agent="t",
+            est_tokens=10,
+            max_cost_nanos=reserve,
+        )
+        try:
+            await asyncio.sleep(rng.random() / 100)
+        finally:  # as the handler does: finish on every exit path, cancellation included
+            costs.append(amount)
+            ticket.finish(tokens=10, cost_nanos=amount)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        tasks = [asyncio.create_task(one(*step)) for step in plan]
+        for task, step in zip(tasks, plan, strict=True):
+            if step[0] == "cancel":
+                asyncio.get_running_loop().call_later(rng.random() / 200, task.cancel)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for s in stores:
+            await s.drain()
+        stop.set()
+        await watcher
+        assert all(
+            r is None or isinstance(r, ProxydError | asyncio.CancelledError) for r in results
+        ), results
+        view = await admissions[0].ledger.view("a1")
+        assert view.reserved_nanos == 0
+        assert view.balance_nanos >= 0
+        assert min(seen) >= 0
+        shortfall = sum(ledger.local.shortfall_nanos_total for ledger in ledgers)
+        assert balance + sum(credited) - view.balance_nanos == sum(costs) - shortfall
+        assert (await admissions[0].limits.key_view(key))["in_flight"] == 0
+    finally:
+        for s in stores:
+            await s.close()
+        await probe.aclose()
+        await wipe(prefix)
+
+
+async def test_unreachable_redis_falls_back_at_start(open_store: Open) -> None:
+    """Pointed at a closed port, the store starts in fallback, says so, and admits locally."""
+    with capture_logs() as logs:
+        store = await open_store(f"redis://127.0.0.1:{closed_port()}/0", retry_interval=0.05)
+    assert store.fallback_active
+    assert [e["event"] for e in logs] == ["redis_fallback"]
+    assert logs[0]["log_level"] == "warning"
+    limits, ledger = RedisLimits(store), RedisLedger(store)
+    grant = await limits.acquire(make_key(rpm=1), 1)
+    assert not grant.remote
+    with pytest.raises(RateLimited):
+        await limits.acquire(make_key(rpm=1), 1)
+    await ledger.set_balance("acct", 1, 10)
+    assert not (await ledger.reserve("acct", 10)).remote
+
+
+async def test_fallback_and_recovery_through_a_cut_connection(open_store: Open) -> None:
+    """Cut Redis: instances fall back and queue charges; restore it: they recover and replay."""
+    proxy = TcpProxy()
+    await proxy.start()
+    store = await open_store(f"redis://127.0.0.1:{proxy.port}/0", retry_interval=0.05)
+    direct = RedisLedger(await open_store())
+    ledger, limits = RedisLedger(store), RedisLimits(store)
+    await ledger.set_balance("acct", 1, 1000)
+    res = await ledger.reserve("acct", 100)
+    assert res.remote
+    assert not in_fallback(store)
+    await proxy.stop()
+    with capture_logs() as logs:
+        ledger.settle(res, 40)  # the write fails in the background and is queued
+        await store.drain()
+        assert in_fallback(store)
+        local = await ledger.reserve("acct", 200)  # admitted from the mirrored balance
+        assert not local.remote
+        ledger.settle(local, 60)
+        assert not (await limits.acquire(make_key(rpm=5), 1)).remote
+        assert await direct.view("acct") == BalanceView(1000, 100, 1)
+        await proxy.start()
+        for _ in range(100):
+            if not in_fallback(store):
+                break
+            await asyncio.sleep(0.02)
+    assert not in_fallback(store)
+    assert [e["event"] for e in logs] == ["redis_fallback", "redis_recovered"]
+    assert logs[1]["replayed"] == 2
+    assert await direct.view("acct") == BalanceView(900, 0, 1)
+    assert (await ledger.reserve("acct", 10)).remote
+    await proxy.stop()
+
+
+async def test_cancelled_remote_admissions_leave_nothing(open_store: Open) -> None:
+    """Requests cancelled at any point of a shared admission leave no slot or reservation."""
+    store = await open_store()
+    admission = Admission(
+        limits=RedisLimits(store), ledger=RedisLedger(store), settings=AdmissionSettings()
+    )
+    await admission.ledger.set_balance("a1", 1, 10**9)
+    key = make_key(max_concurrency=50)
+    for i in range(40):
+        task = asyncio.create_task(
+            admission.admit(
+                key, model="m", client_ip="", user_agent="", est_tokens=1, max_cost_nanos=5
+            )
+        )
+        await asyncio.sleep(i * 0.0001)
+        task.cancel()
+        result = await asyncio.gather(task, return_exceptions=True)
+        if not isinstance(result[0], BaseException):
+            result[0].finish(tokens=1, cost_nanos=0)
+    await store.drain()
+    assert (await admission.limits.key_view(key))["in_flight"] == 0
+    assert (await admission.ledger.view("a1")).reserved_nanos == 0
+    assert not store.leases
+
+
+async def test_broadcast_reaches_other_instances_only(open_store: Open) -> None:
+    """A published invalidation reaches the other instance's callback, not the sender's own."""
+    a, b = await open_store(), await open_store()
+    got_a: list[bytes] = []
+    got_b: list[bytes] = []
+    cast_a, cast_b = Broadcast(a), Broadcast(b)
+    cast_a.subscribe("keys", got_a.append)
+    cast_b.subscribe("keys", got_b.append)
+    await cast_a.start()
+    await cast_b.start()
+    await asyncio.wait_for(cast_a.subscribed.wait(), 2)
+    await asyncio.wait_for(cast_b.subscribed.wait(), 2)
+    await cast_a.publish("keys", b"revoke:k1|x")
+    for _ in range(100):
+        if got_b:
+            break
+        await asyncio.sleep(0.01)
+    assert got_b == [b"revoke:k1|x"]
+    assert got_a == []
+    await cast_a.close()
+    await cast_b.close()
