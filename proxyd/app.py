@@ -25,11 +25,13 @@ from proxyd.billing.writer import BillingWriter
 from proxyd.clientip import client_address, parse_networks
 from proxyd.config import Config
 from proxyd.handlers import MAX_BODY, ClientHandlers
+from proxyd.health import ChannelHealth
 from proxyd.limits import LocalLimits
 from proxyd.metrics import Metrics
 from proxyd.observe import wire_sources
 from proxyd.pipeline import Pipeline
-from proxyd.relay import Upstream
+from proxyd.relay import Relay, Upstream
+from proxyd.route import Router
 from proxyd.state import StateStore
 
 log = structlog.get_logger("proxyd.app")
@@ -43,12 +45,18 @@ class Parts:
     store: StateStore
     metrics: Metrics
     upstream: Upstream
+    health: ChannelHealth
+    router: Router
     writer: BillingWriter
     admission: Admission
     ledger: LocalLedger
     limits: LocalLimits
     tokenizer: estimate.Tokenizer
     ready_reasons: list[Callable[[], str | None]] = field(default_factory=list)
+
+    def channel_health(self) -> list[dict[str, object]]:
+        """Health of the channels in force, for metrics and the control API."""
+        return self.health.snapshot(ids=[c.id for c in self.store.current.channels])
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when state is loaded and billing is writable or spooling within bounds."""
@@ -91,11 +99,22 @@ def build_parts(config: Config, store: StateStore | None = None) -> Parts:
         spool_max_rows=b.spool_max_rows,
         on_flush=metrics.flush_observe,
     )
+    u = config.upstream
+    health = ChannelHealth(
+        base_cooldown=u.base_cooldown_seconds,
+        max_cooldown=u.max_cooldown_seconds,
+        failure_threshold=u.failure_threshold,
+    )
+    router = Router()
+    store.subscribe(health.on_state)
+    store.subscribe(router.on_state)
     return Parts(
         config=config,
         store=store,
         metrics=metrics,
-        upstream=Upstream(config.upstream),
+        upstream=Upstream(u),
+        health=health,
+        router=router,
         writer=writer,
         admission=admission,
         ledger=ledger,
@@ -113,7 +132,7 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
     trusted = parse_networks(config.server.trusted_proxies)
     pipeline = Pipeline(
         store=parts.store,
-        upstream=parts.upstream,
+        relay=Relay(parts.upstream, parts.health, parts.router, parts.metrics),
         admission=parts.admission,
         writer=parts.writer,
         metrics=parts.metrics,

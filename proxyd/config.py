@@ -47,6 +47,9 @@ class UpstreamSettings(_Section):
     max_attempts: int = Field(default=3, ge=1, le=10)
     deadline_seconds: float = Field(default=60.0, gt=0)
     default_anthropic_max_tokens: int = Field(default=4096, ge=1)
+    failure_threshold: int = Field(default=3, ge=1, description="Failures before a cooldown.")
+    base_cooldown_seconds: float = Field(default=1.0, gt=0)
+    max_cooldown_seconds: float = Field(default=300.0, gt=0)
 
 
 class BillingSettings(_Section):

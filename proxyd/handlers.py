@@ -117,9 +117,8 @@ class ClientHandlers:
                     request,
                     call,
                     channels,
-                    p.upstream,
+                    p.relay,
                     outcome,
-                    credential=p.credential,
                     request_id=meter.request_id,
                     extra_headers=ticket.headers,
                 )

@@ -6,7 +6,6 @@ and how a finished request becomes its one usage record. Never touches a body be
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,7 +16,7 @@ from proxyd.billing.record import UsageRecord
 from proxyd.call import Call
 from proxyd.errors import ErrorType, UpstreamFailure
 from proxyd.estimate import Tokenizer
-from proxyd.relay import Outcome, Upstream
+from proxyd.relay import Outcome, Relay
 from proxyd.state import Channel, KeyRecord, State, StateStore
 from proxyd.usage import Usage
 
@@ -63,7 +62,7 @@ class Pipeline:
         self,
         *,
         store: StateStore,
-        upstream: Upstream,
+        relay: Relay,
         admission: AdmissionLike,
         writer: WriterLike,
         metrics: MetricsLike,
@@ -73,7 +72,7 @@ class Pipeline:
         default_max_tokens: int,
     ) -> None:
         self.store = store
-        self.upstream = upstream
+        self.relay = relay
         self.admission = admission
         self.writer = writer
         self.metrics = metrics
@@ -81,7 +80,6 @@ class Pipeline:
         self.client_ip = client_ip
         self._request_log = request_log
         self.default_max_tokens = default_max_tokens
-        self._rotation: dict[str, itertools.count[int]] = {}
 
     # -- admit ------------------------------------------------------------------------------
     def estimate_tokens(self, call: Call) -> int:
@@ -95,28 +93,17 @@ class Pipeline:
         )
 
     # -- route ------------------------------------------------------------------------------
-    def route(self, state: State, call: Call) -> list[Channel]:
-        """The channels to try, best first; 503 when none can serve this endpoint."""
-        protocol = call.endpoint.protocol
-        channels = [
-            c
-            for c in state.routes.get(call.model, ())
-            if c.type == protocol or call.endpoint.translatable
-        ]
-        if not channels:
-            raise UpstreamFailure(
-                "No channel can serve this model on this endpoint.",
-                status=503,
-                error_type=ErrorType.NO_CHANNEL,
-            )
-        return channels
-
-    def credential(self, channel: Channel) -> str:
-        """The channel's credentials in rotation."""
-        if len(channel.api_keys) == 1:
-            return channel.api_keys[0]
-        counter = self._rotation.setdefault(channel.id, itertools.count())
-        return channel.api_keys[next(counter) % len(channel.api_keys)]
+    @staticmethod
+    def route(state: State, call: Call) -> tuple[Channel, ...]:
+        """The channels that serve the model (ordered per request by the relay's router)."""
+        route = state.routes.get(call.model, ())
+        if call.endpoint.translatable or any(c.type == call.endpoint.protocol for c in route):
+            return route
+        raise UpstreamFailure(
+            "No channel can serve this model on this endpoint.",
+            status=503,
+            error_type=ErrorType.NO_CHANNEL,
+        )
 
     # -- record -----------------------------------------------------------------------------
     def finish(

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -19,8 +19,19 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxyd.call import Call
 from proxyd.config import UpstreamSettings
-from proxyd.errors import ErrorType, ProxydError, UpstreamFailure
+from proxyd.errors import ErrorType
 from proxyd.exchange import Exchange, stream_failure
+from proxyd.failover import (
+    Attempt,
+    AttemptKind,
+    RetryBudget,
+    Verdict,
+    classify,
+    decide,
+    final_failure,
+)
+from proxyd.health import ChannelHealth
+from proxyd.route import Router
 from proxyd.sse import EventSplitter
 from proxyd.state import Channel
 from proxyd.usage import StreamUsage, Usage
@@ -266,29 +277,6 @@ async def _stream(
     return response
 
 
-def final_failure(last: AttemptFailed | None) -> ProxydError | AttemptFailed:
-    """What the client gets when no channel served: the last upstream answer, or 502/503/504."""
-    if last is None:
-        return UpstreamFailure(
-            "No channel is available for this model right now.",
-            status=503,
-            error_type=ErrorType.NO_CHANNEL,
-        )
-    if last.status is not None:
-        return last
-    if last.error_type is ErrorType.UPSTREAM_TIMEOUT:
-        return UpstreamFailure(
-            "The upstream provider did not respond in time.",
-            status=504,
-            error_type=ErrorType.UPSTREAM_TIMEOUT,
-        )
-    return UpstreamFailure(
-        "Could not connect to any upstream provider for this model.",
-        status=503,
-        error_type=ErrorType.UPSTREAM_CONNECT,
-    )
-
-
 def passthrough_error(
     last: AttemptFailed, request_id: str, extra_headers: Mapping[str, str]
 ) -> web.Response:
@@ -304,39 +292,107 @@ def passthrough_error(
     return web.Response(body=last.body or b"", status=last.status, headers=headers)
 
 
+class RelayObserver(Protocol):
+    """Where the relay reports attempts: the metrics."""
+
+    def failover(self, from_channel: str, reason: str) -> None: ...
+    def upstream_observe(self, channel_id: str, status_class: str, seconds: float) -> None: ...
+
+
+@dataclass(slots=True)
+class Relay:
+    """The long-lived parts the relay uses: the pool, channel health, the router, metrics."""
+
+    upstream: Upstream
+    health: ChannelHealth
+    router: Router
+    observer: RelayObserver
+
+
+def _attempt_of(failed: AttemptFailed) -> Attempt:
+    if failed.status is not None:
+        return Attempt(AttemptKind.RESPONSE, failed.status)
+    if failed.error_type is ErrorType.UPSTREAM_TIMEOUT:
+        return Attempt(AttemptKind.TIMEOUT)
+    return Attempt(AttemptKind.CONNECT_ERROR)
+
+
 async def relay(
     request: web.Request,
     call: Call,
-    channels: list[Channel],
-    upstream: Upstream,
+    route: tuple[Channel, ...],
+    parts: Relay,
     outcome: Outcome,
     *,
-    credential: Callable[[Channel], str],
     request_id: str,
     extra_headers: Mapping[str, str],
 ) -> web.StreamResponse:
-    """Try the channels in order until one answers; failover only before the first byte."""
+    """Try the planned channels until one answers; failover only before the first byte.
+
+    Whether to move on is decided in one place, `failover.decide`; channel health learns the
+    outcome of every attempt, including a stream that breaks after it started.
+    """
     loop = asyncio.get_running_loop()
-    settings = upstream.settings
+    settings = parts.upstream.settings
+    budget = RetryBudget(settings.max_attempts)
     deadline = loop.time() + settings.deadline_seconds
-    last: AttemptFailed | None = None
-    for channel in channels:
-        if outcome.attempts >= settings.max_attempts or loop.time() >= deadline:
-            break
+    health, router = parts.health, parts.router
+    now = health.clock()
+    only = None if call.endpoint.translatable else call.endpoint.protocol
+    attempts: list[Attempt] = []
+    failures: list[AttemptFailed] = []
+    for channel in router.plan(route, now, health, only_type=only):
+        permit = health.acquire(channel, health.clock())
+        if permit is None:
+            continue
         exchange = Exchange(call, channel, settings.default_anthropic_max_tokens)
         outcome.attempts += 1
         outcome.channel_id = channel.id
         outcome.upstream_model = exchange.upstream_model
         outcome.tried.append(channel.id)
+        started = loop.time()
         try:
-            resp = await open_attempt(upstream, exchange, credential(channel), request.headers)
-        except AttemptFailed as failed:
-            last = failed
-            continue
-        return await deliver(request, exchange, resp, outcome, request_id, extra_headers)
-    result = final_failure(last)
-    if isinstance(result, ProxydError):
-        raise result
-    outcome.status = result.status or 502
-    outcome.error_type = result.error_type
-    return passthrough_error(result, request_id, extra_headers)
+            try:
+                resp = await open_attempt(
+                    parts.upstream, exchange, router.next_credential(channel), request.headers
+                )
+            except AttemptFailed as failed:
+                attempt = _attempt_of(failed)
+                kind = classify(attempt) or ErrorType.UPSTREAM_ERROR
+                permit.failure(kind, failed.retry_after)
+                parts.observer.upstream_observe(
+                    channel.id, _status_class(failed.status), loop.time() - started
+                )
+                attempts.append(attempt)
+                failures.append(failed)
+                verdict = decide(
+                    attempt, attempts=len(attempts), time_left=deadline - loop.time(), budget=budget
+                )
+                if verdict is Verdict.RETRY:
+                    parts.observer.failover(channel.id, kind.value)
+                    continue
+                break
+            permit.success()
+            parts.observer.upstream_observe(
+                channel.id, _status_class(resp.status), loop.time() - started
+            )
+            response = await deliver(request, exchange, resp, outcome, request_id, extra_headers)
+            if outcome.error_type in (ErrorType.UPSTREAM_RESET, ErrorType.UPSTREAM_TIMEOUT):
+                permit.failure(outcome.error_type)
+            return response
+        finally:
+            permit.release()
+    final = final_failure(attempts)
+    if final.upstream_index is not None:
+        last = failures[final.upstream_index]
+        outcome.status = last.status or 502
+        outcome.error_type = ErrorType.UPSTREAM_ERROR
+        return passthrough_error(last, request_id, extra_headers)
+    err = final.error()
+    if final.error_type is ErrorType.NO_CHANNEL:
+        err.retry_after = health.soonest(route, health.clock())
+    raise err
+
+
+def _status_class(status: int | None) -> str:
+    return "error" if status is None else f"{status // 100}xx"
