@@ -142,6 +142,14 @@ class LocalLedger:
         account.balance = balance_nanos
         account.version = version
 
+    async def seed_balance(self, account_id: str, version: int, balance_nanos: int) -> bool:
+        """Set a start-up balance only over an older version or none; False if not applied."""
+        account = self._accounts.get(account_id)
+        if account is not None and version <= account.version:
+            return False
+        await self.set_balance(account_id, version, balance_nanos)
+        return True
+
     async def credit(self, account_id: str, credit_id: str, amount_nanos: int) -> bool:
         """Add `amount_nanos` once per `credit_id`; False when that credit was applied before."""
         if amount_nanos < 0:

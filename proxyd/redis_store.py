@@ -129,9 +129,10 @@ SETTLE = (  # ARGV lease ('' for a request admitted locally), cost; returns the 
     + "if charge ~= '0' then redis.call('HINCRBY', KEYS[1], 'bal', '-' .. charge) end "
     + "return charge"
 )
-SET = (  # KEYS bal hash; ARGV version, balance; returns {applied, ver, bal, res}
+SET = (  # KEYS bal hash; ARGV version, balance, strict (seed); returns {applied, ver, bal, res}
     "local v = redis.call('HMGET', KEYS[1], 'ver', 'res') "
-    + "if v[1] and tonumber(ARGV[1]) < tonumber(v[1]) then "
+    + "if v[1] and (tonumber(ARGV[1]) < tonumber(v[1]) "
+    + "  or (ARGV[3] == '1' and tonumber(ARGV[1]) == tonumber(v[1]))) then "
     + "  return {0, v[1], redis.call('HGET', KEYS[1], 'bal') or '0', v[2] or '0'} end "
     + "redis.call('HSET', KEYS[1], 'bal', ARGV[2], 'ver', ARGV[1]) "
     + "return {1, ARGV[1], ARGV[2], v[2] or '0'}"
@@ -502,19 +503,36 @@ class RedisLedger:
 
     async def set_balance(self, account_id: str, version: int, balance_nanos: int) -> None:
         """Replace the balance everywhere; VersionConflict when `version` is below the current."""
+        if not await self._set(account_id, version, balance_nanos, strict=False):
+            raise VersionConflict("balance", version, self.local.view_now(account_id).version)
+
+    async def seed_balance(self, account_id: str, version: int, balance_nanos: int) -> bool:
+        """Set a start-up balance only if Redis holds an older version or none (False if not).
+
+        Every instance seeds from its config at start; an equal version must not undo charges.
+        """
+        return await self._set(account_id, version, balance_nanos, strict=True)
+
+    async def _set(
+        self, account_id: str, version: int, balance_nanos: int, *, strict: bool
+    ) -> bool:
         if balance_nanos < 0:
             raise ValueError("a balance cannot be negative")
         keys = self._keys(account_id)[:1]
+        args = [version, balance_nanos, int(strict)]
         try:
-            result = await self.store.call("set", keys, [version, balance_nanos])
+            result = await self.store.call("set", keys, args)
         except RedisUnavailable:
-            await self.local.set_balance(account_id, version, balance_nanos)
-            self.store.submit("set", keys, [version, balance_nanos])
-            return
+            fresh = True
+            if strict:
+                fresh = await self.local.seed_balance(account_id, version, balance_nanos)
+            else:
+                await self.local.set_balance(account_id, version, balance_nanos)
+            self.store.submit("set", keys, args)
+            return fresh
         applied, current, balance, reserved = (int(x) for x in result)
-        if not applied:
-            raise VersionConflict("balance", version, current)
         self.local.mirror(account_id, balance - reserved, current)
+        return applied == 1
 
     async def credit(self, account_id: str, credit_id: str, amount_nanos: int) -> bool:
         """Add `amount_nanos` once per `credit_id` across all instances."""

@@ -156,3 +156,14 @@ async def test_balance_never_negative_under_any_interleaving(
         view = await ledger.view("a")
         assert view.balance_nanos >= 0
         assert view.reserved_nanos == sum(r.amount for r in open_)
+
+
+async def test_seed_balance_never_undoes_charges() -> None:
+    """A start-up seed applies over nothing or an older version, never over the same one."""
+    ledger = LocalLedger()
+    assert await ledger.seed_balance("a", 1, 1000)
+    ledger.settle(await ledger.reserve("a", 100), 100)
+    assert not await ledger.seed_balance("a", 1, 1000)
+    assert (await ledger.view("a")).balance_nanos == 900
+    assert await ledger.seed_balance("a", 2, 5)
+    assert await ledger.view("a") == BalanceView(5, 0, 2)

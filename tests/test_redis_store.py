@@ -201,6 +201,18 @@ async def test_ledger_rules_in_redis(open_store: Open) -> None:
     assert await ledger.view("acct") == BalanceView(50, 0, 3)
 
 
+async def test_seed_is_shared_and_never_undoes_charges(open_store: Open) -> None:
+    """A second instance seeding the same config version leaves the charged balance alone."""
+    first, second = RedisLedger(await open_store()), RedisLedger(await open_store())
+    assert await first.seed_balance("acct", 1, 1000)
+    first.settle(await first.reserve("acct", 300), 250)
+    await first.store.drain()
+    assert not await second.seed_balance("acct", 1, 1000)
+    assert await second.view("acct") == BalanceView(750, 0, 1)
+    assert await second.seed_balance("acct", 2, 10)
+    assert await first.view("acct") == BalanceView(10, 0, 2)
+
+
 async def test_ledger_is_exact_near_2_to_62(open_store: Open) -> None:
     """Balances far beyond a double's 2^53 are reserved and charged to the nanosecond."""
     store = await open_store()
