@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import random
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,16 @@ from proxyd.balances import BalanceView, LocalLedger, Reservation
 from proxyd.errors import ErrorType, ProxydError
 from proxyd.limits import LocalLimits
 from proxyd.resale import ResaleWatch
+from tests.conftest import (
+    SECRET,
+    StartProxy,
+    StartServer,
+    channel,
+    key,
+    make_config,
+    server_url,
+)
+from tests.fakes import FakeProvider
 from tests.test_limits import FakeClock, make_key
 
 
@@ -249,3 +260,63 @@ async def test_rejection_is_cheap() -> None:
             await admit(admission, key)
     per_refusal_us = (time.process_time() - start) / n * 1e6
     assert per_refusal_us < 30, per_refusal_us
+
+
+# -- through real HTTP, with the app as `proxyd serve` builds it --------------------------------
+
+CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+async def test_http_429_headers_and_recovery_after_the_advertised_wait(
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """Over its rpm a key gets 429 with exact Retry-After and x-ratelimit-*; the wait suffices."""
+    server = await start_server(FakeProvider().app())
+    config = make_config(
+        tmp_path,
+        [channel("c1", server_url(server))],
+        keys=[key(rpm=600, burst={"requests": 1})],  # one request per 100 ms
+    )
+    client, _ = await start_proxy(config)
+    ok = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert ok.status == 200
+    assert ok.headers["x-ratelimit-limit-requests"] == "600"
+    assert ok.headers["x-ratelimit-remaining-requests"] == "0"
+    refused = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert refused.status == 429
+    assert refused.headers["Retry-After"] == "1"
+    assert 0 < int(refused.headers["retry-after-ms"]) <= 100
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("ms")
+    assert (await refused.json())["error"]["code"] == "rate_limit_exceeded"
+    await asyncio.sleep(int(refused.headers["retry-after-ms"]) / 1000)
+    again = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert again.status == 200
+
+
+async def test_http_insufficient_quota_in_both_formats_and_credit_unblocks(
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """An empty balance gets 429 insufficient_quota (OpenAI) / billing_error (Anthropic)."""
+    server = await start_server(FakeProvider().app())
+    config = make_config(tmp_path, [channel("c1", server_url(server))], balance=0)
+    client, parts = await start_proxy(config)
+    openai = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert openai.status == 429
+    assert (await openai.json())["error"]["code"] == "insufficient_quota"
+    anthropic = await client.post(
+        "/v1/messages",
+        json={**CHAT, "max_tokens": 5},
+        headers={"x-api-key": SECRET, "anthropic-version": "2023-06-01"},
+    )
+    assert anthropic.status == 429
+    body = await anthropic.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "billing_error"
+    assert await parts.ledger.credit("acct-1", "top-up-1", 10**12)
+    after = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert after.status == 200
+    view = await parts.ledger.view("acct-1")
+    assert view.reserved_nanos == 0
+    assert 0 < view.balance_nanos < 10**12
