@@ -180,17 +180,35 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
     parts = app[PARTS]
     b = parts.config.billing
-    try:  # the schema is created or upgraded at start; a database that is away is not fatal
-        await asyncio.wait_for(migrate(b.database_url), timeout=10)
-    except Exception as exc:  # noqa: BLE001 - any failure here only means "spool until it is back"
-        log.warning("billing_migrate_failed", error=type(exc).__name__)
+    migrating: asyncio.Task[None] | None = None
+    if not await _migrate_once(b.database_url):  # away: spool, and keep trying in the background
+        migrating = asyncio.create_task(_migrate_until_done(b.database_url))
     await parts.writer.start()
     retention = asyncio.create_task(_retention(b.database_url, b.retention_days))
     yield
-    retention.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await retention
+    for task in (retention, migrating):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await parts.writer.close()
+
+
+async def _migrate_once(url: str) -> bool:
+    """Create or upgrade the billing schema; False (logged) when the database is away."""
+    try:
+        await asyncio.wait_for(migrate(url), timeout=10)
+    except Exception as exc:  # noqa: BLE001 - any failure here only means "spool until it is back"
+        log.warning("billing_migrate_failed", error=type(exc).__name__)
+        return False
+    return True
+
+
+async def _migrate_until_done(url: str) -> None:
+    delay = 1.0
+    while not await _migrate_once(url):
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)
 
 
 async def _retention(url: str, days: int) -> None:

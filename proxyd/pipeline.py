@@ -151,5 +151,7 @@ class Pipeline:
             return outcome.usage, False
         if outcome.scanner is None and outcome.status >= 400:
             return Usage(), False
-        usage, source = self.tokenizer.estimate(call.endpoint.path, call.body, outcome.scanner)
+        usage, source = self.tokenizer.estimate(
+            call.endpoint.path, call.body, outcome.scanner, outcome.response_text
+        )
         return usage, source == "estimated"

@@ -34,7 +34,7 @@ from proxyd.health import ChannelHealth
 from proxyd.route import Router
 from proxyd.sse import EventSplitter
 from proxyd.state import Channel
-from proxyd.usage import StreamUsage, Usage
+from proxyd.usage import StreamUsage, Usage, completion_text
 
 _MAX_ERROR_BODY = 1 << 20
 
@@ -48,6 +48,7 @@ class Outcome:
     status: int = 0
     error_type: ErrorType | None = None
     usage: Usage | None = None
+    response_text: str | None = None  # a non-stream answer without usage, to count offline
     scanner: StreamUsage | None = None
     first_byte_at: float | None = None  # loop time when the first byte went to the client
     attempts: int = 0
@@ -207,6 +208,8 @@ async def deliver(
             headers["Content-Type"] = "application/json"
     else:
         body, outcome.usage = exchange.body(raw)
+        if outcome.usage is None:
+            outcome.response_text = completion_text(body)
         if exchange.translated:
             headers["Content-Type"] = "application/json"
     outcome.first_byte_at = asyncio.get_running_loop().time()

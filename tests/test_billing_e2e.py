@@ -679,10 +679,6 @@ async def test_stream_without_usage_is_estimated_from_what_was_delivered(
     assert row["cost_nanos"] == (row["prompt_tokens"] * 1224 + 3 * 4880 + 5) // 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pipeline._usage estimates a non-stream answer without its text: 0 completion tokens",
-)
 async def test_body_without_usage_is_estimated_from_what_was_delivered(
     tmp_path: Path,
     database: str,
