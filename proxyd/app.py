@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 
-from proxyd import estimate, logs
-from proxyd.admit import Admission, AdmissionSettings
+from proxyd import estimate, logs, sync
+from proxyd.admit import Admission, AdmissionSettings, Ledger, Limits
 from proxyd.balances import LocalLedger
 from proxyd.billing.migrate import migrate, retention_task
 from proxyd.billing.sink import open_sink
@@ -24,12 +24,14 @@ from proxyd.billing.spool import Spool
 from proxyd.billing.writer import BillingWriter
 from proxyd.clientip import client_address, parse_networks
 from proxyd.config import Config
+from proxyd.control.api import create_control_app
 from proxyd.handlers import MAX_BODY, ClientHandlers
 from proxyd.health import ChannelHealth
 from proxyd.limits import LocalLimits
 from proxyd.metrics import Metrics
 from proxyd.observe import wire_sources
 from proxyd.pipeline import Pipeline
+from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
 from proxyd.relay import Relay, Upstream
 from proxyd.route import Router
 from proxyd.state import StateStore
@@ -49,8 +51,10 @@ class Parts:
     router: Router
     writer: BillingWriter
     admission: Admission
-    ledger: LocalLedger
-    limits: LocalLimits
+    ledger: Ledger
+    limits: Limits
+    redis: RedisStore | None
+    broadcast: Broadcast | None
     tokenizer: estimate.Tokenizer
     ready_reasons: list[Callable[[], str | None]] = field(default_factory=list)
 
@@ -75,8 +79,9 @@ def build_parts(config: Config, store: StateStore | None = None) -> Parts:
     """Create every part (nothing started yet)."""
     store = store or StateStore()
     metrics = Metrics(enabled=config.metrics_enabled)
-    ledger = LocalLedger()
-    limits = LocalLimits()
+    redis = RedisStore(config.redis.url, prefix=config.redis.prefix) if config.redis.url else None
+    limits: Limits = RedisLimits(redis) if redis else LocalLimits()
+    ledger: Ledger = RedisLedger(redis) if redis else LocalLedger()
     a = config.admission
     admission = Admission(
         limits=limits,
@@ -115,6 +120,8 @@ def build_parts(config: Config, store: StateStore | None = None) -> Parts:
         upstream=Upstream(u),
         health=health,
         router=router,
+        redis=redis,
+        broadcast=Broadcast(redis) if redis else None,
         writer=writer,
         admission=admission,
         ledger=ledger,
@@ -146,7 +153,7 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
         writer=parts.writer,
         store=parts.store,
         ready=lambda: parts.readiness()[0],
-        redis_fallback=lambda: False,
+        redis_fallback=lambda: parts.redis is not None and parts.redis.fallback_active,
         resale_flagged=parts.admission.resale.flagged_count,
         channel_health=list,
     )
@@ -154,10 +161,43 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_billing_ctx)
     return app
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    parts = app[PARTS]
+    if parts.redis is None or parts.broadcast is None:
+        yield
+        return
+    for kind in sync.KINDS:
+        parts.broadcast.subscribe(kind, sync.applier(parts.store, kind))
+    await parts.redis.start()
+    await parts.broadcast.start()
+    yield
+    await parts.broadcast.close()
+    await parts.redis.close()
+
+
+def create_control(parts: Parts) -> web.Application:
+    """The control API on the same parts; other instances hear of its changes over Redis."""
+    token = parts.config.server.admin_token
+    if token is None:
+        raise ValueError("server.admin_token: the control API needs an admin token")
+    broadcast = parts.broadcast
+    return create_control_app(
+        store=parts.store,
+        ledger=parts.ledger,
+        limits=parts.limits,
+        channel_health=parts.channel_health,
+        admin_token=token,
+        allow_cidrs=list(parts.config.server.control_allow_cidrs),
+        max_body_bytes=parts.config.server.max_body_bytes,
+        on_change=sync.Publisher(parts.store, broadcast.publish) if broadcast else None,
+    )
 
 
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -166,7 +206,7 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     if not parts.store.loaded:
         parts.store.load(parts.config.state)
         for account, push in parts.config.state.balances.items():
-            await parts.ledger.set_balance(account, push.version, push.balance_nanos)
+            await parts.ledger.seed_balance(account, push.version, push.balance_nanos)
     yield
 
 

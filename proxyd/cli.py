@@ -82,8 +82,7 @@ def _redact(url: str) -> str:
 
 async def serve_forever(config: Config) -> int:
     """Serve until SIGTERM or SIGINT, then drain streams, flush billing and exit 0."""
-    from proxyd.app import PARTS, create_app
-    from proxyd.control.api import create_control_app
+    from proxyd.app import PARTS, create_app, create_control
 
     app = create_app(config)
     parts = app[PARTS]
@@ -95,15 +94,7 @@ async def serve_forever(config: Config) -> int:
 
     control_runner: web.AppRunner | None = None
     if config.server.admin_token:
-        control = create_control_app(
-            store=parts.store,
-            ledger=parts.ledger,
-            limits=parts.limits,
-            channel_health=list,
-            admin_token=config.server.admin_token,
-            allow_cidrs=list(config.server.control_allow_cidrs),
-        )
-        control_runner = web.AppRunner(control, access_log=None)
+        control_runner = web.AppRunner(create_control(parts), access_log=None)
         await control_runner.setup()
         chost, cport = split_host_port(config.server.control_listen)
         await web.TCPSite(control_runner, chost, cport).start()
