@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from proxyd.control.api import create_control_app
 from proxyd.control.openapi import OPERATIONS, PREFIX, build_document
@@ -459,3 +460,15 @@ async def test_openapi_document_covers_every_route(make_control: MakeControl) ->
         "$ref": "#/components/schemas/KeysPush"
     }
     assert set(put_keys["responses"]) == {"200", "400", "401", "403", "409", "413", "415"}
+
+
+async def test_ids_with_a_slash_are_percent_encoded(make_control: MakeControl) -> None:
+    """An id like team/k1 (allowed by the schema) is reached as team%2Fk1 in the path."""
+    c = await make_control()
+    path = URL(V1 + "/keys/team%2Fk1", encoded=True)
+    body = {"hash": khash("t"), "account_id": "team/acct"}
+    response = await c.client.put(path, json=body, headers=AUTH)
+    assert (response.status, (await response.json())["id"]) == (200, "team/k1")
+    response = await c.client.get(path, headers=AUTH)
+    assert (await response.json())["key"]["account_id"] == "team/acct"
+    assert "team/k1" in c.store.current.keys_by_id
