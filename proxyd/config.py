@@ -35,7 +35,6 @@ class ServerSettings(_Section):
     trusted_proxies: list[Cidr] = Field(default_factory=list)
     max_body_bytes: int = Field(default=16 * 2**20, ge=1024)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
-    workers: int = Field(default=1, ge=1, le=256)
 
 
 class UpstreamSettings(_Section):
@@ -57,8 +56,9 @@ class BillingSettings(_Section):
 
     database_url: str = "sqlite:///var/proxyd.sqlite3"
     batch_size: int = Field(default=1000, ge=1)
-    flush_interval_seconds: float = Field(default=0.5, gt=0)
-    queue_max: int = Field(default=100_000, ge=1)
+    flush_interval_seconds: float = Field(default=0.2, gt=0)
+    # Rows past this many in memory go to the fsync'd spool: it bounds what a SIGKILL can lose.
+    queue_max: int = Field(default=5000, ge=1)
     spool_dir: str = "var/spool"
     spool_max_rows: int = Field(default=5_000_000, ge=1)
     retention_days: int = Field(default=90, ge=1)
