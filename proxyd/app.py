@@ -168,6 +168,16 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
     return app
 
 
+def create_ops_app(parts: Parts) -> web.Application:
+    """/metrics, /healthz and /readyz of this process alone, for `server.metrics_listen`."""
+    app = web.Application()
+    app[PARTS] = parts
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     parts = app[PARTS]
     if parts.redis is None or parts.broadcast is None:

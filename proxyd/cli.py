@@ -82,7 +82,7 @@ def _redact(url: str) -> str:
 
 async def serve_forever(config: Config) -> int:
     """Serve until SIGTERM or SIGINT, then drain streams, flush billing and exit 0."""
-    from proxyd.app import PARTS, create_app, create_control
+    from proxyd.app import PARTS, create_app, create_control, create_ops_app
 
     app = create_app(config)
     parts = app[PARTS]
@@ -101,6 +101,14 @@ async def serve_forever(config: Config) -> int:
     else:
         log.warning("control_api_disabled", reason="no admin token configured")
 
+    runners = [r for r in (control_runner,) if r is not None]
+    if config.server.metrics_listen:
+        ops_runner = web.AppRunner(create_ops_app(parts), access_log=None)
+        await ops_runner.setup()
+        mhost, mport = split_host_port(config.server.metrics_listen)
+        await web.TCPSite(ops_runner, mhost, mport).start()
+        runners.append(ops_runner)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,8 +116,8 @@ async def serve_forever(config: Config) -> int:
     log.info("serving", listen=config.server.listen, control=config.server.control_listen)
     await stop.wait()
     log.info("stopping", grace_seconds=grace)
-    if control_runner is not None:
-        await control_runner.cleanup()
+    for extra in runners:
+        await extra.cleanup()
     await runner.cleanup()
     log.info("stopped")
     return 0

@@ -30,6 +30,9 @@ class ServerSettings(_Section):
 
     listen: str = DEFAULT_LISTEN
     control_listen: str = DEFAULT_CONTROL_LISTEN
+    # Optional listener of this process alone for /metrics, /healthz and /readyz (several
+    # processes sharing the client port through SO_REUSEPORT are each scraped here).
+    metrics_listen: str | None = None
     admin_token: str | None = Field(default=None, min_length=16)
     control_allow_cidrs: list[Cidr] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     trusted_proxies: list[Cidr] = Field(default_factory=list)
@@ -117,6 +120,7 @@ class ConfigError(Exception):
 ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
     "PROXYD_LISTEN": ("server", "listen"),
     "PROXYD_CONTROL_LISTEN": ("server", "control_listen"),
+    "PROXYD_METRICS_LISTEN": ("server", "metrics_listen"),
     "PROXYD_ADMIN_TOKEN": ("server", "admin_token"),
     "PROXYD_DATABASE_URL": ("billing", "database_url"),
     "PROXYD_REDIS_URL": ("redis", "url"),
