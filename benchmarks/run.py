@@ -335,6 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         spied = profiles(scale, targets, out, args.profile_streams) if args.profile else {}
     bill = billing(scale.billing_s, notes)
     summary = report.summarise(rec.results)
+    others = [
+        r["derived"].get("other_tenants_cores") or 0.0
+        for g in rec.results.values()
+        for runs in g.values()
+        for r in runs
+    ]
+    if others and sorted(others)[len(others) // 2] > 0.3:
+        notes.append(
+            f"other tenants used a median {sorted(others)[len(others) // 2]:.2f} "
+            "cores during the runs: absolute latencies and the rig ceiling are noisy; "
+            "CPU per request and per chunk are the robust figures."
+        )
     versions = _versions(nginx_bin)
     (out / "summary.json").write_text(
         json.dumps(
