@@ -46,6 +46,13 @@ class MemoryLedger:
         self.balances[account_id] = balance_nanos
         self.versions[account_id] = version
 
+    async def seed_balance(self, account_id: str, version: int, balance_nanos: int) -> bool:
+        if version <= self.versions.get(account_id, -1):
+            return False
+        self.balances[account_id] = balance_nanos
+        self.versions[account_id] = version
+        return True
+
     async def credit(self, account_id: str, credit_id: str, amount_nanos: int) -> bool:
         if (account_id, credit_id) in self.credits:
             return False
@@ -472,3 +479,13 @@ async def test_ids_with_a_slash_are_percent_encoded(make_control: MakeControl) -
     response = await c.client.get(path, headers=AUTH)
     assert (await response.json())["key"]["account_id"] == "team/acct"
     assert "team/k1" in c.store.current.keys_by_id
+
+
+async def test_types_are_strict(make_control: MakeControl) -> None:
+    """A number written as a string, or a boolean for a number, is a 400, not coerced."""
+    c = await make_control()
+    status, body = await c.call("PUT", "/keys", {"version": "1", "keys": []})
+    assert (status, body["error"]["field"]) == (400, "version")
+    status, body = await c.call("PUT", "/keys", {"version": 1, "keys": [key("a", rpm=True)]})
+    assert (status, body["error"]["field"]) == (400, "keys[0].rpm")
+    assert c.store.current.keys_version == -1

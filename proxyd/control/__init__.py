@@ -30,6 +30,9 @@ class LedgerLike(Protocol):
     async def set_balance(self, account_id: str, version: int, balance_nanos: int) -> None:
         """Replace the balance; raise `proxyd.state.VersionConflict` below the version in force."""
 
+    async def seed_balance(self, account_id: str, version: int, balance_nanos: int) -> bool:
+        """Set a start-up balance only over an older version or none; False when not applied."""
+
     async def credit(self, account_id: str, credit_id: str, amount_nanos: int) -> bool:
         """Add credit once per `credit_id`; False when it was applied before."""
 

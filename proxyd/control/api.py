@@ -120,11 +120,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 def validate(model: type[M], body: bytes) -> M:
-    """The body as `model`, or a 400 naming the field."""
+    """The body as `model`, or a 400 naming the field. Strict: "5" is not an integer."""
     if not body.strip():
         raise ControlRefusal(400, "A JSON body is required.")
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body, strict=True)
     except ValidationError as exc:
         raise refusal_from(exc) from None
 
