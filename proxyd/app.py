@@ -25,6 +25,7 @@ from proxyd.billing.writer import BillingWriter
 from proxyd.clientip import client_address, parse_networks
 from proxyd.config import Config
 from proxyd.control.api import create_control_app
+from proxyd.control.bootstrap import Bootstrap
 from proxyd.handlers import MAX_BODY, ClientHandlers
 from proxyd.health import ChannelHealth
 from proxyd.limits import LocalLimits
@@ -213,11 +214,18 @@ def create_control(parts: Parts) -> web.Application:
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     parts = app[PARTS]
     await asyncio.to_thread(parts.tokenizer.load)  # 0.4 s once, off the event loop
-    if not parts.store.loaded:
-        parts.store.load(parts.config.state)
-        for account, push in parts.config.state.balances.items():
-            await parts.ledger.seed_balance(account, push.version, push.balance_nanos)
+    cp = parts.config.control_plane
+    boot = Bootstrap(
+        parts.store,
+        parts.ledger,
+        snapshot=parts.config.state,
+        url=cp.snapshot_url,
+        token=cp.snapshot_token,
+        poll_interval=cp.poll_interval_seconds,
+    )
+    await boot.start()  # with a URL: fetched in the background; /readyz waits for it
     yield
+    await boot.close()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -83,12 +83,17 @@ def _redact(url: str) -> str:
 async def serve_forever(config: Config) -> int:
     """Serve until SIGTERM or SIGINT, then drain streams, flush billing and exit 0."""
     from proxyd.app import PARTS, create_app, create_control, create_ops_app
+    from proxyd.control.bootstrap import SnapshotInvalid
 
     app = create_app(config)
     parts = app[PARTS]
     grace = config.server.shutdown_grace_seconds
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=grace)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except SnapshotInvalid as exc:
+        print(f"proxyd: configuration error: state: {exc}", file=sys.stderr)
+        return 2
     host, port = split_host_port(config.server.listen)
     await web.TCPSite(runner, host, port, reuse_port=True, backlog=4096).start()
 

@@ -26,8 +26,11 @@ _DECIMAL = re.compile(r"^\d{1,12}(\.\d{1,12})?$")
 
 Id = Annotated[str, Field(pattern=_ID_PATTERN, description="An identifier (1-128 characters).")]
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+# Integers stop at 2**62 so every value fits the 64-bit integers of orjson, Redis and SQL.
+_MAX = 2**62
 Version = Annotated[
-    int, Field(ge=0, description="Monotonic version; a lower one than in force is refused.")
+    int,
+    Field(ge=0, le=_MAX, description="Monotonic version; a lower one than in force is refused."),
 ]
 
 
@@ -63,8 +66,8 @@ class _Strict(BaseModel):
 class Burst(_Strict):
     """Bucket sizes when they should differ from one minute's worth of the rate."""
 
-    requests: int | None = Field(default=None, ge=1)
-    tokens: int | None = Field(default=None, ge=1)
+    requests: int | None = Field(default=None, ge=1, le=_MAX)
+    tokens: int | None = Field(default=None, ge=1, le=_MAX)
 
 
 class KeyBody(_Strict):
@@ -78,10 +81,14 @@ class KeyBody(_Strict):
     status: Literal["active", "disabled"] = "active"
     expires_at: AwareDatetime | None = None
     models: list[ModelName] = Field(default_factory=lambda: ["*"], min_length=1)
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute; null: no limit.")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute; null: no limit.")
+    rpm: int | None = Field(
+        default=None, ge=1, le=_MAX, description="Requests per minute; null: no limit."
+    )
+    tpm: int | None = Field(
+        default=None, ge=1, le=_MAX, description="Tokens per minute; null: no limit."
+    )
     burst: Burst | None = None
-    max_concurrency: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1, le=_MAX)
     allowed_cidrs: list[Cidr] = Field(default_factory=list)
     block_on_resale: bool = Field(
         default=False,
@@ -119,7 +126,7 @@ class ChannelSpec(_Strict):
     )
     models: list[ModelName] = Field(min_length=1)
     model_map: dict[ModelName, ModelName] = Field(default_factory=dict)
-    priority: int = 0
+    priority: int = Field(default=0, ge=-_MAX, le=_MAX)
     weight: int = Field(default=1, ge=1, le=1_000_000)
     headers: dict[str, str] = Field(default_factory=dict, description="Extra upstream headers.")
     proxy: str | None = Field(default=None, description="Outbound HTTP proxy URL.")
@@ -127,8 +134,10 @@ class ChannelSpec(_Strict):
     connect_timeout: float = Field(default=10.0, gt=0, le=600)
     first_byte_timeout: float = Field(default=300.0, gt=0, le=3600)
     chunk_timeout: float = Field(default=300.0, gt=0, le=3600)
-    rpm: int | None = Field(default=None, ge=1, description="Upstream requests per minute cap.")
-    max_concurrency: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(
+        default=None, ge=1, le=_MAX, description="Upstream requests per minute cap."
+    )
+    max_concurrency: int | None = Field(default=None, ge=1, le=_MAX)
 
     @model_validator(mode="after")
     def _one_credential(self) -> ChannelSpec:
@@ -175,14 +184,14 @@ class BalancePush(_Strict):
     """PUT /control/v1/accounts/{id}/balance: set an account's balance."""
 
     version: Version
-    balance_nanos: int = Field(ge=0, le=2**62)
+    balance_nanos: int = Field(ge=0, le=_MAX)
 
 
 class CreditPush(_Strict):
     """POST /control/v1/accounts/{id}/credits: add credit once per credit_id."""
 
     credit_id: Id
-    amount_nanos: int = Field(gt=0, le=2**62)
+    amount_nanos: int = Field(gt=0, le=_MAX)
 
 
 class Snapshot(_Strict):

@@ -142,3 +142,39 @@ async def test_bad_config_exits_non_zero(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     assert b"billing.batch_size" in err
+
+
+async def test_missing_channel_secret_exits_non_zero(tmp_path: Path) -> None:
+    """A channel whose credential variable is unset stops start-up, naming that field."""
+    config = tmp_path / "c.json"
+    channels = [
+        {
+            "id": "c",
+            "type": "openai",
+            "base_url": "http://127.0.0.1:1/v1",
+            "api_key_env": "PROXYD_TEST_SURELY_UNSET",
+            "models": ["m"],
+        }
+    ]
+    config.write_bytes(orjson.dumps({"state": {"channels": {"version": 1, "channels": channels}}}))
+    env = {
+        **os.environ,
+        "PROXYD_LISTEN": f"127.0.0.1:{_port()}",
+        "PROXYD_DATABASE_URL": f"sqlite:///{tmp_path}/u.sqlite3",
+    }
+    env.pop("PROXYD_TEST_SURELY_UNSET", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxyd",
+        "serve",
+        "--config",
+        str(config),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert b"channels[0].api_key_env" in err
