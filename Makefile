@@ -34,6 +34,7 @@ lint: install
 	$(BIN)/ruff check proxyd tests benchmarks
 	$(BIN)/ruff format --check proxyd tests benchmarks
 	$(BIN)/mypy proxyd tests benchmarks
+	$(BIN)/lint-imports
 
 bench: install services
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
