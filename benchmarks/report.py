@@ -190,6 +190,18 @@ def targets_check(summary: dict[str, Any], w5_max: dict[str, int]) -> list[str]:
         "{v:.0f} CPU-µs per rejection (unknown key)",
     )
     line("W7 p99 ≤ 1 ms", _med(summary, "W7:invalid", "proxyd", "p99 µs"), 1000.0, "p99 {v:.0f} µs")
+    on, off = (
+        _med(summary, "W2", "proxyd", "CPU µs/req"),
+        _med(summary, "W2", "proxyd-nometrics", "CPU µs/req"),
+    )
+    if on is not None and off is not None:
+        lines.append(f"- metrics cost, W2: {on:.0f} CPU-µs/request with metrics, {off:.0f} without")
+    on, off = (
+        _med(summary, "W4", "proxyd", "CPU µs/chunk"),
+        _med(summary, "W4", "proxyd-nometrics", "CPU µs/chunk"),
+    )
+    if on is not None and off is not None:
+        lines.append(f"- metrics cost, W4: {on:.1f} CPU-µs/chunk with metrics, {off:.1f} without")
     return lines
 
 

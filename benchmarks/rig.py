@@ -143,9 +143,13 @@ def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def proxyd_config(instant_port: int, paced_port: int, workdir: Path) -> str:
+def proxyd_config(
+    instant_port: int, paced_port: int, workdir: Path, *, metrics: bool = True
+) -> str:
     """The TOML state proxyd starts with: a bench key, a rate-limited key, two mock channels."""
     return f"""\
+metrics_enabled = {str(metrics).lower()}
+
 [server]
 max_body_bytes = 1048576
 shutdown_grace_seconds = 2
@@ -226,11 +230,19 @@ def proxyd_available() -> bool:
     return done.returncode == 0
 
 
-def start_proxyd(logdir: Path, instant_port: int, paced_port: int, database_url: str) -> Service:
-    """proxyd on the proxy core with billing into `database_url` and metrics on."""
+def start_proxyd(
+    logdir: Path,
+    instant_port: int,
+    paced_port: int,
+    database_url: str,
+    *,
+    metrics: bool = True,
+    name: str = "proxyd",
+) -> Service:
+    """proxyd on the proxy core with billing into `database_url`, metrics on unless told."""
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-"))
     config = workdir / "proxyd.toml"
-    config.write_text(proxyd_config(instant_port, paced_port, workdir))
+    config.write_text(proxyd_config(instant_port, paced_port, workdir, metrics=metrics))
     port, control = free_port(), free_port()
     env = {
         **os.environ,
@@ -241,7 +253,7 @@ def start_proxyd(logdir: Path, instant_port: int, paced_port: int, database_url:
         "PROXYD_DATABASE_URL": database_url,
     }
     try:
-        svc = _spawn("proxyd", pinned(PROXY_CORE, proxyd_argv()), port, logdir, env=env)
+        svc = _spawn(name, pinned(PROXY_CORE, proxyd_argv()), port, logdir, env=env)
     except RuntimeError:
         shutil.rmtree(workdir, ignore_errors=True)
         raise

@@ -112,12 +112,28 @@ def session(
                 _wait_ready(svc.port)
                 pids = [svc.pid, *procstat.children(svc.pid)]
                 targets.append(Target("proxyd", svc.port, svc.port, pids, mocks, own_auth=True))
+                try:  # the same proxyd with metrics off, for the cost of metrics (W2, W4)
+                    off = rig.start_proxyd(
+                        logdir, instant.port, paced.port, db, metrics=False, name=NO_METRICS
+                    )
+                except RuntimeError as exc:
+                    notes.append(f"proxyd with metrics off did not start ({exc})")
+                else:
+                    started.append(off)
+                    _wait_ready(off.port)
+                    pids = [off.pid, *procstat.children(off.pid)]
+                    targets.append(
+                        Target(NO_METRICS, off.port, off.port, pids, mocks, own_auth=True)
+                    )
         elif want_proxyd:
             notes.append("proxyd does not import in this checkout yet: its column is skipped.")
         yield targets, binary
     finally:
         for svc in reversed(started):
             rig.stop(svc)
+
+
+NO_METRICS = "proxyd-nometrics"  # the same proxyd with metrics off, in W2 and W4 only
 
 
 class Recorder:
@@ -155,7 +171,10 @@ def run_all(scale: Scale, targets: list[Target], rec: Recorder) -> dict[str, int
     for group, fn in plain:
         for i in range(scale.runs):
             for t in targets:
+                if t.name == NO_METRICS and group not in ("W2", "W4"):
+                    continue
                 rec.record(group, t.name, i, functools.partial(fn, t))
+    targets = [t for t in targets if t.name != NO_METRICS]
     for i in range(scale.runs):
         for t in targets:
             if t.own_auth:
