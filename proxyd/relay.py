@@ -62,6 +62,7 @@ class Upstream:
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float | None], aiohttp.ClientTimeout] = {}
         self._insecure = ssl.create_default_context()
         self._insecure.check_hostname = False
         self._insecure.verify_mode = ssl.CERT_NONE
@@ -92,6 +93,16 @@ class Upstream:
         if self._session is None:
             raise RuntimeError("the upstream session is not started")
         return self._session
+
+    def timeout_for(self, connect: float, read: float | None) -> aiohttp.ClientTimeout:
+        """The client timeout for these limits, built once (channels share a handful of them)."""
+        key = (connect, read)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None, sock_connect=connect, sock_read=read
+            )
+        return timeout
 
     def ssl_for(self, channel: Channel) -> ssl.SSLContext | bool:
         """TLS verification stays on unless the channel turns it off."""
@@ -144,8 +155,9 @@ async def open_attempt(
     """Send the request and wait for the response headers; raise AttemptFailed when retryable."""
     channel = exchange.channel
     url, headers, body = exchange.request(credential, client_headers)
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=channel.connect_timeout, sock_read=channel.chunk_timeout
+    # A stream's gaps are watched by `_IdleWatch` (one timer per stream, not one per read).
+    timeout = upstream.timeout_for(
+        channel.connect_timeout, None if exchange.call.stream else channel.chunk_timeout
     )
     try:
         async with asyncio.timeout(channel.first_byte_timeout):
@@ -195,7 +207,11 @@ async def deliver(
     if exchange.call.stream and is_sse and resp.status < 400:
         return await _stream(request, exchange, resp, outcome, headers)
     try:
-        raw = await resp.read()
+        if exchange.call.stream:  # no per-read timeout on stream calls: bound the whole body
+            async with asyncio.timeout(exchange.channel.chunk_timeout):
+                raw = await resp.read()
+        else:
+            raw = await resp.read()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         resp.close()
         raise stream_failure(isinstance(exc, TimeoutError)) from None
@@ -217,6 +233,43 @@ async def deliver(
     return web.Response(body=body, status=resp.status, headers=headers)
 
 
+class _IdleWatch:
+    """Breaks a stream whose upstream sent nothing for `timeout` seconds.
+
+    One timer per stream, re-armed only when it fires: a read costs one store of the loop time
+    (aiohttp's own read timeout cancels and re-creates a timer on every read).
+    """
+
+    __slots__ = ("_content", "_handle", "_loop", "_timeout", "last")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout: float, content: aiohttp.StreamReader
+    ) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._content = content
+        self.last = loop.time()
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self.last + timeout, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self._timeout
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self._handle = None
+        self._content.set_exception(aiohttp.ServerTimeoutError("no data from the upstream"))
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+def _frame(data: bytes) -> bytes:
+    """One HTTP/1.1 chunked-encoding frame (what aiohttp's writer would send for `data`)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 async def _stream(
     request: web.Request,
     exchange: Exchange,
@@ -236,20 +289,31 @@ async def _stream(
     outcome.scanner = transform.scanner
     content = resp.content
     writing = False
+    watch = _IdleWatch(loop, exchange.channel.chunk_timeout, content)
     try:
         await response.prepare(request)
         outcome.sent = True
+        # Events go straight to the client's transport, framed as aiohttp would frame them;
+        # aiohttp's writer still ends the response. A client that does not read pauses us.
+        transport, protocol = request.transport, request.protocol
+        if transport is None:
+            raise ConnectionResetError("the client left")
         while True:
             data = await content.readany()
             if not data:
                 break
+            watch.last = loop.time()
             events = transform.feed(splitter.feed(data))
             if not events:
                 continue
             if outcome.first_byte_at is None:
-                outcome.first_byte_at = loop.time()
+                outcome.first_byte_at = watch.last
             writing = True
-            await response.write(events[0] if len(events) == 1 else b"".join(events))
+            if transport.is_closing():
+                raise ConnectionResetError("the client left")
+            transport.write(_frame(events[0] if len(events) == 1 else b"".join(events)))
+            if protocol.writing_paused:  # what aiohttp's writer awaits when it drains
+                await protocol._drain_helper()
             writing = False
         if splitter.pending():
             raise aiohttp.ClientPayloadError("the stream ended inside an event")
@@ -276,6 +340,7 @@ async def _stream(
         except (OSError, aiohttp.ClientError):
             pass
     finally:
+        watch.cancel()
         resp.release()
     return response
 
