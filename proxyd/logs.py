@@ -192,10 +192,29 @@ def request_fields(record: UsageRecord) -> MutableMapping[str, object]:
     }
 
 
+@functools.lru_cache(maxsize=8)
+def _bound_request_logger(_processors_id: int, _wrapper: type, _factory: object) -> Any:
+    """The request logger bound once per structlog configuration (the key changes with it)."""
+    return structlog.get_logger("proxyd.request").bind()
+
+
+def _request_logger() -> Any:
+    config = structlog.get_config()
+    # The processors list is a new object on every configure() and the cached logger keeps it
+    # alive, so its id cannot be reused while the entry exists.
+    return _bound_request_logger(
+        id(config["processors"]), config["wrapper_class"], config["logger_factory"]
+    )
+
+
 def request_log(record: UsageRecord, logger: Any = None) -> None:
     """Log the one line of a finished request: info below 500, warning for 5xx."""
-    log = logger if logger is not None else structlog.get_logger("proxyd.request")
-    if record.status_code >= 500:
+    log = logger if logger is not None else _request_logger()
+    level = logging.WARNING if record.status_code >= 500 else logging.INFO
+    enabled = getattr(log, "is_enabled_for", None)
+    if enabled is not None and not enabled(level):
+        return  # filtered out: do not build the fields
+    if level == logging.WARNING:
         log.warning("request", **request_fields(record))
     else:
         log.info("request", **request_fields(record))
