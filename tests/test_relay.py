@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -428,3 +429,67 @@ async def test_request_id_on_every_response(
 def test_sse_helper_shape() -> None:
     """The fake's SSE framing is what providers send (guards the fixtures themselves)."""
     assert sse({"a": 1}) == b'data: {"a":1}\n\n'
+
+
+async def test_stream_gap_over_chunk_timeout_ends_with_error_event(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
+    """An upstream silent mid-stream for longer than chunk_timeout ends with an error event."""
+    fake = FakeProvider(Step(events=chat_events(["a", "b", "c"]), stall_between=1.5))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake, chunk_timeout=0.3)
+    started = time.monotonic()
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={"model": "gpt-test", "stream": True, "messages": []},
+    )
+    body = await resp.read()
+    assert b"stopped responding" in body
+    assert b"upstream_timeout" in body
+    assert time.monotonic() - started < 1.4
+
+
+async def test_stream_with_gaps_under_timeout_completes(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
+    """Gaps shorter than chunk_timeout, over a total longer than it, do not break a stream."""
+    events = chat_events(["a", "b", "c", "d", "e", "f"])
+    fake = FakeProvider(Step(events=events, stall_between=0.15))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake, chunk_timeout=0.4)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={"model": "gpt-test", "stream": True, "messages": []},
+    )
+    body = await resp.read()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert b"stopped responding" not in body
+
+
+async def test_slow_reader_gets_every_byte(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
+    """A client reading slowly pauses the relay and still receives every byte in order."""
+    events = [
+        sse({"choices": [{"index": 0, "delta": {"content": f"x{i:05d}" * 2000}}]})
+        for i in range(2000)
+    ]
+    events.append(b"data: [DONE]\n\n")
+    fake = FakeProvider(Step(events=events))
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    resp = await client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {SECRET}"},
+        json={
+            "model": "gpt-test",
+            "stream": True,
+            "messages": [],
+            "stream_options": {"include_usage": True},
+        },
+    )
+    await asyncio.sleep(0.5)
+    parts: list[bytes] = []
+    while part := await resp.content.read(65536):
+        parts.append(part)
+        await asyncio.sleep(0.002)
+    assert b"".join(parts) == b"".join(events)
