@@ -7,52 +7,20 @@ and how a finished request becomes its one usage record. Never touches a body be
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 from aiohttp import web
 
 from proxyd import pricing
+from proxyd.admit import Admission, Ticket
 from proxyd.billing.record import UsageRecord
+from proxyd.billing.writer import BillingWriter
 from proxyd.call import Call
 from proxyd.errors import ErrorType, UpstreamFailure
 from proxyd.estimate import Tokenizer
+from proxyd.metrics import Metrics
 from proxyd.relay import Outcome, Relay
-from proxyd.state import Channel, KeyRecord, State, StateStore
+from proxyd.state import Channel, State, StateStore
 from proxyd.usage import Usage
-
-
-class TicketLike(Protocol):
-    """What admission hands back: headers for the response, and a release for the end."""
-
-    headers: dict[str, str]
-
-    def finish(self, *, tokens: int, cost_nanos: int) -> None: ...
-
-
-class AdmissionLike(Protocol):
-    async def admit(
-        self,
-        key: KeyRecord,
-        *,
-        model: str,
-        client_ip: str,
-        user_agent: str,
-        est_tokens: int,
-        max_cost_nanos: int,
-    ) -> TicketLike: ...
-
-
-class WriterLike(Protocol):
-    def submit(self, record: UsageRecord) -> None: ...
-
-
-class MetricsLike(Protocol):
-    def observe_request(self, record: UsageRecord) -> None: ...
-    def request_started(self) -> None: ...
-    def request_finished(self) -> None: ...
-    def stream_opened(self) -> None: ...
-    def stream_closed(self) -> None: ...
-    def refused(self, reason: str) -> None: ...
 
 
 class Pipeline:
@@ -63,9 +31,9 @@ class Pipeline:
         *,
         store: StateStore,
         relay: Relay,
-        admission: AdmissionLike,
-        writer: WriterLike,
-        metrics: MetricsLike,
+        admission: Admission,
+        writer: BillingWriter,
+        metrics: Metrics,
         tokenizer: Tokenizer,
         client_ip: Callable[[web.Request], str],
         request_log: Callable[[UsageRecord], None],
@@ -111,7 +79,7 @@ class Pipeline:
         record: UsageRecord,
         outcome: Outcome,
         call: Call | None,
-        ticket: TicketLike | None,
+        ticket: Ticket | None,
         start: float,
         end: float,
         state: State,
