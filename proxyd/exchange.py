@@ -23,6 +23,7 @@ _ANTHROPIC_PASS = ("anthropic-version", "anthropic-beta")
 # OpenAI adds this to every chunk of a stream that asked for usage; inside a JSON string the
 # quotes would be escaped, so the raw bytes only ever match the field itself.
 _NULL_USAGE = b',"usage":null'
+KEEP_BYTES = 4096
 
 
 class StreamTransform:
@@ -30,7 +31,10 @@ class StreamTransform:
 
     def __init__(self, call: Call) -> None:
         self.call = call
-        self.scanner = StreamUsage()  # fed what the client received, for usage and estimates
+        # Fed what the client received, for usage and estimates. It keeps references to the
+        # first KEEP_BYTES of delivered events only; past that it counts bytes and an estimate
+        # is scaled up by delivered/kept (per open stream this is most of proxyd's memory).
+        self.scanner = StreamUsage(keep_bytes=KEEP_BYTES)
         self._strip = injects_usage(call)
 
     def feed(self, events: list[bytes]) -> list[bytes]:
