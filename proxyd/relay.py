@@ -155,21 +155,27 @@ async def open_attempt(
     """Send the request and wait for the response headers; raise AttemptFailed when retryable."""
     channel = exchange.channel
     url, headers, body = exchange.request(credential, client_headers)
-    # A stream's gaps are watched by `_IdleWatch` (one timer per stream, not one per read).
+    stream = exchange.call.stream
+    # A stream's gaps are watched by `_IdleWatch` (one timer per stream, not one per read); a
+    # whole answer is bounded per read by first_byte_timeout, which also covers its headers.
     timeout = upstream.timeout_for(
-        channel.connect_timeout, None if exchange.call.stream else channel.chunk_timeout
+        channel.connect_timeout, None if stream else channel.first_byte_timeout
+    )
+    sending = upstream.session.post(
+        url,
+        data=body,
+        headers=headers,
+        timeout=timeout,
+        proxy=channel.proxy,
+        ssl=upstream.ssl_for(channel),
+        allow_redirects=False,
     )
     try:
-        async with asyncio.timeout(channel.first_byte_timeout):
-            resp = await upstream.session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=timeout,
-                proxy=channel.proxy,
-                ssl=upstream.ssl_for(channel),
-                allow_redirects=False,
-            )
+        if stream:
+            async with asyncio.timeout(channel.first_byte_timeout):
+                resp = await sending
+        else:
+            resp = await sending
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise AttemptFailed(ErrorType.UPSTREAM_TIMEOUT) from None
     except (aiohttp.ClientError, OSError):
