@@ -15,12 +15,13 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+from aiohttp.helpers import _EXC_SENTINEL
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxyd.call import Call
 from proxyd.config import UpstreamSettings
 from proxyd.errors import ErrorType
-from proxyd.exchange import Exchange, stream_failure
+from proxyd.exchange import Exchange, StreamTransform, stream_failure
 from proxyd.failover import (
     Attempt,
     AttemptKind,
@@ -276,6 +277,188 @@ def _frame(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+class _ClientGone(ConnectionResetError):
+    """The client's connection closed while its stream was being relayed."""
+
+
+class _Pipe:
+    """Carries one stream from the upstream's body to the client's transport, a read at a time.
+
+    `feed` is the whole per-read path: split into events, transform, frame and write. It runs
+    either from aiohttp's response parser directly (`_Tap`) or from the relay task's read loop.
+    It never raises: how the stream ended (`error`, `client_gone`) is kept for the task, which
+    is woken through `waiter` when the stream ends or the client stops reading.
+    """
+
+    __slots__ = (
+        "client_gone",
+        "ended",
+        "error",
+        "loop",
+        "outcome",
+        "paused",
+        "protocol",
+        "splitter",
+        "transform",
+        "transport",
+        "upstream",
+        "waiter",
+        "watch",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transform: StreamTransform,
+        outcome: Outcome,
+        transport: asyncio.Transport,
+        protocol: Any,
+        watch: _IdleWatch,
+    ) -> None:
+        self.loop = loop
+        self.transform = transform
+        self.splitter = EventSplitter()
+        self.outcome = outcome
+        self.transport = transport
+        self.protocol = protocol  # the client connection's aiohttp protocol (its write pause)
+        self.watch = watch
+        self.upstream: Any = None  # the upstream connection's protocol, when fed by `_Tap`
+        self.waiter: asyncio.Future[None] | None = None
+        self.ended = False
+        self.paused = False
+        self.client_gone = False
+        self.error: BaseException | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.ended:
+            return
+        self.watch.last = now = self.loop.time()
+        try:
+            events = self.transform.feed(self.splitter.feed(data))
+        except Exception as exc:  # noqa: BLE001 - not swallowed: the relay task re-raises it
+            self.end(exc)
+            return
+        if not events:
+            return
+        if self.outcome.first_byte_at is None:
+            self.outcome.first_byte_at = now
+        transport = self.transport
+        if transport.is_closing():
+            self.client_gone = True
+            self.end(_ClientGone("the client left"))
+            return
+        transport.write(_frame(events[0] if len(events) == 1 else b"".join(events)))
+        if self.protocol.writing_paused and not self.paused:  # the client is not reading
+            self.paused = True
+            if self.upstream is not None:
+                self.upstream.pause_reading()
+            self._wake()
+
+    def end(self, error: BaseException | None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until the stream ends or the client stops reading."""
+        if self.ended or self.paused:
+            return
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
+# Every stream being relayed through `_Tap`, by the id of its aiohttp reader.
+_PIPES: dict[int, _Pipe] = {}
+
+
+class _Tap(aiohttp.StreamReader):
+    """aiohttp's body reader turned into a pipe: each decoded read goes to the stream's `_Pipe`.
+
+    A stream's reader is switched to this class once its headers are in, so every later read is
+    relayed from inside aiohttp's parser callback: no buffering, no future and no task wake-up
+    per read. End of body and errors still take aiohttp's own path (the connection goes back to
+    the pool as usual); only the buffering is bypassed. The relay falls back to reading with
+    `readany` whenever the reader is not exactly aiohttp's `StreamReader`.
+    """
+
+    __slots__ = ()
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        pipe = _PIPES.get(id(self))
+        if pipe is not None and data:
+            pipe.feed(data)
+        return False
+
+    def begin_http_chunk_receiving(self) -> None:
+        """Chunk boundaries only matter to a buffered reader."""
+
+    def end_http_chunk_receiving(self) -> None:
+        """Chunk boundaries only matter to a buffered reader."""
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        pipe = _PIPES.get(id(self))
+        if pipe is not None:
+            pipe.end(None)
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        super().set_exception(exc, exc_cause)
+        pipe = _PIPES.get(id(self))
+        if pipe is not None:
+            pipe.end(exc)
+
+
+def can_tap(resp: aiohttp.ClientResponse) -> bool:
+    """Whether the response's reader can become a `_Tap` (aiohttp's plain, undecoded reader)."""
+    return type(resp.content) is aiohttp.StreamReader and resp.connection is not None
+
+
+async def _pump(resp: aiohttp.ClientResponse, pipe: _Pipe) -> None:
+    """Run the stream through `pipe` until its end; raise what ended it, if not a clean end."""
+    content = resp.content
+    tapped = can_tap(resp)
+    if tapped:
+        # Switched synchronously with draining what aiohttp already buffered: nothing can
+        # arrive in between, so order is kept.
+        pipe.upstream = resp.connection.protocol if resp.connection is not None else None
+        content.__class__ = _Tap
+        _PIPES[id(content)] = pipe
+        buffered = content.read_nowait(-1)
+        if buffered:
+            pipe.feed(buffered)
+        if content.is_eof() or content.exception() is not None:
+            pipe.end(content.exception())
+    try:
+        while not pipe.ended:
+            if tapped:
+                await pipe.wait()
+            else:
+                data = await content.readany()
+                if not data:
+                    pipe.end(None)
+                    break
+                pipe.feed(data)
+            if pipe.paused and not pipe.ended:
+                await pipe.protocol._drain_helper()  # what aiohttp's writer awaits to drain
+                pipe.paused = False
+                if pipe.upstream is not None:
+                    pipe.upstream.resume_reading()  # may feed held-back reads right here
+    finally:
+        if tapped:
+            del _PIPES[id(content)]
+    if pipe.error is not None:
+        raise pipe.error
+
+
 async def _stream(
     request: web.Request,
     exchange: Exchange,
@@ -290,12 +473,11 @@ async def _stream(
     headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=resp.status, headers=headers)
     loop = asyncio.get_running_loop()
-    splitter = EventSplitter()
     transform = exchange.stream()
     outcome.scanner = transform.scanner
-    content = resp.content
     writing = False
-    watch = _IdleWatch(loop, exchange.channel.chunk_timeout, content)
+    watch = _IdleWatch(loop, exchange.channel.chunk_timeout, resp.content)
+    pipe: _Pipe | None = None
     try:
         await response.prepare(request)
         outcome.sent = True
@@ -304,24 +486,9 @@ async def _stream(
         transport, protocol = request.transport, request.protocol
         if transport is None:
             raise ConnectionResetError("the client left")
-        while True:
-            data = await content.readany()
-            if not data:
-                break
-            watch.last = loop.time()
-            events = transform.feed(splitter.feed(data))
-            if not events:
-                continue
-            if outcome.first_byte_at is None:
-                outcome.first_byte_at = watch.last
-            writing = True
-            if transport.is_closing():
-                raise ConnectionResetError("the client left")
-            transport.write(_frame(events[0] if len(events) == 1 else b"".join(events)))
-            if protocol.writing_paused:  # what aiohttp's writer awaits when it drains
-                await protocol._drain_helper()
-            writing = False
-        if splitter.pending():
+        pipe = _Pipe(loop, transform, outcome, transport, protocol, watch)
+        await _pump(resp, pipe)
+        if pipe.splitter.pending():
             raise aiohttp.ClientPayloadError("the stream ended inside an event")
         tail, complete = transform.finish()
         outcome.usage = transform.usage()
@@ -333,7 +500,8 @@ async def _stream(
         await response.write_eof()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         resp.close()
-        if writing or request.transport is None or request.transport.is_closing():
+        gone = writing or (pipe is not None and pipe.client_gone)
+        if gone or request.transport is None or request.transport.is_closing():
             outcome.status = 499
             outcome.error_type = ErrorType.CLIENT_DISCONNECT
             return response

@@ -13,6 +13,7 @@ import openai
 import orjson
 import pytest
 
+from proxyd import relay as relay_module
 from tests.conftest import (
     OTHER_SECRET,
     SECRET,
@@ -33,6 +34,14 @@ from tests.fakes import (
     chat_events,
     sse,
 )
+
+
+@pytest.fixture(params=["tap", "read"], autouse=True)
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with streams relayed from aiohttp's parser and with the read loop."""
+    if request.param == "read":
+        monkeypatch.setattr(relay_module, "can_tap", lambda resp: False)
+    return str(request.param)
 
 
 async def _setup(
@@ -493,3 +502,52 @@ async def test_slow_reader_gets_every_byte(
         parts.append(part)
         await asyncio.sleep(0.002)
     assert b"".join(parts) == b"".join(events)
+
+
+class _RecordingPipes(dict[int, Any]):
+    """The relay's registry of tapped streams, remembering how many were ever registered."""
+
+    registered = 0
+
+    def __setitem__(self, k: int, v: Any) -> None:
+        self.registered += 1
+        super().__setitem__(k, v)
+
+
+async def test_tapped_streams_leave_no_registration_behind(
+    tmp_path: Path,
+    start_server: StartServer,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    read_path: str,
+) -> None:
+    """Complete, cut and abandoned streams all unregister; the read loop registers nothing."""
+    pipes = _RecordingPipes()
+    monkeypatch.setattr(relay_module, "_PIPES", pipes)
+    events = chat_events([f"part{i} " for i in range(40)])
+    fake = FakeProvider().then(
+        Step(events=events, stall_between=0.005),
+        Step(events=events, cut_after=5),
+        Step(events=events, stall_between=0.05),
+    )
+    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    body = {
+        "model": "gpt-test",
+        "stream": True,
+        "messages": [],
+        "stream_options": {"include_usage": True},
+    }
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    whole = await client.post("/v1/chat/completions", headers=auth, json=body)
+    assert await whole.read() == b"".join(events)
+    cut = await client.post("/v1/chat/completions", headers=auth, json=body)
+    assert b"upstream_reset" in await cut.read()
+    left = await client.post("/v1/chat/completions", headers=auth, json=body)
+    await left.content.readline()
+    left.close()
+    for _ in range(100):
+        if not pipes and (read_path == "read" or pipes.registered == 3):
+            break
+        await asyncio.sleep(0.05)
+    assert not pipes
+    assert pipes.registered == (3 if read_path == "tap" else 0)
