@@ -81,6 +81,9 @@ class Upstream:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
             skip_auto_headers=("User-Agent",),
+            # Many clients share this session: a cookie one provider answer sets must never
+            # ride along on another client's request (and no jar is cheaper per request).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:

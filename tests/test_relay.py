@@ -551,3 +551,27 @@ async def test_tapped_streams_leave_no_registration_behind(
         await asyncio.sleep(0.05)
     assert not pipes
     assert pipes.registered == (3 if read_path == "tap" else 0)
+
+
+async def test_provider_cookies_are_not_kept(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
+    """A cookie set in one provider answer never goes upstream with a later request."""
+    fake = FakeProvider().then(
+        Step(body=chat_body("one"), headers={"Set-Cookie": "session=abc; Path=/"}),
+        Step(body=chat_body("two")),
+    )
+    server = await start_server(fake.app())
+    # a host name: aiohttp's default jar ignores cookies from bare IP addresses
+    url = server_url(server).replace("127.0.0.1", "localhost")
+    client, _ = await start_proxy(make_config(tmp_path, [channel("c1", url)], keys=[key()]))
+    for _ in range(2):
+        resp = await client.post(
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {SECRET}"},
+            json={"model": "gpt-test", "messages": []},
+        )
+        assert resp.status == 200
+        assert "Set-Cookie" not in resp.headers
+    assert len(fake.seen) == 2
+    assert "Cookie" not in fake.seen[1].headers
