@@ -185,6 +185,12 @@ async def read_call(request: web.Request, endpoint: Endpoint) -> Call:
     limit = request.app[MAX_BODY]
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    content = request.content
+    if content.is_eof():  # the whole body came with the headers (most requests): take it as is
+        raw = content.read_nowait()
+        if len(raw) > limit:
+            raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        return parse_call(endpoint, raw)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,35 @@ async def test_body_over_limit_is_413(
     )
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("pad", [10, 3000])
+async def test_chunked_body_is_held_to_the_limit(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, pad: int
+) -> None:
+    """A chunked body (no Content-Length) is served under the limit and refused over it."""
+    fake = FakeProvider(Step(body=chat_body("ok")))
+    server = await start_server(fake.app())
+    config = make_config(
+        tmp_path, [channel("c1", server_url(server))], server={"max_body_bytes": 2048}
+    )
+    client, _ = await start_proxy(config)
+    payload = orjson.dumps({"model": "gpt-test", "messages": [], "user": "u" * pad})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield payload[:20]
+        yield payload[20:]
+
+    resp = await client.post(
+        "/v1/chat/completions", headers={"Authorization": f"Bearer {SECRET}"}, data=chunks()
+    )
+    if pad < 2048:
+        assert resp.status == 200
+        assert fake.seen[0].body["user"] == "u" * pad
+    else:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "body_too_large"
+        assert fake.seen == []
 
 
 async def test_upstream_4xx_passes_through(
