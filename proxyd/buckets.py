@@ -30,12 +30,13 @@ class TokenBucket:
     Corrections after the fact (`adjust`) may also leave a debt; refill pays it off.
     """
 
-    __slots__ = ("_cap", "_level", "_stamp", "capacity", "rate")
+    __slots__ = ("_cap", "_level", "_stamp", "capacity", "rate", "rate_text")
 
     def __init__(self, rate: int, capacity: int | None, now: float) -> None:
         if rate < 1:
             raise ValueError("rate must be at least 1 per minute")
         self.rate = rate
+        self.rate_text = str(rate)  # for the x-ratelimit-limit-* header of every answer
         self.capacity = capacity if capacity is not None else rate
         if self.capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -77,13 +78,20 @@ class TokenBucket:
 
     def remaining(self, now: float) -> int:
         """Whole tokens available now (0 while in debt)."""
-        level = self._refill(to_us(now))
-        return level // UNIT if level > 0 else 0
+        return self.state(now)[0]
 
     def reset_us(self, now: float) -> int:
         """Microseconds until the bucket is full again."""
-        deficit = self._cap - self._refill(to_us(now))
-        return -(-deficit // self.rate) if deficit > 0 else 0
+        return self.state(now)[1]
+
+    def state(self, now: float) -> tuple[int, int]:
+        """`remaining(now)` and `reset_us(now)` with one refill (for the answer's headers)."""
+        level = self._refill(to_us(now))
+        deficit = self._cap - level
+        return (
+            level // UNIT if level > 0 else 0,
+            -(-deficit // self.rate) if deficit > 0 else 0,
+        )
 
     def is_full(self, now: float) -> bool:
         """Whether the bucket is indistinguishable from a new one."""

@@ -57,13 +57,15 @@ def limit_headers(rpm: TokenBucket | None, tpm: TokenBucket | None, now: float) 
     """OpenAI-style `x-ratelimit-*` headers for the buckets a key has."""
     headers: dict[str, str] = {}
     if rpm is not None:
-        headers["x-ratelimit-limit-requests"] = str(rpm.rate)
-        headers["x-ratelimit-remaining-requests"] = str(rpm.remaining(now))
-        headers["x-ratelimit-reset-requests"] = duration_text(rpm.reset_us(now))
+        remaining, reset = rpm.state(now)
+        headers["x-ratelimit-limit-requests"] = rpm.rate_text
+        headers["x-ratelimit-remaining-requests"] = str(remaining)
+        headers["x-ratelimit-reset-requests"] = duration_text(reset)
     if tpm is not None:
-        headers["x-ratelimit-limit-tokens"] = str(tpm.rate)
-        headers["x-ratelimit-remaining-tokens"] = str(tpm.remaining(now))
-        headers["x-ratelimit-reset-tokens"] = duration_text(tpm.reset_us(now))
+        remaining, reset = tpm.state(now)
+        headers["x-ratelimit-limit-tokens"] = tpm.rate_text
+        headers["x-ratelimit-remaining-tokens"] = str(remaining)
+        headers["x-ratelimit-reset-tokens"] = duration_text(reset)
     return headers
 
 

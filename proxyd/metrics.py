@@ -205,8 +205,15 @@ class Metrics:
         self._cost = counter(
             "proxyd_cost_nanos_total", "Amount billed, in nanos (1e-9 currency units).", ("model",)
         )
-        self._in_flight = gauge("proxyd_requests_in_flight", "Requests being served.")
-        self._streams = gauge("proxyd_streams_open", "Streaming responses being relayed.")
+        # Plain ints bumped per request, read by the gauges at scrape time (no lock per request).
+        self.in_flight = 0
+        self.streams_open = 0
+        gauge("proxyd_requests_in_flight", "Requests being served.").set_function(
+            lambda: self.in_flight
+        )
+        gauge("proxyd_streams_open", "Streaming responses being relayed.").set_function(
+            lambda: self.streams_open
+        )
         self._refusals_total = counter(
             "proxyd_refusals_total",
             "Requests refused by a limit, the balance or a key policy, by reason (an error_type).",
@@ -298,22 +305,22 @@ class Metrics:
     def request_started(self) -> None:
         """One more request in flight."""
         if self.enabled:
-            self._in_flight.inc()
+            self.in_flight += 1
 
     def request_finished(self) -> None:
         """One request fewer in flight."""
         if self.enabled:
-            self._in_flight.dec()
+            self.in_flight -= 1
 
     def stream_opened(self) -> None:
         """A streamed response started relaying."""
         if self.enabled:
-            self._streams.inc()
+            self.streams_open += 1
 
     def stream_closed(self) -> None:
         """A streamed response ended, however it ended."""
         if self.enabled:
-            self._streams.dec()
+            self.streams_open -= 1
 
     def refused(self, reason: str) -> None:
         """Count a refusal; `reason` is an ErrorType value (anything else counts as "other")."""
