@@ -120,6 +120,14 @@ CREDIT = (  # KEYS bal hash, applied credit ids; ARGV credit id, amount
     + "local v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
     + "return {applied, v[1] or '0', v[2] or '0', v[3] or '-1'}"
 )
+KEEP_LATEST = (  # KEYS 1 a kind's latest pushed state; ARGV 1 its version, 2 its body
+    # versions go up to 2**62, past what a Lua double holds exactly: compare their digits
+    "local function older(a, b) if #a ~= #b then return #a < #b end return a < b end "
+    + "local v = redis.call('HGET', KEYS[1], 'v') "
+    + "if v and older(ARGV[1], v) then return 0 end "
+    + "redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2]) return 1"
+)
+
 SCRIPTS = {
     "acquire": ACQUIRE,
     "release": RELEASE,
@@ -129,4 +137,5 @@ SCRIPTS = {
     "settle": SETTLE,
     "set": SET,
     "credit": CREDIT,
+    "keep_latest": KEEP_LATEST,
 }

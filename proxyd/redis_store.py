@@ -442,10 +442,13 @@ class RedisLedger:
 
 
 class Broadcast:
-    """Invalidations between instances over Redis pub/sub; an instance skips its own messages.
+    """Pushed state between instances over Redis pub/sub; an instance skips its own messages.
 
-    Messages published while Redis is away are sent on recovery; messages other instances sent
-    while this one was cut off are lost, so `store.on_recover` is the place to resynchronise.
+    A message published with a version is also kept in Redis as that kind's latest state
+    (never replaced by an older version). Each time this instance (re)subscribes it reads the
+    latest state of every kind and hands it to the callbacks, so what others pushed while it was
+    cut off from Redis (a revoked key, say) arrives on reconnection instead of being lost.
+    Messages published while Redis is away are sent on recovery.
     """
 
     def __init__(self, store: RedisStore) -> None:
@@ -462,11 +465,23 @@ class Broadcast:
         """Call `callback(payload)` for each message of `channel_kind` from another instance."""
         self._callbacks.setdefault(self._channel(channel_kind), []).append(callback)
 
-    async def publish(self, channel_kind: str, payload: bytes) -> None:
-        """Send `payload` to every other instance (queued while Redis is away)."""
+    def _latest(self, kind: str) -> str:
+        return f"{self.store.prefix}latest:{kind}"
+
+    async def publish(
+        self, channel_kind: str, payload: bytes, *, version: int | None = None
+    ) -> None:
+        """Send `payload` to every other instance (queued while Redis is away).
+
+        With a `version` (a non-negative int), `payload` is also kept as the kind's latest
+        state unless a newer version is kept already.
+        """
         channel, message = self._channel(channel_kind), self._origin + payload
+        latest = self._latest(channel_kind)
 
         async def op() -> object:
+            if version is not None:
+                await self.store.scripts["keep_latest"](keys=[latest], args=[str(version), payload])
             return await self.store.client.publish(channel, message)
 
         if self.store.fallback_active:
@@ -498,6 +513,7 @@ class Broadcast:
                     if missing:
                         await pubsub.subscribe(*missing)
                         channels |= missing
+                        await self._catch_up(missing)  # after subscribing: nothing falls between
                         self.subscribed.set()
                     message = await pubsub.get_message(timeout=0.5)
                     if self.store.closed or _cancelling():
@@ -513,10 +529,20 @@ class Broadcast:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             await self.store.pause(self.store.retry_interval)
 
+    async def _catch_up(self, channels: set[str]) -> None:
+        """Hand the latest kept state of each channel's kind to its callbacks."""
+        head = self._channel("")
+        for channel in sorted(channels):
+            body = await self.store.client.hget(self._latest(channel.removeprefix(head)), "b")
+            if isinstance(body, bytes):
+                self._deliver(channel, body)
+
     def _dispatch(self, channel: str, data: bytes) -> None:
         if data.startswith(self._origin):
             return
-        payload = data.partition(b"|")[2]
+        self._deliver(channel, data.partition(b"|")[2])
+
+    def _deliver(self, channel: str, payload: bytes) -> None:
         for callback in self._callbacks.get(channel, ()):
             try:
                 callback(payload)

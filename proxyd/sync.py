@@ -7,6 +7,7 @@ the same schemas on arrival. Balances are not carried here; with Redis they are 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import orjson
 import structlog
@@ -20,17 +21,24 @@ log = structlog.get_logger("proxyd.sync")
 KINDS = ("keys", "prices", "channels")
 
 
-def body_of(store: StateStore, kind: str) -> bytes | None:
+def versioned_body(store: StateStore, kind: str) -> tuple[int, bytes] | None:
     """The state in force of one kind, as the control API body that would recreate it."""
     cur = store.current
     if kind == "keys":
         specs = [s.model_dump(mode="json") for s in cur.key_specs.values()]
-        return orjson.dumps({"version": max(cur.keys_version, 0), "keys": specs})
+        version = max(cur.keys_version, 0)
+        return version, orjson.dumps({"version": version, "keys": specs})
     if kind == "prices" and cur.prices_push is not None:
-        return orjson.dumps(cur.prices_push.model_dump(mode="json"))
+        return cur.prices_push.version, orjson.dumps(cur.prices_push.model_dump(mode="json"))
     if kind == "channels" and cur.channels_push is not None:
-        return orjson.dumps(cur.channels_push.model_dump(mode="json"))
+        return cur.channels_push.version, orjson.dumps(cur.channels_push.model_dump(mode="json"))
     return None
+
+
+def body_of(store: StateStore, kind: str) -> bytes | None:
+    """`versioned_body` without the version."""
+    found = versioned_body(store, kind)
+    return found[1] if found is not None else None
 
 
 def apply(store: StateStore, kind: str, payload: bytes) -> bool:
@@ -57,21 +65,30 @@ def applier(store: StateStore, kind: str) -> Callable[[bytes], None]:
     """A broadcast callback applying `kind` bodies from other instances to `store`."""
 
     def on_message(payload: bytes) -> None:
-        apply(store, kind, payload)
+        if payload != body_of(store, kind):  # the state in force already (a catch-up, say)
+            apply(store, kind, payload)
 
     return on_message
+
+
+class Publish(Protocol):
+    """Sends a kind's body to the other instances and keeps it as that kind's latest state."""
+
+    def __call__(
+        self, kind: str, payload: bytes, /, *, version: int | None = None
+    ) -> Awaitable[None]: ...
 
 
 class Publisher:
     """What the control API calls after a change: send that kind's state to the others."""
 
-    def __init__(self, store: StateStore, publish: Callable[[str, bytes], Awaitable[None]]) -> None:
+    def __init__(self, store: StateStore, publish: Publish) -> None:
         self._store = store
         self._publish = publish
 
     async def __call__(self, kind: str) -> None:
         if kind == "key":
             kind = "keys"
-        body = body_of(self._store, kind)
-        if body is not None:
-            await self._publish(kind, body)
+        found = versioned_body(self._store, kind)
+        if found is not None:
+            await self._publish(kind, found[1], version=found[0])

@@ -430,3 +430,47 @@ async def test_broadcast_reaches_other_instances_only(open_store: Open) -> None:
     assert got_a == []
     await cast_a.close()
     await cast_b.close()
+
+
+async def _until(check: Callable[[], bool], seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_latest_state_is_kept_and_never_replaced_by_an_older_one(open_store: Open) -> None:
+    """The kept state follows the highest version, compared exactly up to 2**62."""
+    store = await open_store()
+    cast = Broadcast(store)
+    key = f"{store.prefix}latest:keys"
+    steps = [(5, b"v5", b"v5"), (3, b"v3", b"v5"), (5, b"v5b", b"v5b"), (12, b"v12", b"v12")]
+    steps += [(2**62 - 1, b"big", b"big"), (2**62, b"bigger", b"bigger"), (99, b"x", b"bigger")]
+    for version, body, kept in steps:
+        await cast.publish("keys", body, version=version)
+        assert await store.client.hget(key, "b") == kept
+    await cast.publish("keys", b"unversioned")  # a bare invalidation keeps nothing
+    assert await store.client.hget(key, "b") == b"bigger"
+
+
+async def test_state_pushed_while_cut_off_arrives_on_reconnection(open_store: Open) -> None:
+    """What another instance published while this one had no Redis is delivered on recovery."""
+    proxy = TcpProxy()
+    await proxy.start()
+    cut = await open_store(f"redis://127.0.0.1:{proxy.port}/0", retry_interval=0.05)
+    other = await open_store()
+    got: list[bytes] = []
+    listening, sending = Broadcast(cut), Broadcast(other)
+    listening.subscribe("keys", got.append)
+    await sending.publish("keys", b"state-1", version=1)
+    await listening.start()
+    await asyncio.wait_for(listening.subscribed.wait(), 2)
+    assert got == [b"state-1"]  # the state kept before this instance started
+    await proxy.stop()
+    await _until(lambda: not listening.subscribed.is_set())
+    await sending.publish("keys", b"state-2", version=2)  # nobody listening hears this one
+    await proxy.start()
+    await asyncio.wait_for(listening.subscribed.wait(), 5)
+    assert got == [b"state-1", b"state-2"]
+    await listening.close()
+    await proxy.stop()

@@ -12,6 +12,7 @@ import pytest
 from proxyd.app import create_control
 from tests.conftest import SECRET, StartProxy, StartServer, channel, key, make_config, server_url
 from tests.fakes import FakeProvider, Step, chat_body
+from tests.test_redis_store import REDIS, TcpProxy
 
 pytestmark = pytest.mark.redis
 
@@ -99,3 +100,47 @@ async def test_rate_limit_is_shared(
         statuses.append(resp.status)
     assert statuses.count(200) == 4
     assert statuses.count(429) == 4
+
+
+async def test_revocation_made_while_an_instance_was_cut_off_reaches_it(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, aiohttp_client: Any
+) -> None:
+    """An instance that missed a revocation's broadcast (no Redis) picks it up on reconnection."""
+    fake = FakeProvider(Step(body=chat_body("ok")))
+    server = await start_server(fake.app())
+    prefix = f"proxyd-test-{uuid.uuid4().hex[:8]}:"
+    proxy = TcpProxy()
+    await proxy.start()
+    instances = []
+    for i, url in enumerate([REDIS, f"redis://127.0.0.1:{proxy.port}/0"]):
+        home = tmp_path / f"i{i}"
+        home.mkdir()
+        config = make_config(
+            home,
+            [channel("c1", server_url(server))],
+            keys=[key()],
+            redis={"url": url, "prefix": prefix},
+            server={"admin_token": TOKEN},
+        )
+        client, parts = await start_proxy(config)
+        await asyncio.wait_for(parts.broadcast.subscribed.wait(), 5)
+        instances.append((client, parts))
+    (_, a_parts), (b, b_parts) = instances
+    control = await aiohttp_client(create_control(a_parts))
+    await proxy.stop()
+    for _ in range(100):
+        if not b_parts.broadcast.subscribed.is_set():
+            break
+        await asyncio.sleep(0.02)
+    resp = await control.delete("/control/v1/keys/k1", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status in (200, 204)
+    await asyncio.sleep(0.2)
+    assert (await b.post("/v1/chat/completions", headers=AUTH, json=CHAT)).status == 200  # stale
+    await proxy.start()
+    for _ in range(250):
+        status = (await b.post("/v1/chat/completions", headers=AUTH, json=CHAT)).status
+        if status == 401:
+            break
+        await asyncio.sleep(0.02)
+    assert status == 401
+    await proxy.stop()
