@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
@@ -143,14 +146,22 @@ class AttemptFailed(Exception):
         self.retry_after = retry_after
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
+def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
+    """A provider's `Retry-After`, in seconds from `now` (unix time): delay-seconds or HTTP-date."""
     value = headers.get("Retry-After")
     if value is None:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; an unzoned one is taken as such
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
 
 
 async def open_attempt(
@@ -196,7 +207,7 @@ async def open_attempt(
             resp.status,
             exchange.error_body(resp.status, data),
             resp.headers,
-            _retry_after(resp.headers),
+            retry_after_seconds(resp.headers, time.time()),
         )
     return resp
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -171,12 +173,14 @@ async def test_cooldown_then_single_trial(
     assert {c["id"]: c for c in parts.channel_health()}["primary"]["healthy"] is True
 
 
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
 async def test_upstream_429_retry_after_cools_the_channel(
-    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, form: str
 ) -> None:
-    """An upstream 429 with Retry-After keeps that channel out for that long."""
+    """An upstream 429 with Retry-After (either form) keeps that channel out for that long."""
+    value = "30" if form == "seconds" else formatdate(time.time() + 30, usegmt=True)
     primary = FakeProvider(Step(body=chat_body("primary"))).then(
-        Step(status=429, body=b"{}", headers={"Retry-After": "30"})
+        Step(status=429, body=b"{}", headers={"Retry-After": value})
     )
     backup = FakeProvider(Step(body=chat_body("backup")))
     client, parts = await _two(tmp_path, start_server, start_proxy, primary, backup)

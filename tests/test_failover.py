@@ -16,6 +16,7 @@ from proxyd.failover import (
     decide,
     final_failure,
 )
+from proxyd.relay import retry_after_seconds
 
 K = AttemptKind
 CONNECT = Attempt(K.CONNECT_ERROR)
@@ -194,3 +195,23 @@ def test_last_upstream_response_is_passed_through(
     assert final.upstream_index == index
     assert final.status == status_
     assert final.error_type is ErrorType.UPSTREAM_ERROR
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("30", 30.0),
+        ("1.5", 1.5),
+        ("-4", 0.0),
+        ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # already past
+        ("Wed, 21 Oct 2015 07:28:30", 30.0),  # no zone: GMT
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_retry_after_in_both_forms(value: str, expected: float | None) -> None:
+    """Retry-After as delay-seconds or as an HTTP-date, relative to now; garbage is ignored."""
+    now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert retry_after_seconds({"Retry-After": value}, now) == expected
+    assert retry_after_seconds({}, now) is None
