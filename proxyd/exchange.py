@@ -117,7 +117,9 @@ class Exchange:
                 )
             else:
                 req = translate.messages_request_to_chat(
-                    call.body, upstream_model=self.upstream_model
+                    call.body,
+                    upstream_model=self.upstream_model,
+                    max_tokens_field=channel.max_tokens_field,
                 )
             url, body = channel.base_url + req.path, req.payload()
             headers.update(req.headers)

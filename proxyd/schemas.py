@@ -138,6 +138,12 @@ class ChannelSpec(_Strict):
         default=None, ge=1, le=_MAX, description="Upstream requests per minute cap."
     )
     max_concurrency: int | None = Field(default=None, ge=1, le=_MAX)
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        default="max_tokens",
+        description="On an openai channel, the field a translated Anthropic request's max_tokens"
+        " is sent as: max_tokens (any OpenAI-compatible server) or max_completion_tokens"
+        " (what OpenAI's reasoning models require).",
+    )
 
     @model_validator(mode="after")
     def _one_credential(self) -> ChannelSpec:

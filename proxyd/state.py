@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Literal
 
 from proxyd import pricing
 from proxyd.schemas import (
@@ -88,6 +89,7 @@ class Channel:
     chunk_timeout: float
     rpm: int | None
     max_concurrency: int | None
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
     def upstream_model(self, model: str) -> str:
         """The name the provider knows `model` by."""
@@ -172,6 +174,7 @@ def compile_channel(
         chunk_timeout=spec.chunk_timeout,
         rpm=spec.rpm,
         max_concurrency=spec.max_concurrency,
+        max_tokens_field=spec.max_tokens_field,
     )
 
 

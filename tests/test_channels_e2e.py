@@ -336,6 +336,35 @@ async def test_anthropic_client_on_openai_channel(
     assert fake.seen[0].body["stream_options"] == {"include_usage": True}
 
 
+@pytest.mark.parametrize("field", [None, "max_tokens", "max_completion_tokens"])
+async def test_translated_max_tokens_goes_in_the_channels_field(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, field: str | None
+) -> None:
+    """An Anthropic client's max_tokens reaches an openai channel in the field it configures."""
+    fake = FakeProvider(Step(body=chat_body("ok")))
+    server = await start_server(fake.app())
+    extra = {} if field is None else {"max_tokens_field": field}
+    config = make_config(
+        tmp_path, [channel("gpt", server_url(server), models=["claude-test"], **extra)]
+    )
+    client, _ = await start_proxy(config)
+    resp = await client.post(
+        "/v1/messages",
+        headers={"x-api-key": SECRET, "anthropic-version": "2023-06-01"},
+        json={
+            "model": "claude-test",
+            "max_tokens": 77,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    assert resp.status == 200
+    sent = fake.seen[0].body
+    expected = field or "max_tokens"
+    other = {"max_tokens", "max_completion_tokens"} - {expected}
+    assert sent[expected] == 77
+    assert not other & set(sent)
+
+
 async def test_untranslatable_feature_is_a_clear_400(
     tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
 ) -> None:
