@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 
-from proxyd import relay as relay_module
+from proxyd import stream as stream_module
 from tests.conftest import (
     OTHER_SECRET,
     SECRET,
@@ -41,7 +41,7 @@ from tests.fakes import (
 def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs with streams relayed from aiohttp's parser and with the read loop."""
     if request.param == "read":
-        monkeypatch.setattr(relay_module, "can_tap", lambda resp: False)
+        monkeypatch.setattr(stream_module, "can_tap", lambda resp: False)
     return str(request.param)
 
 
@@ -553,7 +553,7 @@ async def test_tapped_streams_leave_no_registration_behind(
 ) -> None:
     """Complete, cut and abandoned streams all unregister; the read loop registers nothing."""
     pipes = _RecordingPipes()
-    monkeypatch.setattr(relay_module, "_PIPES", pipes)
+    monkeypatch.setattr(stream_module, "_PIPES", pipes)
     events = chat_events([f"part{i} " for i in range(40)])
     fake = FakeProvider().then(
         Step(events=events, stall_between=0.005),
