@@ -1,0 +1,5 @@
+"""`python -m proxyd.mockprovider`: run the mock provider."""
+
+from proxyd.mockprovider.app import main
+
+main()
