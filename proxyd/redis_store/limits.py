@@ -1,0 +1,118 @@
+"""Per-key token buckets and concurrency leases shared by every instance through Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxyd.buckets import duration_text
+from proxyd.limits import LimitGrant, LocalLimits, concurrency_limited, rate_limited
+from proxyd.redis_scripts import UNIT
+from proxyd.redis_store.store import RedisStore, RedisUnavailable
+from proxyd.state import KeyRecord
+
+
+def _bucket_headers(kind: str, rate: int, level: int, cap: int, out: dict[str, str]) -> None:
+    out[f"x-ratelimit-limit-{kind}"] = str(rate)
+    out[f"x-ratelimit-remaining-{kind}"] = str(max(0, level // UNIT))
+    reset_ms = -(-(cap * UNIT - level) // rate) if level < cap * UNIT else 0
+    out[f"x-ratelimit-reset-{kind}"] = duration_text(reset_ms * 1000)
+
+
+class RedisLimits:
+    """Per-key limits shared by every instance; the local limits while Redis is away."""
+
+    shared = True
+
+    def __init__(self, store: RedisStore, local: LocalLimits | None = None) -> None:
+        self.store = store
+        self.local = local or LocalLimits()
+
+    def _keys(self, key_id: str) -> list[str]:
+        base = f"{self.store.prefix}lim:{{{key_id}}}:"
+        return [base + "r", base + "t", base + "c"]
+
+    @staticmethod
+    def _rates(key: KeyRecord) -> list[int]:
+        return [
+            key.rpm or 0,
+            key.burst_requests or key.rpm or 0,
+            key.tpm or 0,
+            key.burst_tokens or key.tpm or 0,
+        ]
+
+    async def acquire(self, key: KeyRecord, tokens: int) -> LimitGrant:
+        """Take one request, the tokens and a slot in Redis, or raise the 429; never partial."""
+        if self.store.fallback_active or not (key.rpm or key.tpm or key.max_concurrency):
+            return self.local.acquire_now(key, tokens)
+        keys = self._keys(key.id)
+        cap = key.max_concurrency or 0
+        lease = self.store.new_lease() if cap else ""
+        args = [*self._rates(key), tokens, cap, lease, self.store.lease_ms]
+        try:
+            result = await self.store.call("acquire", keys, args)
+        except RedisUnavailable:
+            return self.local.acquire_now(key, tokens)
+        except BaseException:
+            if lease:  # cancelled mid-call: the slot may have been taken; free it
+                self.store.submit("release", keys, [*self._rates(key), 0, 0, lease])
+            raise
+        status, wait_r, wait_t, level_r, level_t, _ = (int(x) for x in result)
+        headers: dict[str, str] = {}
+        if key.rpm:
+            _bucket_headers("requests", key.rpm, level_r, key.burst_requests or key.rpm, headers)
+        if key.tpm:
+            _bucket_headers("tokens", key.tpm, level_t, key.burst_tokens or key.tpm, headers)
+        if status == 1:
+            raise rate_limited(wait_r * 1000, wait_t * 1000, headers)
+        if status == 2:
+            raise concurrency_limited(cap)
+        if lease:
+            self.store.leases[lease] = (keys[2], True)
+        return LimitGrant(key.id, tokens, headers, lease=lease or None, remote=True, key=key)
+
+    def release(self, grant: LimitGrant, *, tokens: int | None) -> None:
+        """End a grant once; shared work runs in the background (see LocalLimits.release)."""
+        if not grant.remote:
+            self.local.release(grant, tokens=tokens)
+            return
+        if grant.released:
+            return
+        grant.released = True
+        if grant.lease is not None:
+            self.store.leases.pop(grant.lease, None)
+        back_r = 1 if tokens is None else 0
+        back_t = grant.tokens if tokens is None else grant.tokens - tokens
+        if grant.key is not None and (back_r or back_t or grant.lease):
+            args = [*self._rates(grant.key), back_r, back_t, grant.lease or ""]
+            self.store.submit("release", self._keys(grant.key_id), args)
+
+    async def key_view(self, key: KeyRecord) -> dict[str, Any]:
+        """Live shared state of a key for the control API (local while Redis is away)."""
+        try:
+            result = await self.store.call("view", self._keys(key.id), self._rates(key))
+        except RedisUnavailable:
+            view = self.local.view_now(key)
+            view["fallback"] = True
+            return view
+        level_r, level_t, in_flight = (int(x) for x in result)
+        return {
+            "requests": _remote_bucket(key.rpm, key.burst_requests, level_r),
+            "tokens": _remote_bucket(key.tpm, key.burst_tokens, level_t),
+            "in_flight": in_flight if key.max_concurrency else None,
+            "max_concurrency": key.max_concurrency,
+            "shared": True,
+            "fallback": False,
+        }
+
+
+def _remote_bucket(rate: int | None, burst: int | None, level: int) -> dict[str, Any] | None:
+    if not rate:
+        return None
+    cap = burst or rate
+    reset_ms = -(-(cap * UNIT - level) // rate) if level < cap * UNIT else 0
+    return {
+        "limit": rate,
+        "capacity": cap,
+        "remaining": max(0, level // UNIT),
+        "reset_seconds": reset_ms / 1000,
+    }

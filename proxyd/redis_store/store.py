@@ -1,0 +1,204 @@
+"""The one Redis client of an instance, and the switch to local fallback and back.
+
+Every shared operation runs through `RedisStore.call`; while Redis is away the store says so,
+queues what must reach Redis, and replays it on recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from proxyd.redis_scripts import SCRIPTS
+
+log = structlog.get_logger("proxyd.redis")
+
+FAILURES = (RedisError, OSError, asyncio.TimeoutError)  # what "Redis is away" looks like
+Op = Callable[[], Awaitable[object]]
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot be used now; the caller uses its local fallback."""
+
+
+def cancelling() -> bool:
+    """Whether the current task is being cancelled (redis-py may turn that into an error)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class RedisStore:
+    """One Redis client for the shared limits, ledger and broadcast, and the fallback switch."""
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "proxyd:",
+        timeout: float = 0.5,
+        retry_interval: float = 1.0,
+        lease_seconds: float = 300.0,
+        replay_max: int = 100_000,
+    ) -> None:
+        self.client: Redis = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.prefix = prefix
+        self.fallback_active = False
+        self.lease_ms = int(lease_seconds * 1000)
+        self.instance = uuid.uuid4().hex[:12]
+        self.scripts: dict[str, AsyncScript] = {
+            name: self.client.register_script(lua) for name, lua in SCRIPTS.items()
+        }
+        self.leases: dict[str, tuple[str, bool]] = {}  # live lease -> (its zset, pexpire it)
+        self.on_recover: list[Callable[[], None]] = []
+        self.retry_interval = retry_interval
+        self._lease_ids = itertools.count()
+        self._pending: deque[Op] = deque()
+        self._replay_max = replay_max
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reconnect: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self.closed = False
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Check Redis once (falling back when it does not answer) and start lease refreshes."""
+        try:
+            await self.client.ping()
+        except FAILURES as exc:
+            self.mark_down(exc)
+        self._refresher = asyncio.create_task(self._refresh_leases())
+
+    async def close(self) -> None:
+        """Stop background work, let in-flight writes end, and close the connections.
+
+        redis-py can swallow a cancellation that lands mid-command, so the loops also stop on
+        `closed`, and nothing here waits for them without a time limit.
+        """
+        self.closed = True
+        self._stop.set()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2.0)
+        loops = {t for t in (self._reconnect, self._refresher) if t is not None}
+        for task in loops:
+            task.cancel()
+        if loops:
+            await asyncio.wait(loops, timeout=2.0)
+        await self.client.aclose()
+
+    async def drain(self) -> None:
+        """Wait until the background writes started so far have ended."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    def new_lease(self) -> str:
+        """A lease id unique across instances."""
+        return f"{self.instance}:{next(self._lease_ids)}"
+
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script; raises RedisUnavailable (after switching to fallback) when it cannot."""
+        if self.fallback_active:
+            raise RedisUnavailable
+        try:
+            return await self.scripts[name](keys=keys, args=args)
+        except FAILURES as exc:
+            if cancelling():  # the caller left (e.g. the client hung up): Redis is fine
+                raise asyncio.CancelledError from exc
+            self.mark_down(exc)
+            raise RedisUnavailable from exc
+
+    def mark_down(self, exc: BaseException) -> None:
+        """Switch to the local fallback (once) and start reconnecting."""
+        if self.fallback_active or self.closed:
+            return
+        self.fallback_active = True
+        log.warning("redis_fallback", reason=f"{type(exc).__name__}: {exc}"[:200])
+        self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
+
+    def defer(self, op: Op) -> None:
+        """Keep `op` for when Redis is back (bounded: the oldest is dropped, with an error)."""
+        if len(self._pending) >= self._replay_max:
+            self._pending.popleft()
+            log.error("redis_replay_dropped", queued=len(self._pending))
+        self._pending.append(op)
+
+    def submit(
+        self, name: str, keys: list[str], args: list[Any], done: Callable[[Any], None] | None = None
+    ) -> None:
+        """Run a script in the background, or queue it for replay while Redis is away."""
+
+        async def op() -> object:
+            result = await self.scripts[name](keys=keys, args=args)
+            if done is not None:
+                done(result)
+            return result
+
+        if self.fallback_active:
+            self.defer(op)
+            return
+        task = asyncio.get_running_loop().create_task(self._run(op))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, op: Op) -> None:
+        try:
+            await op()
+        except FAILURES as exc:
+            self.mark_down(exc)
+            self.defer(op)
+        except Exception:  # a background write must log, never kill the loop's task
+            log.exception("redis_background_write_failed")
+
+    async def pause(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True at once when the store is closing."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            return self.closed
+        return True
+
+    async def _reconnect_loop(self) -> None:
+        while not await self.pause(self.retry_interval):
+            try:
+                await self.client.ping()
+                replayed = 0
+                while self._pending:
+                    await self._pending[0]()
+                    self._pending.popleft()
+                    replayed += 1
+            except FAILURES:
+                continue
+            self.fallback_active = False
+            self._reconnect = None
+            log.warning("redis_recovered", replayed=replayed)
+            for callback in self.on_recover:
+                callback()
+            return
+
+    async def _refresh_leases(self) -> None:
+        while not await self.pause(self.lease_ms / 3000):
+            if self.fallback_active or not self.leases:
+                continue
+            groups: dict[tuple[str, bool], list[str]] = {}
+            for lease, where in self.leases.items():
+                groups.setdefault(where, []).append(lease)
+            try:
+                for (zset, pexpire), leases in groups.items():
+                    await self.call("refresh", [zset], [self.lease_ms, int(pexpire), *leases])
+            except RedisUnavailable:
+                continue
