@@ -13,11 +13,11 @@ from proxyd import translate
 from proxyd.call import Call, injects_usage, native_body
 from proxyd.errors import ErrorType, ProxydError
 from proxyd.state import Channel
+from proxyd.translate.common import ANTHROPIC_VERSION
 from proxyd.usage import StreamUsage, Usage, is_usage_only_chunk, usage_from_body
 from proxyd.wire import anthropic as anthropic_wire
 from proxyd.wire import openai as openai_wire
 
-ANTHROPIC_VERSION = "2023-06-01"
 # Client request headers passed on to an Anthropic channel (the rest are the operator's business).
 _ANTHROPIC_PASS = ("anthropic-version", "anthropic-beta")
 # OpenAI adds this to every chunk of a stream that asked for usage; inside a JSON string the

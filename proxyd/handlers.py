@@ -184,18 +184,22 @@ async def read_call(request: web.Request, endpoint: Endpoint) -> Call:
     """Read the body within the size limit and parse it; 413 without reading an oversized one."""
     limit = request.app[MAX_BODY]
     if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        raise _too_large(limit)
     content = request.content
     if content.is_eof():  # the whole body came with the headers (most requests): take it as is
         raw = content.read_nowait()
         if len(raw) > limit:
-            raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-        return parse_call(endpoint, raw)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.") from None
+            raise _too_large(limit)
+    else:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
     return parse_call(endpoint, raw)
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
 
 
 def resolve(state: State, key: KeyRecord, call: Call) -> pricing.Price:

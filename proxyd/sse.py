@@ -10,6 +10,11 @@ _SEP = b"\n\n"
 _CRLF_SEP = b"\r\n\r\n"
 
 
+def chunk_frame(data: bytes) -> bytes:
+    """`data` as one HTTP/1.1 chunked-encoding frame (what aiohttp's writer would send)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 class EventSplitter:
     """Feed reads in; get back whole events (each with its blank-line terminator)."""
 

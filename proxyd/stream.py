@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from proxyd.errors import ErrorType
 from proxyd.exchange import Exchange, StreamTransform, stream_failure
-from proxyd.sse import EventSplitter
+from proxyd.sse import EventSplitter, chunk_frame
 
 if TYPE_CHECKING:
     from proxyd.relay import Outcome
@@ -52,11 +52,6 @@ class _IdleWatch:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-
-
-def _frame(data: bytes) -> bytes:
-    """One HTTP/1.1 chunked-encoding frame (what aiohttp's writer would send for `data`)."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 class _ClientGone(ConnectionResetError):
@@ -129,7 +124,7 @@ class _Pipe:
             self.client_gone = True
             self.end(_ClientGone("the client left"))
             return
-        transport.write(_frame(events[0] if len(events) == 1 else b"".join(events)))
+        transport.write(chunk_frame(events[0] if len(events) == 1 else b"".join(events)))
         if self.protocol.writing_paused and not self.paused:  # the client is not reading
             self.paused = True
             if self.upstream is not None:

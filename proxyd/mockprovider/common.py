@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxyd.sse import chunk_frame
+
 _TEXT = (
     "The quick brown fox jumps over the lazy dog while a patient relay carries every "
     "token from the model to the client without buffering, trimming or inventing any "
@@ -51,11 +53,6 @@ def _strlen(value: Any) -> int:
         skip = ("role", "type", "name", "id", "cache_control")
         return sum(_strlen(v) for k, v in value.items() if k not in skip)
     return 0
-
-
-def _frame(event: bytes) -> bytes:
-    """One HTTP/1.1 chunked-encoding frame around an event."""
-    return b"%x\r\n%s\r\n" % (len(event), event)
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:
@@ -159,7 +156,7 @@ class MockConfig:
         self.ticker: Ticker | None = None
         self.chat_tails = [_chat_tail({"content": w}, None) for w in WORDS]
         self.chat_tails_usage = [_chat_tail({"content": w}, None, usage_null=True) for w in WORDS]
-        self.anthropic_deltas = [_frame(_sse("content_block_delta", _delta(w))) for w in WORDS]
+        self.anthropic_deltas = [chunk_frame(_sse("content_block_delta", _delta(w))) for w in WORDS]
 
 
 CONFIG_KEY = web.AppKey("mock_config", MockConfig)

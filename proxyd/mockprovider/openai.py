@@ -19,7 +19,6 @@ from proxyd.mockprovider.common import (
     _bad_body,
     _budget,
     _chat_tail,
-    _frame,
     _json,
     _openai_auth,
     _pace,
@@ -30,6 +29,7 @@ from proxyd.mockprovider.common import (
     mock_text,
     prompt_tokens,
 )
+from proxyd.sse import chunk_frame
 
 
 @_openai_auth
@@ -78,7 +78,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     role = {"role": "assistant", "content": "", "refusal": None}
     first = prefix + _chat_tail(role, None, usage_null=with_usage)
     tails = cfg.chat_tails_usage if with_usage else cfg.chat_tails
-    content = [_frame(prefix + tails[k % len(tails)]) for k in range(n)]
+    content = [chunk_frame(prefix + tails[k % len(tails)]) for k in range(n)]
     last = prefix + _chat_tail({}, finish, usage_null=with_usage)
     if with_usage:
         usage = orjson.dumps(_usage_openai(p, n))
@@ -122,7 +122,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     events = [
         prefix + _chat_tail({"content": WORDS[k % len(WORDS)]}, None, "text") for k in range(n)
     ]
-    first, content = events[0] if events else b"", [_frame(e) for e in events[1:]]
+    first, content = events[0] if events else b"", [chunk_frame(e) for e in events[1:]]
     last = prefix + _chat_tail({}, finish, "text")
     opts = body.get("stream_options")
     if isinstance(opts, dict) and opts.get("include_usage"):
@@ -264,7 +264,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         ]
     )
     content = [
-        _frame(
+        chunk_frame(
             _sse(
                 "response.output_text.delta",
                 {

@@ -11,6 +11,8 @@ import orjson
 
 from proxyd.translate.common import JSON, bad_upstream, load_json_object
 from proxyd.usage import Usage, parse_usage
+from proxyd.wire.anthropic import error_json as anthropic_error_json
+from proxyd.wire.anthropic import error_type_for_status
 
 STOP_REASONS = {
     "stop": "end_turn",
@@ -20,17 +22,6 @@ STOP_REASONS = {
     "content_filter": "refusal",
 }
 """OpenAI finish_reason -> Anthropic stop_reason."""
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-}
 
 
 def openai_usage(usage: Any) -> Usage | None:
@@ -114,14 +105,9 @@ def openai_completion_to_anthropic(raw: bytes, *, model: str) -> tuple[bytes, Us
     return orjson.dumps(body), usage
 
 
-def anthropic_error_json(message: str, error_type: str) -> JSON:
-    """An error body in Anthropic's wire format."""
-    return {"type": "error", "error": {"type": error_type, "message": message}}
-
-
 def openai_error_to_anthropic(status: int, raw: bytes) -> bytes:
     """An upstream OpenAI error body as an Anthropic error body; the caller keeps the status."""
-    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    kind = error_type_for_status(status)
     body = load_json_object(raw)
     error = body.get("error") if body is not None else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):

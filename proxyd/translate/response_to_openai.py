@@ -11,6 +11,7 @@ import orjson
 
 from proxyd.translate.common import JSON, bad_upstream, load_json_object
 from proxyd.usage import Usage, parse_usage
+from proxyd.wire.openai import error_json as openai_error_json
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -115,11 +116,6 @@ def anthropic_message_to_openai(raw: bytes, *, model: str, created: int) -> tupl
     return orjson.dumps(body), usage
 
 
-def openai_error_json(message: str, error_type: str, code: str | None = None) -> JSON:
-    """An error body in OpenAI's wire format."""
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-
-
 def anthropic_error_to_openai(status: int, raw: bytes) -> bytes:
     """An upstream Anthropic error body as an OpenAI error body; the caller keeps the status."""
     body = load_json_object(raw)
@@ -127,6 +123,6 @@ def anthropic_error_to_openai(status: int, raw: bytes) -> bytes:
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         kind = str(error.get("type") or "api_error")
         mapped = ERROR_TYPES.get(kind, "server_error" if status >= 500 else "invalid_request_error")
-        return orjson.dumps(openai_error_json(error["message"], mapped, kind))
+        return orjson.dumps(openai_error_json(error["message"], mapped, code=kind))
     kind = "server_error" if status >= 500 else "invalid_request_error"
     return orjson.dumps(openai_error_json(f"The upstream provider answered {status}.", kind))

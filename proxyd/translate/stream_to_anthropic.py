@@ -13,11 +13,11 @@ import orjson
 from proxyd.translate.common import JSON, load_json_object, sse_data
 from proxyd.translate.response_to_anthropic import (
     STOP_REASONS,
-    anthropic_error_json,
     anthropic_usage_json,
     openai_usage,
 )
 from proxyd.usage import Usage
+from proxyd.wire.anthropic import error_json as anthropic_error_json
 
 _BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
 _TEXT_DELTA = (

@@ -15,10 +15,10 @@ from proxyd.translate.response_to_openai import (
     ERROR_TYPES,
     FINISH_REASONS,
     anthropic_usage,
-    openai_error_json,
     openai_usage_json,
 )
 from proxyd.usage import Usage
+from proxyd.wire.openai import error_json as openai_error_json
 
 DONE = b"data: [DONE]\n\n"
 _OPEN_SUFFIX = b',"logprobs":null,"finish_reason":null}]}\n\n'
@@ -197,6 +197,6 @@ class AnthropicToOpenAIStream:
         body = openai_error_json(
             message if isinstance(message, str) else "The upstream provider failed.",
             ERROR_TYPES.get(kind, "server_error"),
-            kind,
+            code=kind,
         )
         return [b"data: " + orjson.dumps(body) + b"\n\n"]

@@ -5,6 +5,8 @@ Pure module; renders a ProxydError, never a request or response body.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from proxyd.errors import ErrorType, ProxydError
@@ -23,13 +25,21 @@ _TYPE_BY_STATUS = {
 }
 
 
-def error_payload(err: ProxydError) -> dict[str, object]:
-    """`{"type": "error", "error": {"type", "message"}}` for `err`."""
+def error_type_for_status(status: int) -> str:
+    """Anthropic's error `type` for an HTTP status."""
+    return _TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def error_json(message: str, error_type: str) -> dict[str, Any]:
+    """`{"type": "error", "error": {"type", "message"}}`: an error body in Anthropic's format."""
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def error_payload(err: ProxydError) -> dict[str, Any]:
+    """The Anthropic error body for `err`."""
     if err.error_type is ErrorType.INSUFFICIENT_QUOTA:
-        kind = "billing_error"
-    else:
-        kind = _TYPE_BY_STATUS.get(err.status, "api_error")
-    return {"type": "error", "error": {"type": kind, "message": err.message}}
+        return error_json(err.message, "billing_error")
+    return error_json(err.message, error_type_for_status(err.status))
 
 
 def error_body(err: ProxydError) -> bytes:

@@ -5,6 +5,8 @@ Pure module; renders a ProxydError, never a request or response body.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from proxyd.errors import ErrorType, ProxydError
@@ -31,22 +33,27 @@ _CODE_BY_TYPE = {
 }
 
 
-def error_payload(err: ProxydError) -> dict[str, object]:
-    """`{"error": {"message", "type", "param", "code"}}` for `err`."""
+def error_json(
+    message: str, error_type: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}`: an error body in OpenAI's format."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_payload(err: ProxydError) -> dict[str, Any]:
+    """The OpenAI error body for `err`."""
     if err.error_type is ErrorType.INSUFFICIENT_QUOTA:
         kind = "insufficient_quota"
     elif err.error_type is ErrorType.RATE_LIMITED:
         kind = "tokens" if err.param == "tokens" else "requests"
     else:
         kind = _TYPE_BY_STATUS.get(err.status, "server_error" if err.status >= 500 else "error")
-    return {
-        "error": {
-            "message": err.message,
-            "type": kind,
-            "param": None if err.error_type is ErrorType.RATE_LIMITED else err.param,
-            "code": _CODE_BY_TYPE.get(err.error_type, err.error_type.value),
-        }
-    }
+    return error_json(
+        err.message,
+        kind,
+        param=None if err.error_type is ErrorType.RATE_LIMITED else err.param,
+        code=_CODE_BY_TYPE.get(err.error_type, err.error_type.value),
+    )
 
 
 def error_body(err: ProxydError) -> bytes:
