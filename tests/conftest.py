@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -140,3 +142,30 @@ async def sdk() -> AsyncIterator[SDKs]:
     yield sdks
     for made in sdks.made:
         await made.close()
+
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def pg_url(database: str) -> str:
+    """A direct connection URL to one database of the test server."""
+    return f"postgresql://postgres@127.0.0.1:5432/{database}"
+
+
+async def _pg_admin(statement: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    """A fresh, empty database for one test; dropped (connections and all) afterwards."""
+    name = f"proxyd_test_{uuid.uuid4().hex[:16]}"
+    await _pg_admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from tests.conftest import (
     channel,
     key,
     make_config,
+    pg_url,
     server_url,
 )
 from tests.fakes import (
@@ -43,7 +43,6 @@ from tests.pg_proxy import PgProxy
 
 pytestmark = pytest.mark.postgres
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 THIRD_SECRET = "sk-test-charlie-0123456789"
 OAI = {"Authorization": f"Bearer {SECRET}"}
 ANT = {"x-api-key": SECRET, "anthropic-version": "2023-06-01"}
@@ -58,30 +57,6 @@ PRICES = {
         "claude-e2e": {"input": "3.0001", "output": "15"},
     },
 }
-
-
-def pg_url(database: str) -> str:
-    """A direct connection URL to one database of the test server."""
-    return f"postgresql://postgres@127.0.0.1:5432/{database}"
-
-
-async def _admin(statement: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    """A fresh, empty database for one test; dropped (connections and all) afterwards."""
-    name = f"proxyd_e2e_{uuid.uuid4().hex[:16]}"
-    await _admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def fetch_rows(database: str) -> list[dict[str, Any]]:

@@ -22,34 +22,22 @@ import pytest
 import structlog
 
 from proxyd.logs import configure_logging
-from tests.conftest import SDKs, StartProxy, StartServer, channel, key, key_hash, make_config
+from tests.conftest import (
+    SDKs,
+    StartProxy,
+    StartServer,
+    channel,
+    key,
+    key_hash,
+    make_config,
+    pg_url,
+)
 from tests.conftest import server_url as url_of
 from tests.fakes import FakeProvider, Step, anthropic_body, anthropic_events, chat_body, chat_events
 from tests.pg_proxy import PgProxy
-from tests.test_billing_e2e import pg_url, until
+from tests.test_billing_e2e import until
 
 pytestmark = pytest.mark.postgres
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-async def _admin(statement: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    """A fresh database for this test; dropped afterwards."""
-    name = f"proxyd_privacy_{uuid.uuid4().hex[:16]}"
-    await _admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
