@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxyd import estimate, logs, sync
 from proxyd.admit import Admission, AdmissionSettings, Ledger, Limits
+from proxyd.attempt import Upstream
 from proxyd.balances import LocalLedger
 from proxyd.billing.migrate import migrate, retention_task
 from proxyd.billing.sink import open_sink
@@ -33,7 +34,7 @@ from proxyd.metrics import Metrics
 from proxyd.observe import wire_sources
 from proxyd.pipeline import Pipeline
 from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
-from proxyd.relay import Relay, Upstream
+from proxyd.relay import Relay
 from proxyd.route import Router
 from proxyd.state import StateStore
 

@@ -46,6 +46,11 @@ class UpstreamSettings(_Section):
     pool_size: int = Field(default=10_000, ge=1)
     pool_size_per_host: int = Field(default=0, ge=0)
     keepalive_seconds: float = Field(default=30.0, gt=0)
+    fast_client: bool = Field(
+        default=True,
+        description="Whole (non-stream) answers through proxyd's own HTTP/1.1 client; "
+        "false sends them through aiohttp, as streams always are.",
+    )
     max_attempts: int = Field(default=3, ge=1, le=10)
     deadline_seconds: float = Field(default=60.0, gt=0)
     default_anthropic_max_tokens: int = Field(default=4096, ge=1)

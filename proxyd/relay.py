@@ -1,27 +1,23 @@
 """Relay: send a call to a channel and pass its answer back, event by event, byte for byte.
 
-With `stream`, the only modules that touch the aiohttp client. It retries only while nothing
-has reached the client, never reads on after the client left, and never keeps, logs or inspects
-a body beyond the usage scan.
+Each attempt is made by `attempt`. The relay retries only while nothing has reached the client,
+never reads on after the client left, and never keeps, logs or inspects a body beyond the usage
+scan.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
+from proxyd.attempt import AttemptFailed, Upstream, Whole, open_attempt
 from proxyd.call import Call
-from proxyd.config import UpstreamSettings
 from proxyd.errors import ErrorType
 from proxyd.exchange import Exchange, stream_failure
 from proxyd.failover import (
@@ -38,8 +34,6 @@ from proxyd.route import Router
 from proxyd.state import Channel
 from proxyd.stream import relay_stream
 from proxyd.usage import StreamUsage, Usage, completion_text
-
-_MAX_ERROR_BODY = 1 << 20
 
 
 @dataclass(slots=True)
@@ -59,63 +53,7 @@ class Outcome:
     tried: list[str] = field(default_factory=list)
 
 
-class Upstream:
-    """The one shared client session whose pool carries every upstream request."""
-
-    def __init__(self, settings: UpstreamSettings) -> None:
-        self.settings = settings
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float, float | None], aiohttp.ClientTimeout] = {}
-        self._insecure = ssl.create_default_context()
-        self._insecure.check_hostname = False
-        self._insecure.verify_mode = ssl.CERT_NONE
-
-    async def start(self) -> None:
-        """Open the pool; call once from the app's cleanup context."""
-        connector = aiohttp.TCPConnector(
-            limit=self.settings.pool_size,
-            limit_per_host=self.settings.pool_size_per_host,
-            keepalive_timeout=self.settings.keepalive_seconds,
-            ttl_dns_cache=300,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent",),
-            # Many clients share this session: a cookie one provider answer sets must never
-            # ride along on another client's request (and no jar is cheaper per request).
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-
-    async def close(self) -> None:
-        """Close the pool (waits for the connections to close)."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("the upstream session is not started")
-        return self._session
-
-    def timeout_for(self, connect: float, read: float | None) -> aiohttp.ClientTimeout:
-        """The client timeout for these limits, built once (channels share a handful of them)."""
-        key = (connect, read)
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, sock_connect=connect, sock_read=read
-            )
-        return timeout
-
-    def ssl_for(self, channel: Channel) -> ssl.SSLContext | bool:
-        """TLS verification stays on unless the channel turns it off."""
-        return True if channel.verify_tls else self._insecure
-
-
-def client_headers_for(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+def client_headers_for(upstream: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
     """Response headers for the client: the content type and proxyd's own; nothing hop-by-hop."""
     out: CIMultiDict[str] = CIMultiDict()
     out["Content-Type"] = upstream.get("Content-Type", "application/json")
@@ -126,95 +64,10 @@ def client_headers_for(upstream: CIMultiDictProxy[str], request_id: str) -> CIMu
     return out
 
 
-class AttemptFailed(Exception):
-    """One attempt failed before anything reached the client; another channel may serve."""
-
-    def __init__(
-        self,
-        error_type: ErrorType,
-        status: int | None = None,
-        body: bytes | None = None,
-        headers: CIMultiDictProxy[str] | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(error_type.value)
-        self.error_type = error_type
-        self.status = status
-        self.body = body
-        self.headers = headers
-        self.retry_after = retry_after
-
-
-def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
-    """A provider's `Retry-After`, in seconds from `now` (unix time): delay-seconds or HTTP-date."""
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; an unzoned one is taken as such
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
-
-
-async def open_attempt(
-    upstream: Upstream, exchange: Exchange, credential: str, client_headers: Mapping[str, str]
-) -> aiohttp.ClientResponse:
-    """Send the request and wait for the response headers; raise AttemptFailed when retryable."""
-    channel = exchange.channel
-    url, headers, body = exchange.request(credential, client_headers)
-    stream = exchange.call.stream
-    # A stream's gaps are watched by `_IdleWatch` (one timer per stream, not one per read); a
-    # whole answer is bounded per read by first_byte_timeout, which also covers its headers.
-    timeout = upstream.timeout_for(
-        channel.connect_timeout, None if stream else channel.first_byte_timeout
-    )
-    sending = upstream.session.post(
-        url,
-        data=body,
-        headers=headers,
-        timeout=timeout,
-        proxy=channel.proxy,
-        ssl=upstream.ssl_for(channel),
-        allow_redirects=False,
-    )
-    try:
-        if stream:
-            async with asyncio.timeout(channel.first_byte_timeout):
-                resp = await sending
-        else:
-            resp = await sending
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        raise AttemptFailed(ErrorType.UPSTREAM_TIMEOUT) from None
-    except (aiohttp.ClientError, OSError):
-        raise AttemptFailed(ErrorType.UPSTREAM_CONNECT) from None
-    if resp.status == 429 or resp.status >= 500:
-        try:
-            data = await resp.content.read(_MAX_ERROR_BODY)
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            data = b""
-        finally:
-            resp.close()
-        raise AttemptFailed(
-            ErrorType.UPSTREAM_ERROR,
-            resp.status,
-            exchange.error_body(resp.status, data),
-            resp.headers,
-            retry_after_seconds(resp.headers, time.time()),
-        )
-    return resp
-
-
 async def deliver(
     request: web.Request,
     exchange: Exchange,
-    resp: aiohttp.ClientResponse,
+    resp: aiohttp.ClientResponse | Whole,
     outcome: Outcome,
     request_id: str,
     extra_headers: Mapping[str, str],
@@ -223,6 +76,10 @@ async def deliver(
     headers = client_headers_for(resp.headers, request_id)
     headers.update(extra_headers)
     outcome.status = resp.status
+    if isinstance(resp, Whole):
+        if resp.broken is not None:
+            raise stream_failure(resp.broken.timeout)
+        return whole_response(exchange, resp.status, resp.body, headers, outcome)
     is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
     if exchange.call.stream and is_sse and resp.status < 400:
         return await relay_stream(request, exchange, resp, outcome, headers)
@@ -237,9 +94,16 @@ async def deliver(
         raise stream_failure(isinstance(exc, TimeoutError)) from None
     finally:
         resp.release()
-    if resp.status >= 400:
+    return whole_response(exchange, resp.status, raw, headers, outcome)
+
+
+def whole_response(
+    exchange: Exchange, status: int, raw: bytes, headers: CIMultiDict[str], outcome: Outcome
+) -> web.Response:
+    """A whole upstream answer for the client, converted when translated; usage noted."""
+    if status >= 400:
         outcome.error_type = ErrorType.UPSTREAM_CLIENT_ERROR
-        body = exchange.error_body(resp.status, raw)
+        body = exchange.error_body(status, raw)
         if exchange.translated:
             headers["Content-Type"] = "application/json"
     else:
@@ -250,7 +114,7 @@ async def deliver(
             headers["Content-Type"] = "application/json"
     outcome.first_byte_at = asyncio.get_running_loop().time()
     outcome.sent = True
-    return web.Response(body=body, status=resp.status, headers=headers)
+    return web.Response(body=body, status=status, headers=headers)
 
 
 def passthrough_error(

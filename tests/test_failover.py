@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxyd.attempt import retry_after_seconds
 from proxyd.errors import ErrorType, UpstreamFailure
 from proxyd.failover import (
     Attempt,
@@ -16,7 +17,6 @@ from proxyd.failover import (
     decide,
     final_failure,
 )
-from proxyd.relay import retry_after_seconds
 
 K = AttemptKind
 CONNECT = Attempt(K.CONNECT_ERROR)

@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 
+from proxyd import attempt as attempt_module
 from proxyd import stream as stream_module
 from tests.conftest import (
     OTHER_SECRET,
@@ -39,9 +40,17 @@ from tests.fakes import (
 
 @pytest.fixture(params=["tap", "read"], autouse=True)
 def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with streams relayed from aiohttp's parser and with the read loop."""
+    """Every test runs twice: streams tapped from aiohttp's parser and whole answers through the
+    h1 client ("tap"), then streams through the read loop and whole answers through aiohttp."""
     if request.param == "read":
         monkeypatch.setattr(stream_module, "can_tap", lambda resp: False)
+        start = attempt_module.Upstream.start
+
+        async def aiohttp_only(self: attempt_module.Upstream) -> None:
+            await start(self)
+            self.h1 = None
+
+        monkeypatch.setattr(attempt_module.Upstream, "start", aiohttp_only)
     return str(request.param)
 
 
@@ -69,17 +78,23 @@ async def _setup(
 
 
 async def test_chat_non_stream_through_openai_sdk(
-    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs, read_path: str
 ) -> None:
     """A non-stream chat completion arrives intact and upstream sees the channel's own key."""
     fake = FakeProvider(Step(body=chat_body("hi there")))
-    client, _ = await _setup(
+    client, parts = await _setup(
         tmp_path, start_server, start_proxy, fake, model_map={"gpt-test": "up-model"}
     )
     result = await sdk.openai(client).chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": "hello"}]
     )
     assert result.choices[0].message.content == "hi there"
+    h1 = parts.upstream.h1
+    if read_path == "tap":  # the answer came through the h1 client, which keeps the connection
+        assert h1 is not None
+        assert h1.idle_connections() == 1
+    else:
+        assert h1 is None
     seen = fake.seen[0]
     assert seen.path == "/v1/chat/completions"
     assert seen.headers["Authorization"] == "Bearer upstream-c1"

@@ -1,0 +1,247 @@
+"""One attempt on one channel: send the request, wait for the answer's head, classify failure.
+
+The only module besides `stream` that touches the aiohttp client; whole answers on channels
+without an HTTP proxy go through proxyd's own client (`proxyd.h1`). Never keeps or logs a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxyd.config import UpstreamSettings
+from proxyd.errors import ErrorType
+from proxyd.exchange import Exchange
+from proxyd.h1 import BadTarget, H1Error, H1Pool
+from proxyd.state import Channel
+
+MAX_ERROR_BODY = 1 << 20
+
+
+class Upstream:
+    """The shared upstream pools: proxyd's own HTTP/1.1 client for whole answers (`h1`), and
+    one aiohttp session for streams and for channels that go through an HTTP proxy."""
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+        self.h1: H1Pool | None = None
+        self._timeouts: dict[tuple[float, float | None], aiohttp.ClientTimeout] = {}
+        self._insecure = ssl.create_default_context()
+        self._insecure.check_hostname = False
+        self._insecure.verify_mode = ssl.CERT_NONE
+        self._verifying: ssl.SSLContext | None = None
+
+    async def start(self) -> None:
+        """Open the pool; call once from the app's cleanup context."""
+        connector = aiohttp.TCPConnector(
+            limit=self.settings.pool_size,
+            limit_per_host=self.settings.pool_size_per_host,
+            keepalive_timeout=self.settings.keepalive_seconds,
+            ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+            skip_auto_headers=("User-Agent",),
+            # Many clients share this session: a cookie one provider answer sets must never
+            # ride along on another client's request (and no jar is cheaper per request).
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        if self.settings.fast_client:
+            self.h1 = H1Pool(
+                limit=self.settings.pool_size,
+                limit_per_host=self.settings.pool_size_per_host,
+                keepalive_seconds=self.settings.keepalive_seconds,
+            )
+
+    async def close(self) -> None:
+        """Close the pools (waits for the connections to close)."""
+        if self.h1 is not None:
+            await self.h1.close()
+            self.h1 = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the upstream session is not started")
+        return self._session
+
+    def timeout_for(self, connect: float, read: float | None) -> aiohttp.ClientTimeout:
+        """The client timeout for these limits, built once (channels share a handful of them)."""
+        key = (connect, read)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None, sock_connect=connect, sock_read=read
+            )
+        return timeout
+
+    def ssl_for(self, channel: Channel) -> ssl.SSLContext | bool:
+        """TLS verification stays on unless the channel turns it off."""
+        return True if channel.verify_tls else self._insecure
+
+    def ssl_context_for(self, channel: Channel) -> ssl.SSLContext:
+        """The TLS context of `channel` for the h1 client (verifying unless turned off)."""
+        if not channel.verify_tls:
+            return self._insecure
+        if self._verifying is None:
+            self._verifying = ssl.create_default_context()
+        return self._verifying
+
+
+class AttemptFailed(Exception):
+    """One attempt failed before anything reached the client; another channel may serve."""
+
+    def __init__(
+        self,
+        error_type: ErrorType,
+        status: int | None = None,
+        body: bytes | None = None,
+        headers: CIMultiDictProxy[str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(error_type.value)
+        self.error_type = error_type
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
+    """A provider's `Retry-After`, in seconds from `now` (unix time): delay-seconds or HTTP-date."""
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; an unzoned one is taken as such
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+@dataclass(slots=True)
+class Whole:
+    """A whole (non-stream) answer read by the h1 client; `broken` when it broke after its head."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    broken: H1Error | None = None
+
+
+async def open_attempt(
+    upstream: Upstream, exchange: Exchange, credential: str, client_headers: Mapping[str, str]
+) -> aiohttp.ClientResponse | Whole:
+    """Send the request and wait for the response headers; raise AttemptFailed when retryable.
+
+    A whole answer on a channel without an HTTP proxy goes through the h1 client and comes back
+    complete; everything else through the aiohttp session.
+    """
+    channel = exchange.channel
+    url, headers, body = exchange.request(credential, client_headers)
+    stream = exchange.call.stream
+    if not stream and upstream.h1 is not None and channel.proxy is None:
+        return await fetch_whole(upstream.h1, upstream, exchange, url, headers, body)
+    # A stream's gaps are watched by `_IdleWatch` (one timer per stream, not one per read); a
+    # whole answer is bounded per read by first_byte_timeout, which also covers its headers.
+    timeout = upstream.timeout_for(
+        channel.connect_timeout, None if stream else channel.first_byte_timeout
+    )
+    sending = upstream.session.post(
+        url,
+        data=body,
+        headers=headers,
+        timeout=timeout,
+        proxy=channel.proxy,
+        ssl=upstream.ssl_for(channel),
+        allow_redirects=False,
+    )
+    try:
+        if stream:
+            async with asyncio.timeout(channel.first_byte_timeout):
+                resp = await sending
+        else:
+            resp = await sending
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise AttemptFailed(ErrorType.UPSTREAM_TIMEOUT) from None
+    except (aiohttp.ClientError, OSError):
+        raise AttemptFailed(ErrorType.UPSTREAM_CONNECT) from None
+    if resp.status == 429 or resp.status >= 500:
+        try:
+            data = await resp.content.read(MAX_ERROR_BODY)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            data = b""
+        finally:
+            resp.close()
+        raise _refused(exchange, resp.status, resp.headers, data)
+    return resp
+
+
+def _refused(
+    exchange: Exchange, status: int, headers: CIMultiDictProxy[str], data: bytes
+) -> AttemptFailed:
+    """The retryable failure for an upstream 429 or 5xx answer."""
+    return AttemptFailed(
+        ErrorType.UPSTREAM_ERROR,
+        status,
+        exchange.error_body(status, data),
+        headers,
+        retry_after_seconds(headers, time.time()),
+    )
+
+
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+async def fetch_whole(
+    pool: H1Pool,
+    upstream: Upstream,
+    exchange: Exchange,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> Whole:
+    """One attempt through the h1 client: the whole answer, or AttemptFailed when retryable."""
+    channel = exchange.channel
+    try:
+        answer = await pool.post(
+            url,
+            headers,
+            body,
+            ssl_context=upstream.ssl_context_for(channel),
+            connect_timeout=channel.connect_timeout,
+            read_timeout=channel.first_byte_timeout,
+        )
+    except BadTarget:  # a channel whose URL or headers cannot be sent: it cannot be reached
+        raise AttemptFailed(ErrorType.UPSTREAM_CONNECT) from None
+    except H1Error as exc:
+        if not exc.status:
+            kind = ErrorType.UPSTREAM_TIMEOUT if exc.timeout else ErrorType.UPSTREAM_CONNECT
+            raise AttemptFailed(kind) from None
+        if exc.status == 429 or exc.status >= 500:
+            raise _refused(exchange, exc.status, _NO_HEADERS, b"") from None
+        return Whole(exc.status, _NO_HEADERS, b"", broken=exc)
+    answer_headers = CIMultiDictProxy(CIMultiDict(answer.headers))
+    if answer.status == 429 or answer.status >= 500:
+        raise _refused(exchange, answer.status, answer_headers, answer.body[:MAX_ERROR_BODY])
+    return Whole(answer.status, answer_headers, answer.body)

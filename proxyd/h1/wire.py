@@ -1,0 +1,246 @@
+"""HTTP/1.1 on one connection: the request head, and the answer parsed by httptools.
+
+A connection is reusable only after a complete keep-alive answer with nothing more on the wire.
+Never logs, keeps or inspects a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+
+class H1Error(Exception):
+    """A request that got no complete answer; `status` is non-zero when its head had arrived."""
+
+    def __init__(self, message: str, *, timeout: bool = False, status: int = 0) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.status = status
+
+
+class BadTarget(ValueError):
+    """A URL or header this client cannot send (not http(s), or a CR/LF in a header)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a URL's requests go: the pool key and the request line's fixed parts."""
+
+    host: str
+    port: int
+    tls: bool
+    path: bytes
+    host_header: bytes
+
+
+@dataclass(slots=True)
+class Answer:
+    """A complete upstream answer."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def target_of(url: str) -> Target:
+    """The parsed `url`: host, port, TLS, path with query, Host header."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadTarget(f"not an http(s) URL: {parts.scheme}://{parts.hostname or ''}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == (443 if tls else 80) else f"{shown}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(host, port, tls, path.encode("ascii"), host_header.encode("idna"))
+
+
+_OWN_HEADERS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
+
+
+def request_head(target: Target, headers: dict[str, str], length: int) -> bytes:
+    """The request line and headers of a POST of `length` bytes; refuses CR/LF in a header.
+
+    Header names are case-insensitive: of two that differ only in case the later wins. The
+    framing headers are this client's own.
+    """
+    merged: dict[str, tuple[str, str]] = {}
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise BadTarget(f"header {name!r} cannot be sent")
+        lower = name.lower()
+        if lower not in _OWN_HEADERS:
+            merged[lower] = (name, value)
+    lines = [b"POST ", target.path, b" HTTP/1.1\r\nHost: ", target.host_header]
+    for name, value in merged.values():
+        lines += (b"\r\n", name.encode("latin-1"), b": ", value.encode("latin-1"))
+    lines += (b"\r\nContent-Length: ", str(length).encode(), b"\r\n\r\n")
+    return b"".join(lines)
+
+
+# A pool key: host, port and the TLS context (None for plain HTTP). Connections made with one
+# context (verifying, or not) are never handed to a request that asked for the other.
+Key = tuple[str, int, ssl.SSLContext | None]
+
+
+class Connection(asyncio.Protocol):
+    """One upstream connection: writes a request, parses the answer with httptools."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: Key,
+        lost_idle: Callable[[Connection], None],
+    ) -> None:
+        self.loop = loop
+        self.key = key
+        self._lost_idle = lost_idle  # the pool's: an idle connection the upstream closed
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.counted = True  # still counted in the pool's open connections
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Answer] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._status = 0
+        self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self._complete = False
+        self._keep_alive = False
+        self._dirty = False
+        self._until_close = True  # no Content-Length and not chunked: the body ends at close
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_timeout = 0.0
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None or self._complete:  # bytes nobody asked for: not reusable
+            self.close()
+            return
+        self._last_read = self.loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(H1Error(f"malformed upstream answer: {exc}", status=self._status))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if self._waiter is None:  # idle in the pool: the upstream closed it
+            self._lost_idle(self)
+            return
+        if self._complete:
+            return
+        if self._status >= 200 and self._until_close:  # a read-until-close body has ended
+            self._finish()
+            return
+        self._fail(H1Error("the upstream closed the connection", status=self._status))
+
+    # -- httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._complete:  # bytes past the answer, in the same read: the wire is not clean
+            self._dirty = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = name.decode("latin-1")
+        ln = n.lower()
+        if ln == "content-length" or (ln == "transfer-encoding" and b"chunked" in value.lower()):
+            self._until_close = False
+        self._headers.append((n, value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._status < 200:  # an interim 1xx answer: the real one follows
+            self._reset_answer()
+            return
+        self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it after this call
+        self._finish()
+
+    # -- one exchange ---------------------------------------------------------------------------
+    def _reset_answer(self) -> None:
+        self._status = 0
+        self._headers = []
+        self._body = []
+        self._until_close = True
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._cancel_timer()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            waiter.set_result(Answer(self._status, self._headers, body))
+
+    def _fail(self, exc: H1Error) -> None:
+        self._cancel_timer()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_read(self) -> None:
+        """The per-read timer: re-armed while reads keep coming, else the request times out."""
+        self._timer = None
+        due = self._last_read + self._read_timeout
+        if due > self.loop.time():
+            self._timer = self.loop.call_at(due, self._check_read)
+            return
+        self._fail(
+            H1Error("the upstream did not answer in time", timeout=True, status=self._status)
+        )
+        self.close()
+
+    def send(self, head: bytes, body: bytes, read_timeout: float | None) -> asyncio.Future[Answer]:
+        """Write one request; the future resolves with the answer or an H1Error."""
+        self._reset()
+        waiter = self._waiter = self.loop.create_future()
+        assert self.transport is not None
+        self.transport.writelines((head, body))
+        if read_timeout is not None:
+            self._read_timeout = read_timeout
+            self._last_read = now = self.loop.time()
+            self._timer = self.loop.call_at(now + read_timeout, self._check_read)
+        return waiter
+
+    def reusable(self) -> bool:
+        """Whether the last exchange ended cleanly on a connection both sides keep open."""
+        return (
+            self._complete
+            and not self.closed
+            and self._keep_alive
+            and not self._dirty
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def release(self) -> None:
+        self._waiter = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
