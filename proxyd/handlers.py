@@ -21,6 +21,7 @@ from proxyd.call import Call, parse_call
 from proxyd.errors import BodyTooLarge, ErrorType, ModelNotFound, ProxydError
 from proxyd.pipeline import Pipeline
 from proxyd.relay import Outcome, relay
+from proxyd.respond import WholeResponse
 from proxyd.state import KeyRecord, State
 from proxyd.wire import anthropic as anthropic_wire
 from proxyd.wire import openai as openai_wire
@@ -34,7 +35,7 @@ def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()  # as unique as uuid4().hex, at a quarter of the cost
 
 
-def error_response(protocol: str, err: ProxydError, request_id: str) -> web.Response:
+def error_response(protocol: str, err: ProxydError, request_id: str) -> WholeResponse:
     """`err` rendered in the caller's wire format, with Retry-After and extra headers."""
     body = (
         anthropic_wire.error_body(err) if protocol == "anthropic" else openai_wire.error_body(err)
@@ -42,7 +43,7 @@ def error_response(protocol: str, err: ProxydError, request_id: str) -> web.Resp
     headers = {"Content-Type": "application/json", "x-request-id": request_id, **err.headers}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
-    return web.Response(body=body, status=err.status, headers=headers)
+    return WholeResponse(err.status, body, headers.items())
 
 
 @dataclass(slots=True)
@@ -139,7 +140,7 @@ class ClientHandlers:
             p.finish(record, outcome, call, ticket, meter.start, loop.time(), state)
             p.metrics.request_finished()
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models: the models the calling key may use, in the caller's format."""
         request_id = new_request_id()
         anthropic = "anthropic-version" in request.headers

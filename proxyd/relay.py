@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +30,7 @@ from proxyd.failover import (
     final_failure,
 )
 from proxyd.health import ChannelHealth
+from proxyd.respond import WholeResponse
 from proxyd.route import Router
 from proxyd.state import Channel
 from proxyd.stream import relay_stream
@@ -99,7 +100,7 @@ async def deliver(
 
 def whole_response(
     exchange: Exchange, status: int, raw: bytes, headers: CIMultiDict[str], outcome: Outcome
-) -> web.Response:
+) -> WholeResponse:
     """A whole upstream answer for the client, converted when translated; usage noted."""
     if status >= 400:
         outcome.error_type = ErrorType.UPSTREAM_CLIENT_ERROR
@@ -114,22 +115,22 @@ def whole_response(
             headers["Content-Type"] = "application/json"
     outcome.first_byte_at = asyncio.get_running_loop().time()
     outcome.sent = True
-    return web.Response(body=body, status=status, headers=headers)
+    return WholeResponse(status, body, headers.items())
 
 
 def passthrough_error(
     last: AttemptFailed, request_id: str, extra_headers: Mapping[str, str]
-) -> web.Response:
+) -> WholeResponse:
     """The last upstream error response, as the provider sent it (in the client's format)."""
     assert last.status is not None
     content_type = "application/json"
     if last.headers is not None:
         content_type = last.headers.get("Content-Type", content_type)
-    headers: dict[str, Any] = {"Content-Type": content_type, "x-request-id": request_id}
+    headers: dict[str, str] = {"Content-Type": content_type, "x-request-id": request_id}
     headers.update(extra_headers)
     if last.retry_after is not None:
         headers["Retry-After"] = str(int(last.retry_after + 0.999))
-    return web.Response(body=last.body or b"", status=last.status, headers=headers)
+    return WholeResponse(last.status, last.body or b"", headers.items())
 
 
 class RelayObserver(Protocol):
