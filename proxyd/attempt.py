@@ -1,7 +1,8 @@
 """One attempt on one channel: send the request, wait for the answer's head, classify failure.
 
-The only module besides `stream` that touches the aiohttp client; whole answers on channels
-without an HTTP proxy go through proxyd's own client (`proxyd.h1`). Never keeps or logs a body.
+The only module besides `stream` that touches the aiohttp client, used for channels with an HTTP
+proxy (or with upstream.fast_client off); everything else goes through proxyd's own client
+(`proxyd.h1`). Never keeps or logs a body.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxyd.config import UpstreamSettings
 from proxyd.errors import ErrorType
 from proxyd.exchange import Exchange
-from proxyd.h1 import BadTarget, H1Error, H1Pool
+from proxyd.h1 import BadTarget, H1Error, H1Pool, Stream
 from proxyd.state import Channel
 
 MAX_ERROR_BODY = 1 << 20
 
 
 class Upstream:
-    """The shared upstream pools: proxyd's own HTTP/1.1 client for whole answers (`h1`), and
-    one aiohttp session for streams and for channels that go through an HTTP proxy."""
+    """The shared upstream pools: proxyd's own HTTP/1.1 client (`h1`), and one aiohttp session
+    for channels that go through an HTTP proxy (and for every call with fast_client off)."""
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
@@ -149,18 +150,54 @@ class Whole:
     broken: H1Error | None = None
 
 
+class Streaming:
+    """A stream call's answer from the h1 client, its head in and its body still to come."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, body: Stream) -> None:
+        self.body = body
+        self.status = body.status
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(body.headers))
+
+    async def read(self) -> bytes:
+        """The whole body (a stream call answered without SSE); raises OSError or TimeoutError."""
+        try:
+            return await self.body.read_all()
+        except H1Error as exc:
+            raise as_os_error(exc) from None
+
+    def close(self) -> None:
+        """Drop the connection, whatever was left unread."""
+        self.body.abort()
+
+    def release(self) -> None:
+        """Back to the pool if the body was read to its end, else closed."""
+        self.body.release()
+
+
+def as_os_error(exc: H1Error) -> OSError:
+    """An h1 failure in the terms the relay handles for either client."""
+    return TimeoutError(str(exc)) if exc.timeout else ConnectionResetError(str(exc))
+
+
+Answered = aiohttp.ClientResponse | Whole | Streaming
+
+
 async def open_attempt(
     upstream: Upstream, exchange: Exchange, credential: str, client_headers: Mapping[str, str]
-) -> aiohttp.ClientResponse | Whole:
+) -> Answered:
     """Send the request and wait for the response headers; raise AttemptFailed when retryable.
 
-    A whole answer on a channel without an HTTP proxy goes through the h1 client and comes back
-    complete; everything else through the aiohttp session.
+    On a channel without an HTTP proxy the h1 client carries the call: a whole answer comes back
+    complete, a stream with its head in. Otherwise the aiohttp session does.
     """
     channel = exchange.channel
     url, headers, body = exchange.request(credential, client_headers)
     stream = exchange.call.stream
-    if not stream and upstream.h1 is not None and channel.proxy is None:
+    if upstream.h1 is not None and channel.proxy is None:
+        if stream:
+            return await open_stream(upstream.h1, upstream, exchange, url, headers, body)
         return await fetch_whole(upstream.h1, upstream, exchange, url, headers, body)
     # A stream's gaps are watched by `_IdleWatch` (one timer per stream, not one per read); a
     # whole answer is bounded per read by first_byte_timeout, which also covers its headers.
@@ -210,6 +247,44 @@ def _refused(
     )
 
 
+async def open_stream(
+    pool: H1Pool,
+    upstream: Upstream,
+    exchange: Exchange,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> Streaming:
+    """One stream attempt through the h1 client: its head, or AttemptFailed when retryable."""
+    channel = exchange.channel
+    try:
+        answer = Streaming(
+            await pool.open(
+                url,
+                headers,
+                body,
+                ssl_context=upstream.ssl_context_for(channel) if url[:6] == "https:" else None,
+                connect_timeout=channel.connect_timeout,
+                head_timeout=channel.first_byte_timeout,
+            )
+        )
+    except BadTarget:
+        raise AttemptFailed(ErrorType.UPSTREAM_CONNECT) from None
+    except H1Error as exc:
+        kind = ErrorType.UPSTREAM_TIMEOUT if exc.timeout else ErrorType.UPSTREAM_CONNECT
+        raise AttemptFailed(kind) from None
+    if answer.status == 429 or answer.status >= 500:
+        try:
+            async with asyncio.timeout(channel.first_byte_timeout):
+                data = await answer.body.read_all(MAX_ERROR_BODY)
+        except (H1Error, TimeoutError):
+            data = b""
+        finally:
+            answer.release()
+        raise _refused(exchange, answer.status, answer.headers, data)
+    return answer
+
+
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
@@ -228,7 +303,7 @@ async def fetch_whole(
             url,
             headers,
             body,
-            ssl_context=upstream.ssl_context_for(channel),
+            ssl_context=upstream.ssl_context_for(channel) if url[:6] == "https:" else None,
             connect_timeout=channel.connect_timeout,
             read_timeout=channel.first_byte_timeout,
         )

@@ -48,8 +48,8 @@ class UpstreamSettings(_Section):
     keepalive_seconds: float = Field(default=30.0, gt=0)
     fast_client: bool = Field(
         default=True,
-        description="Whole (non-stream) answers through proxyd's own HTTP/1.1 client; "
-        "false sends them through aiohttp, as streams always are.",
+        description="Upstream calls through proxyd's own HTTP/1.1 client (h1); false sends "
+        "every call through aiohttp, as channels with a proxy always are.",
     )
     max_attempts: int = Field(default=3, ge=1, le=10)
     deadline_seconds: float = Field(default=60.0, gt=0)

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxyd.attempt import AttemptFailed, Upstream, Whole, open_attempt
+from proxyd.attempt import Answered, AttemptFailed, Upstream, Whole, open_attempt
 from proxyd.call import Call
 from proxyd.errors import ErrorType
 from proxyd.exchange import Exchange, stream_failure
@@ -68,7 +68,7 @@ def client_headers_for(upstream: Mapping[str, str], request_id: str) -> CIMultiD
 async def deliver(
     request: web.Request,
     exchange: Exchange,
-    resp: aiohttp.ClientResponse | Whole,
+    resp: Answered,
     outcome: Outcome,
     request_id: str,
     extra_headers: Mapping[str, str],

@@ -1,12 +1,14 @@
 """Stream relay: one upstream SSE answer to the client, event by event, as the provider sends it.
 
-Each upstream read is split, transformed and written to the client's transport from inside
-aiohttp's parser callback; nothing is buffered, parsed beyond the usage scan, or kept past it.
+Each upstream read is split, transformed and written to the client's transport from inside the
+upstream parser's callback (the h1 client's, or aiohttp's through `_Tap`); nothing is buffered,
+parsed beyond the usage scan, or kept past it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -14,8 +16,10 @@ from aiohttp import web
 from aiohttp.helpers import _EXC_SENTINEL
 from multidict import CIMultiDict
 
+from proxyd.attempt import Streaming, as_os_error
 from proxyd.errors import ErrorType
 from proxyd.exchange import Exchange, StreamTransform, stream_failure
+from proxyd.h1 import H1Error
 from proxyd.sse import EventSplitter, chunk_frame
 
 if TYPE_CHECKING:
@@ -29,14 +33,14 @@ class _IdleWatch:
     (aiohttp's own read timeout cancels and re-creates a timer on every read).
     """
 
-    __slots__ = ("_content", "_handle", "_loop", "_timeout", "last")
+    __slots__ = ("_expire", "_handle", "_loop", "_timeout", "last")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, timeout: float, content: aiohttp.StreamReader
+        self, loop: asyncio.AbstractEventLoop, timeout: float, expire: Callable[[], None]
     ) -> None:
         self._loop = loop
         self._timeout = timeout
-        self._content = content
+        self._expire = expire  # ends the stream with a timeout
         self.last = loop.time()
         self._handle: asyncio.TimerHandle | None = loop.call_at(self.last + timeout, self._check)
 
@@ -46,7 +50,7 @@ class _IdleWatch:
             self._handle = self._loop.call_at(due, self._check)
             return
         self._handle = None
-        self._content.set_exception(aiohttp.ServerTimeoutError("no data from the upstream"))
+        self._expire()
 
     def cancel(self) -> None:
         if self._handle is not None:
@@ -194,13 +198,38 @@ class _Tap(aiohttp.StreamReader):
             pipe.end(exc)
 
 
+def _expiry(resp: aiohttp.ClientResponse | Streaming) -> Callable[[], None]:
+    """How the idle watch ends this stream with a timeout."""
+    if isinstance(resp, Streaming):
+        body = resp.body
+        return lambda: body.abort(H1Error("no data from the upstream", timeout=True))
+    content = resp.content
+    return lambda: content.set_exception(aiohttp.ServerTimeoutError("no data from the upstream"))
+
+
 def can_tap(resp: aiohttp.ClientResponse) -> bool:
     """Whether the response's reader can become a `_Tap` (aiohttp's plain, undecoded reader)."""
     return type(resp.content) is aiohttp.StreamReader and resp.connection is not None
 
 
-async def _pump(resp: aiohttp.ClientResponse, pipe: _Pipe) -> None:
+def _ended_by(pipe: _Pipe) -> Callable[[H1Error | None], None]:
+    """An h1 stream's end, handed to `pipe` in the terms the relay handles for either client."""
+
+    def end(error: H1Error | None) -> None:
+        pipe.end(None if error is None else as_os_error(error))
+
+    return end
+
+
+async def _pump(resp: aiohttp.ClientResponse | Streaming, pipe: _Pipe) -> None:
     """Run the stream through `pipe` until its end; raise what ended it, if not a clean end."""
+    if isinstance(resp, Streaming):  # the h1 client calls the pipe from its parser directly
+        pipe.upstream = resp.body
+        resp.body.attach(pipe.feed, _ended_by(pipe))
+        await _follow(pipe)
+        if pipe.error is not None:
+            raise pipe.error
+        return
     content = resp.content
     tapped = can_tap(resp)
     if tapped:
@@ -215,20 +244,16 @@ async def _pump(resp: aiohttp.ClientResponse, pipe: _Pipe) -> None:
         if content.is_eof() or content.exception() is not None:
             pipe.end(content.exception())
     try:
-        while not pipe.ended:
-            if tapped:
-                await pipe.wait()
-            else:
+        if tapped:
+            await _follow(pipe)
+        else:
+            while not pipe.ended:
                 data = await content.readany()
                 if not data:
                     pipe.end(None)
                     break
                 pipe.feed(data)
-            if pipe.paused and not pipe.ended:
-                await pipe.protocol._drain_helper()  # what aiohttp's writer awaits to drain
-                pipe.paused = False
-                if pipe.upstream is not None:
-                    pipe.upstream.resume_reading()  # may feed held-back reads right here
+                await _unpause(pipe)
     finally:
         if tapped:
             del _PIPES[id(content)]
@@ -236,10 +261,25 @@ async def _pump(resp: aiohttp.ClientResponse, pipe: _Pipe) -> None:
         raise pipe.error
 
 
+async def _follow(pipe: _Pipe) -> None:
+    """Wait while the upstream's parser feeds `pipe` itself; drain a client that fell behind."""
+    while not pipe.ended:
+        await pipe.wait()
+        await _unpause(pipe)
+
+
+async def _unpause(pipe: _Pipe) -> None:
+    if pipe.paused and not pipe.ended:
+        await pipe.protocol._drain_helper()  # what aiohttp's writer awaits to drain
+        pipe.paused = False
+        if pipe.upstream is not None:
+            pipe.upstream.resume_reading()  # may feed held-back reads right here
+
+
 async def relay_stream(
     request: web.Request,
     exchange: Exchange,
-    resp: aiohttp.ClientResponse,
+    resp: aiohttp.ClientResponse | Streaming,
     outcome: Outcome,
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
@@ -254,7 +294,7 @@ async def relay_stream(
     transform = exchange.stream()
     outcome.scanner = transform.scanner
     writing = False
-    watch = _IdleWatch(loop, exchange.channel.chunk_timeout, resp.content)
+    watch = _IdleWatch(loop, exchange.channel.chunk_timeout, _expiry(resp))
     pipe: _Pipe | None = None
     try:
         await response.prepare(request)

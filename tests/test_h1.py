@@ -473,3 +473,183 @@ def test_tls_verifies_unless_told_not_to(loop: str) -> None:
         server.close()
 
     run_on(loop, main)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+async def _open(pool: H1Pool, url: str, head_timeout: float = 2.0) -> Any:
+    return await pool.open(
+        url, {}, b"{}", ssl_context=None, connect_timeout=2.0, head_timeout=head_timeout
+    )
+
+
+def _sink() -> tuple[list[bytes], asyncio.Future[Any], Any, Any]:
+    got: list[bytes] = []
+    ended: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def on_end(error: H1Error | None) -> None:
+        assert not ended.done(), "on_end ran twice"
+        ended.set_result(error)
+
+    return got, ended, got.append, on_end
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stream_reads_arrive_as_sent_and_the_connection_is_kept(loop: str) -> None:
+    """Each read reaches the sink when it arrives (what came with the head first); a stream read
+    to its end returns its connection to the pool for the next request."""
+
+    async def main() -> None:
+        go = asyncio.Event()
+
+        async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            await r.readexactly(2)
+            w.write(SSE_HEAD + _chunk(b"data: 1\n\n"))
+            await go.wait()
+            w.write(_chunk(b"data: 2\n\n") + b"0\r\n\r\n")
+            await r.readuntil(b"\r\n\r\n")  # the next request, on the same connection
+            await r.readexactly(2)
+            w.write(OK)
+            await r.read()
+
+        async with Wire(script) as wire:
+            pool = H1Pool(limit=10)
+            stream = await _open(pool, wire.url)
+            assert stream.status == 200
+            assert ("Content-Type", "text/event-stream") in stream.headers
+            await asyncio.sleep(0.05)  # the first event is in before anyone listens
+            got, ended, on_data, on_end = _sink()
+            stream.attach(on_data, on_end)
+            assert got == [b"data: 1\n\n"]
+            go.set()
+            assert await asyncio.wait_for(ended, 2) is None
+            assert got == [b"data: 1\n\n", b"data: 2\n\n"]
+            stream.release()
+            assert pool.idle_connections() == 1
+            assert (await post(pool, wire.url)).body == b'{"a":1}'
+            assert wire.connections == 1
+            await pool.close()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stream_cut_abort_and_head_timeout(loop: str) -> None:
+    """A cut stream ends with an error carrying its status; an aborted one closes; a head that
+    never comes times out. None of them leaves a connection counted."""
+
+    async def cut(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(SSE_HEAD + _chunk(b"data: 1\n\n"))
+        await w.drain()
+
+    async def endless(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(SSE_HEAD)
+        while True:
+            w.write(_chunk(b"data: x\n\n"))
+            await asyncio.sleep(0.01)
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.read()
+
+    async def main() -> None:
+        pool = H1Pool(limit=10)
+        async with Wire(cut) as wire:
+            stream = await _open(pool, wire.url)
+            got, ended, on_data, on_end = _sink()
+            stream.attach(on_data, on_end)
+            error = await asyncio.wait_for(ended, 2)
+            assert isinstance(error, H1Error)
+            assert (error.status, error.timeout, got) == (200, False, [b"data: 1\n\n"])
+            stream.release()
+        async with Wire(endless) as wire:
+            stream = await _open(pool, wire.url)
+            got, ended, on_data, on_end = _sink()
+            stream.attach(on_data, on_end)
+            await asyncio.sleep(0.05)
+            stream.abort(H1Error("gone", timeout=True))
+            error = await ended
+            assert isinstance(error, H1Error)
+            assert error.timeout
+            stream.release()
+        async with Wire(silent) as wire:
+            with pytest.raises(H1Error) as caught:
+                await _open(pool, wire.url, head_timeout=0.2)
+            assert caught.value.timeout
+        for _ in range(50):
+            if pool.open_connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.open_connections == 0
+        await pool.close()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stream_pause_holds_reads_back(loop: str) -> None:
+    """While paused nothing more reaches the sink; resumed, the rest arrives in order."""
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(SSE_HEAD)
+        for i in range(5):
+            w.write(_chunk(b"data: %d\n\n" % i))
+            await w.drain()
+            await asyncio.sleep(0.03)
+        w.write(b"0\r\n\r\n")
+        await r.read()
+
+    async def main() -> None:
+        async with Wire(script) as wire:
+            pool = H1Pool(limit=10)
+            stream = await _open(pool, wire.url)
+            got, ended, on_data, on_end = _sink()
+
+            def first_then_pause(data: bytes) -> None:
+                on_data(data)
+                if len(got) == 1:
+                    stream.pause_reading()
+
+            stream.attach(first_then_pause, on_end)
+            await asyncio.sleep(0.25)
+            assert len(got) == 1
+            stream.resume_reading()
+            assert await asyncio.wait_for(ended, 2) is None
+            assert b"".join(got) == b"".join(b"data: %d\n\n" % i for i in range(5))
+            stream.release()
+            await pool.close()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_read_all_with_a_limit_stops_there(loop: str) -> None:
+    """read_all returns the whole body, or its first `limit` bytes and drops the connection."""
+    big = b"x" * 5000
+
+    async def main() -> None:
+        answer = b"HTTP/1.1 503 Busy\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)
+        async with serve(answer_each(answer, answer)) as wire:
+            pool = H1Pool(limit=10)
+            stream = await _open(pool, wire.url)
+            assert stream.status == 503
+            assert await stream.read_all() == big
+            stream.release()
+            assert pool.idle_connections() == 1
+            stream = await _open(pool, wire.url)
+            assert await stream.read_all(100) == big[:100]
+            stream.release()
+            assert pool.open_connections == 0
+            await pool.close()
+
+    run_on(loop, main)

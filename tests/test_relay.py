@@ -38,12 +38,13 @@ from tests.fakes import (
 )
 
 
-@pytest.fixture(params=["tap", "read"], autouse=True)
+@pytest.fixture(params=["h1", "tap", "read"], autouse=True)
 def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs twice: streams tapped from aiohttp's parser and whole answers through the
-    h1 client ("tap"), then streams through the read loop and whole answers through aiohttp."""
+    """Every test runs on each upstream path: the h1 client for streams and whole answers
+    ("h1"); aiohttp with streams tapped from its parser ("tap"); aiohttp with the read loop."""
     if request.param == "read":
         monkeypatch.setattr(stream_module, "can_tap", lambda resp: False)
+    if request.param != "h1":
         start = attempt_module.Upstream.start
 
         async def aiohttp_only(self: attempt_module.Upstream) -> None:
@@ -90,7 +91,7 @@ async def test_chat_non_stream_through_openai_sdk(
     )
     assert result.choices[0].message.content == "hi there"
     h1 = parts.upstream.h1
-    if read_path == "tap":  # the answer came through the h1 client, which keeps the connection
+    if read_path == "h1":  # the answer came through the h1 client, which keeps the connection
         assert h1 is not None
         assert h1.idle_connections() == 1
     else:
@@ -566,7 +567,8 @@ async def test_tapped_streams_leave_no_registration_behind(
     monkeypatch: pytest.MonkeyPatch,
     read_path: str,
 ) -> None:
-    """Complete, cut and abandoned streams all unregister; the read loop registers nothing."""
+    """Complete, cut and abandoned streams all unregister (the read loop and h1 register
+    nothing), and h1 keeps no connection busy after them."""
     pipes = _RecordingPipes()
     monkeypatch.setattr(stream_module, "_PIPES", pipes)
     events = chat_events([f"part{i} " for i in range(40)])
@@ -575,7 +577,7 @@ async def test_tapped_streams_leave_no_registration_behind(
         Step(events=events, cut_after=5),
         Step(events=events, stall_between=0.05),
     )
-    client, _ = await _setup(tmp_path, start_server, start_proxy, fake)
+    client, parts = await _setup(tmp_path, start_server, start_proxy, fake)
     body = {
         "model": "gpt-test",
         "stream": True,
@@ -590,12 +592,18 @@ async def test_tapped_streams_leave_no_registration_behind(
     left = await client.post("/v1/chat/completions", headers=auth, json=body)
     await left.content.readline()
     left.close()
+    h1 = parts.upstream.h1
+
+    def busy() -> int:
+        return h1.open_connections - h1.idle_connections() if h1 is not None else 0
+
     for _ in range(100):
-        if not pipes and (read_path == "read" or pipes.registered == 3):
+        if not pipes and (read_path != "tap" or pipes.registered == 3) and not busy():
             break
         await asyncio.sleep(0.05)
     assert not pipes
     assert pipes.registered == (3 if read_path == "tap" else 0)
+    assert busy() == 0
 
 
 async def test_provider_cookies_are_not_kept(

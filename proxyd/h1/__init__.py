@@ -1,9 +1,18 @@
-"""proxyd's own HTTP/1.1 client for whole (non-stream) answers: `H1Pool.post` returns the answer.
+"""proxyd's own HTTP/1.1 client: `H1Pool.post` returns a whole answer, `H1Pool.open` a stream.
 
-Only `proxyd.attempt` uses it; streams stay on aiohttp. Never logs, keeps or inspects a body.
+Only `proxyd.attempt` and `proxyd.stream` use it. Never logs, keeps or inspects a body.
 """
 
-from proxyd.h1.pool import H1Pool
+from proxyd.h1.pool import H1Pool, Stream
 from proxyd.h1.wire import Answer, BadTarget, H1Error, Target, request_head, target_of
 
-__all__ = ["Answer", "BadTarget", "H1Error", "H1Pool", "Target", "request_head", "target_of"]
+__all__ = [
+    "Answer",
+    "BadTarget",
+    "H1Error",
+    "H1Pool",
+    "Stream",
+    "Target",
+    "request_head",
+    "target_of",
+]

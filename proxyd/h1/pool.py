@@ -10,9 +10,76 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxyd.h1.wire import Answer, Connection, H1Error, Key, Target, request_head, target_of
+
+
+class Stream:
+    """An answer whose head is in and whose body streams: `attach` a sink, or `read_all`."""
+
+    __slots__ = ("_conn", "_pool", "_released", "headers", "status")
+
+    def __init__(
+        self, pool: H1Pool, conn: Connection, status: int, headers: list[tuple[str, str]]
+    ) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._released = False
+        self.status = status
+        self.headers = headers
+
+    def attach(
+        self, on_data: Callable[[bytes], None], on_end: Callable[[H1Error | None], None]
+    ) -> None:
+        """Every read of the body to `on_data` as it arrives, then its end to `on_end` (once)."""
+        self._conn.attach(on_data, on_end)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the upstream (the client is not keeping up)."""
+        self._conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._conn.resume_reading()
+
+    async def read_all(self, limit: int | None = None) -> bytes:
+        """The rest of the body (its first `limit` bytes; the connection is then dropped)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        parts: list[bytes] = []
+        size = 0
+
+        def on_data(data: bytes) -> None:
+            nonlocal size
+            if limit is not None and size + len(data) >= limit:
+                parts.append(data[: limit - size])
+                size = limit
+                self.abort(H1Error("enough of the body was read"))
+                return
+            parts.append(data)
+            size += len(data)
+
+        def on_end(error: H1Error | None) -> None:
+            if done.done():
+                return
+            if error is not None and size != limit:
+                done.set_exception(error)
+            else:
+                done.set_result(None)
+
+        self.attach(on_data, on_end)
+        await done
+        return b"".join(parts)
+
+    def abort(self, error: H1Error | None = None) -> None:
+        """Drop the exchange: the sink ends with `error` and the connection closes."""
+        self._conn.abort(error or H1Error("the stream was abandoned"))
+
+    def release(self) -> None:
+        """Back to the pool when the body was read to its clean end, else closed. Idempotent."""
+        if not self._released:
+            self._released = True
+            self._pool._release(self._conn, self._conn.reusable())
 
 
 @dataclass(slots=True)
@@ -67,11 +134,7 @@ class H1Pool:
 
         `read_timeout` bounds every wait for bytes (the answer's head and each read after it).
         """
-        target = self._targets.get(url)
-        if target is None:
-            target = target_of(url)
-            if len(self._targets) < 4096:
-                self._targets[url] = target
+        target = self._target(url)
         head = request_head(target, headers, len(body))
         conn = await self._acquire(target, ssl_context, connect_timeout)
         ok = False
@@ -81,6 +144,38 @@ class H1Pool:
             return answer
         finally:
             self._release(conn, ok)
+
+    async def open(
+        self,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout: float,
+        head_timeout: float | None,
+    ) -> Stream:
+        """POST `body` to `url` and return once the answer's head is in; the body streams.
+
+        `head_timeout` bounds the wait for the head only. The caller must `release` the stream.
+        """
+        target = self._target(url)
+        head = request_head(target, headers, len(body))
+        conn = await self._acquire(target, ssl_context, connect_timeout)
+        try:
+            answer = await conn.send(head, body, head_timeout, stream=True)
+        except BaseException:
+            self._release(conn, False)
+            raise
+        return Stream(self, conn, answer.status, answer.headers)
+
+    def _target(self, url: str) -> Target:
+        target = self._targets.get(url)
+        if target is None:
+            target = target_of(url)
+            if len(self._targets) < 4096:
+                self._targets[url] = target
+        return target
 
     async def _acquire(
         self, target: Target, ssl_context: ssl.SSLContext | None, connect_timeout: float

@@ -111,7 +111,12 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[Answer] | None = None
         self._reset()
 
-    def _reset(self) -> None:
+    def _reset(self, stream: bool = False) -> None:
+        self._stream = stream  # the waiter resolves at the head; the body goes to a sink
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[H1Error | None], None] | None = None
+        self._ended = False
+        self._end_error: H1Error | None = None
         self._status = 0
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
@@ -164,10 +169,19 @@ class Connection(asyncio.Protocol):
         self._headers.append((n, value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        self._status = self._parser.get_status_code()
+        self._status = status = self._parser.get_status_code()
+        if self._stream and status >= 200:  # the head is what a stream's caller waits for
+            self._cancel_timer()
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(Answer(status, self._headers, b""))
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        on_data = self._on_data
+        if on_data is not None:
+            on_data(body)
+        else:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
         if self._status < 200:  # an interim 1xx answer: the real one follows
@@ -186,6 +200,9 @@ class Connection(asyncio.Protocol):
     def _finish(self) -> None:
         self._complete = True
         self._cancel_timer()
+        if self._stream:
+            self._end(None)
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
@@ -196,6 +213,44 @@ class Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+        elif self._stream:
+            self._end(exc)
+
+    def _end(self, error: H1Error | None) -> None:
+        """A stream's body ended (cleanly when `error` is None): tell the sink, once."""
+        if self._ended:
+            return
+        self._ended = True
+        self._end_error = error
+        if self._on_end is not None:
+            self._on_end(error)
+
+    # -- a stream's body --------------------------------------------------------------------------
+    def attach(
+        self, on_data: Callable[[bytes], None], on_end: Callable[[H1Error | None], None]
+    ) -> None:
+        """Send the rest of a stream's body to `on_data`, what arrived with the head first, and
+        its end to `on_end` (once)."""
+        self._on_data, self._on_end = on_data, on_end
+        if self._body:
+            early = b"".join(self._body)
+            self._body = []
+            on_data(early)
+        if self._ended:
+            on_end(self._end_error)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def abort(self, error: H1Error) -> None:
+        """Give up on the exchange: the sink (or waiter) learns `error`; the connection closes."""
+        self._fail(error)
+        self.close()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -214,9 +269,15 @@ class Connection(asyncio.Protocol):
         )
         self.close()
 
-    def send(self, head: bytes, body: bytes, read_timeout: float | None) -> asyncio.Future[Answer]:
-        """Write one request; the future resolves with the answer or an H1Error."""
-        self._reset()
+    def send(
+        self, head: bytes, body: bytes, read_timeout: float | None, *, stream: bool = False
+    ) -> asyncio.Future[Answer]:
+        """Write one request; the future resolves with the answer or an H1Error.
+
+        With `stream` it resolves at the answer's head (its body empty; see `attach`), and
+        `read_timeout` bounds only the wait for that head.
+        """
+        self._reset(stream)
         waiter = self._waiter = self.loop.create_future()
         assert self.transport is not None
         self.transport.writelines((head, body))
