@@ -23,7 +23,7 @@ _ANTHROPIC_PASS = ("anthropic-version", "anthropic-beta")
 # OpenAI adds this to every chunk of a stream that asked for usage; inside a JSON string the
 # quotes would be escaped, so the raw bytes only ever match the field itself.
 _NULL_USAGE = b',"usage":null'
-KEEP_BYTES = 4096
+KEEP_BYTES = 2048
 
 
 class StreamTransform:

@@ -94,6 +94,33 @@ Key = tuple[str, int, ssl.SSLContext | None]
 class Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses the answer with httptools."""
 
+    __slots__ = (
+        "_body",
+        "_complete",
+        "_dirty",
+        "_end_error",
+        "_ended",
+        "_headers",
+        "_keep_alive",
+        "_last_read",
+        "_lost_idle",
+        "_on_data",
+        "_on_end",
+        "_parser",
+        "_read_timeout",
+        "_status",
+        "_stream",
+        "_timer",
+        "_until_close",
+        "_waiter",
+        "closed",
+        "counted",
+        "idle_since",
+        "key",
+        "loop",
+        "transport",
+    )
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -136,7 +163,8 @@ class Connection(asyncio.Protocol):
         if self._waiter is None or self._complete:  # bytes nobody asked for: not reusable
             self.close()
             return
-        self._last_read = self.loop.time()
+        if self._timer is not None:  # only the head (or a whole answer) has a read timeout
+            self._last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
