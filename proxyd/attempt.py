@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -258,21 +259,9 @@ async def open_stream(
     """One stream attempt through the h1 client: its head, or AttemptFailed when retryable."""
     channel = exchange.channel
     try:
-        answer = Streaming(
-            await pool.open(
-                url,
-                headers,
-                body,
-                ssl_context=upstream.ssl_context_for(channel) if url[:6] == "https:" else None,
-                connect_timeout=channel.connect_timeout,
-                head_timeout=channel.first_byte_timeout,
-            )
-        )
-    except BadTarget:
-        raise AttemptFailed(ErrorType.UPSTREAM_CONNECT) from None
-    except H1Error as exc:
-        kind = ErrorType.UPSTREAM_TIMEOUT if exc.timeout else ErrorType.UPSTREAM_CONNECT
-        raise AttemptFailed(kind) from None
+        answer = Streaming(await pool.open(url, headers, body, **_h1_limits(upstream, channel)))
+    except (BadTarget, H1Error) as exc:
+        raise _h1_failed(exc) from None
     if answer.status == 429 or answer.status >= 500:
         try:
             async with asyncio.timeout(channel.first_byte_timeout):
@@ -297,22 +286,11 @@ async def fetch_whole(
     body: bytes,
 ) -> Whole:
     """One attempt through the h1 client: the whole answer, or AttemptFailed when retryable."""
-    channel = exchange.channel
     try:
-        answer = await pool.post(
-            url,
-            headers,
-            body,
-            ssl_context=upstream.ssl_context_for(channel) if url[:6] == "https:" else None,
-            connect_timeout=channel.connect_timeout,
-            read_timeout=channel.first_byte_timeout,
-        )
-    except BadTarget:  # a channel whose URL or headers cannot be sent: it cannot be reached
-        raise AttemptFailed(ErrorType.UPSTREAM_CONNECT) from None
-    except H1Error as exc:
-        if not exc.status:
-            kind = ErrorType.UPSTREAM_TIMEOUT if exc.timeout else ErrorType.UPSTREAM_CONNECT
-            raise AttemptFailed(kind) from None
+        answer = await pool.post(url, headers, body, **_h1_limits(upstream, exchange.channel))
+    except (BadTarget, H1Error) as exc:
+        if not isinstance(exc, H1Error) or not exc.status:
+            raise _h1_failed(exc) from None
         if exc.status == 429 or exc.status >= 500:
             raise _refused(exchange, exc.status, _NO_HEADERS, b"") from None
         return Whole(exc.status, _NO_HEADERS, b"", broken=exc)
@@ -320,3 +298,21 @@ async def fetch_whole(
     if answer.status == 429 or answer.status >= 500:
         raise _refused(exchange, answer.status, answer_headers, answer.body[:MAX_ERROR_BODY])
     return Whole(answer.status, answer_headers, answer.body)
+
+
+def _h1_limits(upstream: Upstream, channel: Channel) -> dict[str, Any]:
+    """The TLS context and timeouts of an h1 call on `channel` (first_byte_timeout bounds the
+    head, and each read of a whole answer)."""
+    return {
+        "ssl_context": upstream.ssl_context_for(channel),
+        "connect_timeout": channel.connect_timeout,
+        "read_timeout": channel.first_byte_timeout,
+    }
+
+
+def _h1_failed(exc: BadTarget | H1Error) -> AttemptFailed:
+    """A call that got no answer's head: a timeout, or the upstream could not be reached (a
+    channel whose URL or headers cannot be sent counts as that too)."""
+    if isinstance(exc, H1Error) and exc.timeout:
+        return AttemptFailed(ErrorType.UPSTREAM_TIMEOUT)
+    return AttemptFailed(ErrorType.UPSTREAM_CONNECT)

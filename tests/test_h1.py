@@ -486,7 +486,7 @@ SSE_HEAD = (
 
 async def _open(pool: H1Pool, url: str, head_timeout: float = 2.0) -> Any:
     return await pool.open(
-        url, {}, b"{}", ssl_context=None, connect_timeout=2.0, head_timeout=head_timeout
+        url, {}, b"{}", ssl_context=None, connect_timeout=2.0, read_timeout=head_timeout
     )
 
 

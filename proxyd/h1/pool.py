@@ -134,9 +134,7 @@ class H1Pool:
 
         `read_timeout` bounds every wait for bytes (the answer's head and each read after it).
         """
-        target = self._target(url)
-        head = request_head(target, headers, len(body))
-        conn = await self._acquire(target, ssl_context, connect_timeout)
+        conn, head = await self._connection(url, headers, body, ssl_context, connect_timeout)
         ok = False
         try:
             answer = await conn.send(head, body, read_timeout)
@@ -153,29 +151,36 @@ class H1Pool:
         *,
         ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
-        head_timeout: float | None,
+        read_timeout: float | None,
     ) -> Stream:
         """POST `body` to `url` and return once the answer's head is in; the body streams.
 
-        `head_timeout` bounds the wait for the head only. The caller must `release` the stream.
+        `read_timeout` bounds the wait for the head only. The caller must `release` the stream.
         """
-        target = self._target(url)
-        head = request_head(target, headers, len(body))
-        conn = await self._acquire(target, ssl_context, connect_timeout)
+        conn, head = await self._connection(url, headers, body, ssl_context, connect_timeout)
         try:
-            answer = await conn.send(head, body, head_timeout, stream=True)
+            answer = await conn.send(head, body, read_timeout, stream=True)
         except BaseException:
             self._release(conn, False)
             raise
         return Stream(self, conn, answer.status, answer.headers)
 
-    def _target(self, url: str) -> Target:
+    async def _connection(
+        self,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout: float,
+    ) -> tuple[Connection, bytes]:
+        """A connection for `url` (pooled or new) and the request head to write on it."""
         target = self._targets.get(url)
         if target is None:
             target = target_of(url)
             if len(self._targets) < 4096:
                 self._targets[url] = target
-        return target
+        head = request_head(target, headers, len(body))
+        return await self._acquire(target, ssl_context, connect_timeout), head
 
     async def _acquire(
         self, target: Target, ssl_context: ssl.SSLContext | None, connect_timeout: float
