@@ -653,3 +653,32 @@ def test_read_all_with_a_limit_stops_there(loop: str) -> None:
             await pool.close()
 
     run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_stream_paused_in_its_last_read_leaves_a_reading_connection(loop: str) -> None:
+    """Paused by the read that also ended it, the stream's connection still serves the next
+    request once back in the pool."""
+    last = SSE_HEAD + _chunk(b"data: 1\n\n") + b"0\r\n\r\n"
+
+    async def main() -> None:
+        async with serve(answer_each(last, OK)) as wire:
+            pool = H1Pool(limit=10)
+            stream = await _open(pool, wire.url)
+            got, ended, on_data, on_end = _sink()
+
+            def pause(data: bytes) -> None:
+                on_data(data)
+                stream.pause_reading()
+
+            stream.attach(pause, on_end)
+            assert await asyncio.wait_for(ended, 2) is None
+            assert got == [b"data: 1\n\n"]
+            stream.release()
+            assert pool.idle_connections() == 1
+            got_ok = await post(pool, wire.url, read_timeout=1.0)
+            assert got_ok.body == b'{"a":1}'
+            assert wire.connections == 1
+            await pool.close()
+
+    run_on(loop, main)

@@ -107,6 +107,7 @@ class Connection(asyncio.Protocol):
         "_on_data",
         "_on_end",
         "_parser",
+        "_paused",
         "_read_timeout",
         "_status",
         "_stream",
@@ -135,6 +136,7 @@ class Connection(asyncio.Protocol):
         self.counted = True  # still counted in the pool's open connections
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
+        self._paused = False  # reading paused for a client that fell behind
         self._waiter: asyncio.Future[Answer] | None = None
         self._reset()
 
@@ -268,11 +270,13 @@ class Connection(asyncio.Protocol):
             on_end(self._end_error)
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and not self._paused:
+            self._paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and self._paused:
+            self._paused = False
             self.transport.resume_reading()
 
     def abort(self, error: H1Error) -> None:
@@ -306,6 +310,8 @@ class Connection(asyncio.Protocol):
         `read_timeout` bounds only the wait for that head.
         """
         self._reset(stream)
+        if self._paused:  # a stream that ended in the read that paused it: read again
+            self.resume_reading()
         waiter = self._waiter = self.loop.create_future()
         assert self.transport is not None
         self.transport.writelines((head, body))
