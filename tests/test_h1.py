@@ -682,3 +682,30 @@ def test_a_stream_paused_in_its_last_read_leaves_a_reading_connection(loop: str)
             await pool.close()
 
     run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_idle_connections_close_after_the_keep_alive_time(loop: str) -> None:
+    """With no more traffic, an idle connection is closed once its keep-alive time is up."""
+
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            await r.readexactly(2)
+            w.write(OK)
+            await r.read()  # until proxyd closes it
+            closed.set()
+
+        async with Wire(script) as wire:
+            pool = H1Pool(limit=10, keepalive_seconds=0.2)
+            await post(pool, wire.url)
+            assert pool.idle_connections() == 1
+            await asyncio.sleep(0.1)
+            assert pool.idle_connections() == 1  # not yet
+            await asyncio.wait_for(closed.wait(), 2)
+            assert (pool.open_connections, pool.idle_connections()) == (0, 0)
+            await pool.close()
+
+    run_on(loop, main)

@@ -107,7 +107,7 @@ class H1Pool:
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
-        self._pruned_at = 0.0
+        self._prune_timer: asyncio.TimerHandle | None = None  # armed while any is idle
         self._targets: dict[str, Target] = {}  # parsed URLs; channels have a handful of them
         self._verifying: ssl.SSLContext | None = None
 
@@ -259,11 +259,11 @@ class H1Pool:
         conn.release()
         host = self._hosts.get(conn.key)
         if reusable and host is not None and not self._closed:
-            now = conn.idle_since = conn.loop.time()
+            conn.idle_since = conn.loop.time()
             host.idle.append(conn)
             self._wake()
-            if now - self._pruned_at > self.keepalive:
-                self.prune()
+            if self._prune_timer is None:
+                self._prune_timer = conn.loop.call_at(conn.idle_since + self.keepalive, self._tick)
             return
         conn.close()
         self._drop(conn)
@@ -307,10 +307,18 @@ class H1Pool:
                 waiter.set_result(None)
                 return
 
+    def _tick(self) -> None:
+        """The keep-alive timer: prune, then sleep until the next idle connection expires."""
+        self._prune_timer = None
+        self.prune()
+        oldest = min((h.idle[0].idle_since for h in self._hosts.values() if h.idle), default=None)
+        if oldest is not None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._prune_timer = loop.call_at(oldest + self.keepalive, self._tick)
+
     def prune(self) -> int:
         """Close idle connections past the keep-alive time; the number closed."""
         now = asyncio.get_running_loop().time()
-        self._pruned_at = now
         closed = 0
         for host in self._hosts.values():
             while host.idle and (
@@ -323,6 +331,9 @@ class H1Pool:
     async def close(self) -> None:
         """Close every idle connection; busy ones close when their request ends."""
         self._closed = True
+        if self._prune_timer is not None:
+            self._prune_timer.cancel()
+            self._prune_timer = None
         for host in self._hosts.values():
             while host.idle:
                 self._drop(host.idle.pop())
