@@ -160,8 +160,17 @@ class Recorder:
         print(f"  {group:<14} {target:<7} run {run}: {status}", flush=True)
 
 
-def run_all(scale: Scale, targets: list[Target], rec: Recorder) -> dict[str, int]:
-    """Every workload, runs interleaved across targets; returns W5's largest stall-free level."""
+def run_all(
+    scale: Scale, targets: list[Target], rec: Recorder, only: frozenset[str] = frozenset()
+) -> dict[str, int]:
+    """Every workload (or those in `only`), runs interleaved across targets.
+
+    Returns W5's largest stall-free level.
+    """
+
+    def wanted(group: str) -> bool:
+        return not only or group in only or group.split("@")[0] in only
+
     plain: list[tuple[str, Callable[[Target], dict[str, Any]]]] = [
         ("W1", lambda t: workloads.w1(t, scale)),
         ("W2", lambda t: workloads.w2(t, scale)),
@@ -169,13 +178,15 @@ def run_all(scale: Scale, targets: list[Target], rec: Recorder) -> dict[str, int
         ("W7:invalid", lambda t: workloads.w7(t, scale, "invalid")),
     ]
     for group, fn in plain:
+        if not wanted(group):
+            continue
         for i in range(scale.runs):
             for t in targets:
                 if t.name == NO_METRICS and group not in ("W2", "W4"):
                     continue
                 rec.record(group, t.name, i, functools.partial(fn, t))
     targets = [t for t in targets if t.name != NO_METRICS]
-    for i in range(scale.runs):
+    for i in range(scale.runs if wanted("W7:limited") else 0):
         for t in targets:
             if t.own_auth:
                 rec.record(
@@ -183,7 +194,7 @@ def run_all(scale: Scale, targets: list[Target], rec: Recorder) -> dict[str, int
                 )
     best: dict[str, int] = {}
     misses: dict[str, int] = {}
-    alive = list(targets)
+    alive = list(targets) if wanted("W5") else []
 
     def prev(level: int) -> int:
         i = scale.w5_levels.index(level)
@@ -337,8 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-proxyd", action="store_true")
     p.add_argument("--profile", action="store_true", help="extra W2/W5 runs of proxyd under py-spy")
     p.add_argument("--profile-streams", type=int, default=400, help="W5 level to profile")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated workloads to run (W1,W2,W4,W7:invalid,W7:limited,W5,billing); "
+        "the report then goes to --out, not to benchmarks/RESULTS.md",
+    )
     args = p.parse_args(argv)
     scale = workloads.SCALES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    only = frozenset(w.strip() for w in args.only.split(",") if w.strip())
     out: Path = args.out / time.strftime("%Y%m%d-%H%M%S")
     logdir = out / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -350,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         targets,
         nginx_bin,
     ):
-        best = run_all(scale, targets, rec)
+        best = run_all(scale, targets, rec, only)
         spied = profiles(scale, targets, out, args.profile_streams) if args.profile else {}
-    bill = billing(scale.billing_s, notes)
+    bill = billing(scale.billing_s, notes) if not only or "billing" in only else None
     summary = report.summarise(rec.results)
     others = [
         r["derived"].get("other_tenants_cores") or 0.0
@@ -380,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    dest = out if args.smoke else HERE
-    plotted = report.plot(summary, dest / "results.png") if not args.smoke else False
+    partial = args.smoke or bool(only)
+    dest = out if partial else HERE
+    plotted = report.plot(summary, dest / "results.png") if not partial else False
     write_results(dest / "RESULTS.md", scale, summary, best, versions, notes, bill, plotted, spied)
     print(f"wrote {dest / 'RESULTS.md'}", flush=True)
     for n in notes:
