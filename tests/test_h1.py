@@ -709,3 +709,93 @@ def test_idle_connections_close_after_the_keep_alive_time(loop: str) -> None:
             await pool.close()
 
     run_on(loop, main)
+
+
+def test_upstream_tls_contexts_are_ready_at_start_and_verify_unless_told_not_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The contexts proxyd hands the h1 client: the CA store is loaded once, at start, never on
+    a call; `verify_tls = false` reaches an unknown certificate, the default context refuses."""
+    import ssl
+    from types import MappingProxyType
+
+    import trustme
+
+    from proxyd.attempt import Upstream
+    from proxyd.config import UpstreamSettings
+    from proxyd.state import Channel
+
+    def channel(verify: bool) -> Channel:
+        return Channel(
+            id=f"tls-{verify}",
+            type="openai",
+            base_url="https://localhost:1/v1",
+            api_keys=("k",),
+            models=frozenset({"m"}),
+            model_map=MappingProxyType({}),
+            priority=0,
+            weight=1,
+            headers=(),
+            proxy=None,
+            verify_tls=verify,
+            connect_timeout=2.0,
+            first_byte_timeout=2.0,
+            chunk_timeout=2.0,
+            rpm=None,
+            max_concurrency=None,
+        )
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+
+    loads: list[ssl.SSLContext] = []
+    real_default = ssl.create_default_context
+
+    def counted(*args: Any, **kw: Any) -> ssl.SSLContext:
+        loads.append(ctx := real_default(*args, **kw))
+        return ctx
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+
+    async def main() -> None:
+        upstream = Upstream(UpstreamSettings(fast_client=False))
+        await upstream.start()
+        assert len(loads) == 1  # the verifying context, built in start()
+        verifying = upstream.ssl_context_for(channel(True))
+        insecure = upstream.ssl_context_for(channel(False))
+        assert loads == [verifying]  # the calls loaded nothing
+        assert verifying.verify_mode is ssl.CERT_REQUIRED
+        assert verifying.check_hostname
+        assert insecure.verify_mode is ssl.CERT_NONE
+        assert not insecure.check_hostname
+
+        async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                head = await r.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await r.readexactly(length)
+                w.write(OK)
+                await w.drain()
+            except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                pass
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(script, "127.0.0.1", 0, ssl=server_ctx)
+        url = f"https://localhost:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+        pool = H1Pool(limit=10)
+        got = await pool.post(
+            url, {}, b"{}", ssl_context=insecure, connect_timeout=2, read_timeout=2
+        )
+        assert (got.status, got.body) == (200, b'{"a":1}')
+        with pytest.raises(H1Error):  # the system's CAs do not know trustme's
+            await pool.post(
+                url, {}, b"{}", ssl_context=verifying, connect_timeout=2, read_timeout=2
+            )
+        await pool.close()
+        await upstream.close()
+        server.close()
+        await server.wait_closed()
+
+    run_on("uvloop", main)
