@@ -6,19 +6,18 @@ is never called per streamed chunk. With `enabled=False` every method returns at
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from proxyd import __version__
 from proxyd.billing.record import UsageRecord
 from proxyd.errors import ErrorType
+from proxyd.metric_sources import SourceCollector, SourceFn, SourceSpec
+from proxyd.tally import BucketCell, Cell, CounterTally, HistogramTally
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 # LLM traffic: a cached refusal takes milliseconds, a long reasoning stream takes minutes.
@@ -53,8 +52,6 @@ _UNVALIDATED_MODEL = frozenset(
     (ErrorType.MODEL_NOT_FOUND, ErrorType.INVALID_REQUEST, ErrorType.BODY_TOO_LARGE)
 )
 
-SourceFn = Callable[[], Iterable[tuple[tuple[str, ...], float]]]
-
 
 def status_class(code: int) -> str:
     """`"2xx"` … `"5xx"` for an HTTP status (499 is `"4xx"`), `"error"` when there was none."""
@@ -69,100 +66,18 @@ def _bounded(value: str | None, allowed: frozenset[str], none: str = "none") -> 
     return str(value) if value in allowed else "other"
 
 
-@dataclass(frozen=True, slots=True)
-class SourceSpec:
-    """A scrape-time metric whose values come from a plain object through a callable."""
-
-    kind: Literal["gauge", "counter"]
-    name: str
-    documentation: str
-    labels: tuple[str, ...] = ()
-
-
-_gauge = partial(SourceSpec, "gauge")
-BILLING_QUEUE_DEPTH = _gauge("proxyd_billing_queue_depth", "Usage rows queued for the writer.")
-BILLING_ROWS_WRITTEN = SourceSpec(
-    "counter", "proxyd_billing_rows_written_total", "Usage rows written to the billing database."
-)
-BILLING_ROWS_SPOOLED = SourceSpec(
-    "counter",
-    "proxyd_billing_rows_spooled_total",
-    "Usage rows spooled while the database was away.",
-)
-BILLING_ROWS_REPLAYED = SourceSpec(
-    "counter", "proxyd_billing_rows_replayed_total", "Spooled rows replayed into the database."
-)
-BILLING_SPOOL_PENDING = _gauge(
-    "proxyd_billing_spool_pending_rows", "Spooled rows not replayed yet."
-)
-STATE_VERSION = _gauge("proxyd_state_version", "Pushed state version in force, by kind.", ("kind",))
-STATE_KEYS = _gauge("proxyd_state_keys", "API keys loaded in memory.")
-CHANNEL_HEALTHY = _gauge(
-    "proxyd_channel_healthy", "1 if the channel takes traffic, 0 while cooling down.", ("channel",)
-)
-CHANNEL_COOLDOWN = _gauge(
-    "proxyd_channel_cooldown_remaining_seconds", "Seconds until a channel is retried.", ("channel",)
-)
-REDIS_FALLBACK = _gauge("proxyd_redis_fallback", "1 while Redis is away and limits are local.")
-RESALE_FLAGGED_KEYS = _gauge("proxyd_resale_flagged_keys", "Keys with the resale signal set.")
-READY = _gauge("proxyd_ready", "1 when /readyz answers ready, else 0.")
-# The state the lead wires with `Metrics.add_source`; the dashboard and alerts rely on them.
-SOURCES = (
-    BILLING_QUEUE_DEPTH,
-    BILLING_ROWS_WRITTEN,
-    BILLING_ROWS_SPOOLED,
-    BILLING_ROWS_REPLAYED,
-    BILLING_SPOOL_PENDING,
-    STATE_VERSION,
-    STATE_KEYS,
-    CHANNEL_HEALTHY,
-    CHANNEL_COOLDOWN,
-    REDIS_FALLBACK,
-    RESALE_FLAGGED_KEYS,
-    READY,
-)
-
-
-class _SourceCollector:
-    """Reads a callable at scrape time; a failing source is counted and skipped, not fatal."""
-
-    def __init__(self, spec: SourceSpec, fn: SourceFn, errors: Counter) -> None:
-        self._spec = spec
-        self._fn = fn
-        self._errors = errors.labels(spec.name)
-
-    def _family(self) -> GaugeMetricFamily | CounterMetricFamily:
-        s = self._spec
-        if s.kind == "counter":
-            return CounterMetricFamily(s.name, s.documentation, labels=s.labels)
-        return GaugeMetricFamily(s.name, s.documentation, labels=s.labels)
-
-    def describe(self) -> list[Metric]:
-        return [self._family()]
-
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        try:
-            for labelvalues, value in self._fn():
-                family.add_metric(labelvalues, value)
-        except Exception:  # noqa: BLE001 - one broken source must not blank the whole scrape
-            self._errors.inc()
-            return
-        yield family
-
-
 @dataclass(slots=True)
 class _RequestChildren:
-    """Every label child one request touches, resolved once per distinct label tuple."""
+    """Every series one request touches, resolved once per distinct label tuple."""
 
-    requests: Counter
-    duration: Histogram
-    ttft: Histogram
-    prompt: Counter
-    completion: Counter
-    cached: Counter
-    reasoning: Counter
-    cost: Counter
+    requests: Cell
+    duration: BucketCell
+    ttft: BucketCell
+    prompt: Cell
+    completion: Cell
+    cached: Cell
+    reasoning: Cell
+    cost: Cell
 
 
 class Metrics:
@@ -174,15 +89,26 @@ class Metrics:
         self._max_models = max_models
         self._models: dict[str, str] = {}
         self._requests: dict[tuple[str, str, bool, int, str], _RequestChildren] = {}
-        self._refusals: dict[str, Counter] = {}
-        self._failovers: dict[tuple[str, str], Counter] = {}
-        self._upstream: dict[tuple[str, str], Histogram] = {}
+        self._refusals: dict[str, Cell] = {}
+        self._failovers: dict[tuple[str, str], Cell] = {}
+        self._upstream: dict[tuple[str, str], BucketCell] = {}
         if not enabled:
             return
         counter = partial(Counter, registry=self.registry)
         gauge = partial(Gauge, registry=self.registry)
-        latency = partial(Histogram, buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._requests_total = counter(
+
+        # Bumped on every request: plain numbers rendered at scrape time (proxyd.tally).
+        def tally(name: str, documentation: str, labels: tuple[str, ...]) -> CounterTally:
+            family = CounterTally(name, documentation, labels)
+            self.registry.register(family)
+            return family
+
+        def latency(name: str, documentation: str, labels: tuple[str, ...]) -> HistogramTally:
+            family = HistogramTally(name, documentation, labels, LATENCY_BUCKETS)
+            self.registry.register(family)
+            return family
+
+        self._requests_total = tally(
             "proxyd_requests_total",
             "Requests that passed authentication, by endpoint, model, status class and error type.",
             ("endpoint", "model", "status_class", "error_type"),
@@ -197,12 +123,12 @@ class Metrics:
             "Time from request arrival to the first response byte relayed to the client.",
             ("model", "stream"),
         )
-        self._tokens = counter(
+        self._tokens = tally(
             "proxyd_tokens_total",
             "Tokens billed, by model and kind (prompt, completion, cached, reasoning).",
             ("model", "kind"),
         )
-        self._cost = counter(
+        self._cost = tally(
             "proxyd_cost_nanos_total", "Amount billed, in nanos (1e-9 currency units).", ("model",)
         )
         # Plain ints bumped per request, read by the gauges at scrape time (no lock per request).
@@ -214,12 +140,12 @@ class Metrics:
         gauge("proxyd_streams_open", "Streaming responses being relayed.").set_function(
             lambda: self.streams_open
         )
-        self._refusals_total = counter(
+        self._refusals_total = tally(
             "proxyd_refusals_total",
             "Requests refused by a limit, the balance or a key policy, by reason (an error_type).",
             ("reason",),
         )
-        self._failovers_total = counter(
+        self._failovers_total = tally(
             "proxyd_failovers_total",
             "Attempts moved off a channel before the first byte, by that channel and why.",
             ("channel", "reason"),
@@ -266,14 +192,14 @@ class Metrics:
         s = "true" if stream else "false"
         tok = self._tokens
         children = _RequestChildren(
-            self._requests_total.labels(endpoint, model, status_class(code), error),
-            self._duration.labels(model, s),
-            self._ttft.labels(model, s),
-            tok.labels(model, "prompt"),
-            tok.labels(model, "completion"),
-            tok.labels(model, "cached"),
-            tok.labels(model, "reasoning"),
-            self._cost.labels(model),
+            self._requests_total.cell(endpoint, model, status_class(code), error),
+            self._duration.cell(model, s),
+            self._ttft.cell(model, s),
+            tok.cell(model, "prompt"),
+            tok.cell(model, "completion"),
+            tok.cell(model, "cached"),
+            tok.cell(model, "reasoning"),
+            self._cost.cell(model),
         )
         self._requests[key] = children
         return children
@@ -286,21 +212,21 @@ class Metrics:
         error = _bounded(r.error_type, ERROR_TYPES)
         key = (r.endpoint, self._model_label(r.model, r.error_type), r.stream, r.status_code, error)
         c = self._requests.get(key) or self._resolve(key)
-        c.requests.inc()
+        c.requests.value += 1
         if r.channel_id is not None:
             c.duration.observe(r.latency_ms / 1000)
             if r.ttft_ms is not None:
                 c.ttft.observe(r.ttft_ms / 1000)
-        if r.prompt_tokens:
-            c.prompt.inc(r.prompt_tokens)
-        if r.completion_tokens:
-            c.completion.inc(r.completion_tokens)
-        if r.cached_tokens:
-            c.cached.inc(r.cached_tokens)
-        if r.reasoning_tokens:
-            c.reasoning.inc(r.reasoning_tokens)
-        if r.cost_nanos:
-            c.cost.inc(r.cost_nanos)
+        if r.prompt_tokens > 0:
+            c.prompt.value += r.prompt_tokens
+        if r.completion_tokens > 0:
+            c.completion.value += r.completion_tokens
+        if r.cached_tokens > 0:
+            c.cached.value += r.cached_tokens
+        if r.reasoning_tokens > 0:
+            c.reasoning.value += r.reasoning_tokens
+        if r.cost_nanos > 0:
+            c.cost.value += r.cost_nanos
 
     def request_started(self) -> None:
         """One more request in flight."""
@@ -329,8 +255,8 @@ class Metrics:
         child = self._refusals.get(reason)
         if child is None:
             label = _bounded(reason, ERROR_TYPES)
-            child = self._refusals[label] = self._refusals_total.labels(label)
-        child.inc()
+            child = self._refusals[label] = self._refusals_total.cell(label)
+        child.value += 1
 
     def failover(self, from_channel: str, reason: str) -> None:
         """Count a move away from `from_channel`; `reason` is an ErrorType value or status class."""
@@ -340,10 +266,10 @@ class Metrics:
         child = self._failovers.get(key)
         if child is None:
             label = _bounded(reason, _FAILOVER_REASONS)
-            child = self._failovers_total.labels(from_channel, label)
+            child = self._failovers_total.cell(from_channel, label)
             if label == reason:
                 self._failovers[key] = child
-        child.inc()
+        child.value += 1
 
     def upstream_observe(self, channel_id: str, status_class: str, seconds: float) -> None:
         """Record one upstream attempt; `status_class` is "1xx"…"5xx" or "error" (no response)."""
@@ -353,7 +279,7 @@ class Metrics:
         child = self._upstream.get(key)
         if child is None:
             label = _bounded(status_class, _UPSTREAM_CLASSES)
-            child = self._upstream_duration.labels(channel_id, label)
+            child = self._upstream_duration.cell(channel_id, label)
             if label == status_class:
                 self._upstream[key] = child
         child.observe(seconds)
@@ -374,7 +300,7 @@ class Metrics:
             raise ValueError(f"metric name {spec.name!r} must start with 'proxyd_'")
         if spec.kind == "counter" and not spec.name.endswith("_total"):
             raise ValueError(f"counter name {spec.name!r} must end with '_total'")
-        self.registry.register(_SourceCollector(spec, fn, self._source_errors))
+        self.registry.register(SourceCollector(spec, fn, self._source_errors))
 
     def add_gauge_source(
         self, name: str, documentation: str, labels: tuple[str, ...], fn: SourceFn

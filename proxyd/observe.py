@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from proxyd import metrics as m
+from proxyd import metric_sources as m
 from proxyd.billing.writer import BillingWriter
 from proxyd.metrics import Metrics
 from proxyd.state import StateStore

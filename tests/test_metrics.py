@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxyd.billing.record import UsageRecord
 from proxyd.errors import ErrorType
-from proxyd.metrics import SOURCES, Metrics, SourceFn, status_class
+from proxyd.metric_sources import SOURCES, SourceFn
+from proxyd.metrics import Metrics, status_class
 
 CANARY = "canary-7f3b9c1e-never-in-metrics"
 
@@ -193,17 +194,17 @@ def test_no_label_grows_with_keys_accounts_ips_or_request_ids() -> None:
 
 
 def test_label_children_are_resolved_once_per_label_tuple(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Repeated requests with the same labels reuse the cached children instead of .labels()."""
+    """Repeated requests with the same labels reuse the cached series instead of looking up."""
     m = Metrics()
     calls = 0
-    original = m._requests_total.labels
+    original = m._requests_total.cell
 
     def counting(*values: str) -> object:
         nonlocal calls
         calls += 1
         return original(*values)
 
-    monkeypatch.setattr(m._requests_total, "labels", counting)
+    monkeypatch.setattr(m._requests_total, "cell", counting)
     for i in range(50):
         m.observe_request(record(key_id=f"k{i}"))
     m.observe_request(record(status_code=500, error_type="internal_error"))
