@@ -74,7 +74,7 @@ class ClientHandlers:
         return handle
 
     async def completion(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-        """authenticate → admit → route → relay → record."""
+        """authenticate → admit → route → relay → record (after the answer is on its way)."""
         p = self.p
         loop = asyncio.get_running_loop()
         meter = Meter(new_request_id(), time.time(), loop.time())
@@ -114,7 +114,7 @@ class ClientHandlers:
             if call.stream:
                 p.metrics.stream_opened()
             try:
-                return await relay(
+                response = await relay(
                     request,
                     call,
                     channels,
@@ -126,12 +126,16 @@ class ClientHandlers:
             finally:
                 if call.stream:
                     p.metrics.stream_closed()
+            await send_now(request, response, outcome)
+            return response
         except ProxydError as err:
             outcome.status = err.status
             outcome.error_type = err.error_type
             if err.status in (403, 429):
                 p.metrics.refused(err.error_type.value)
-            return error_response(endpoint.protocol, err, meter.request_id)
+            response = error_response(endpoint.protocol, err, meter.request_id)
+            await send_now(request, response, outcome)
+            return response
         except asyncio.CancelledError:
             outcome.status = 499
             outcome.error_type = ErrorType.CLIENT_DISCONNECT
@@ -173,6 +177,19 @@ class ClientHandlers:
                 ],
             }
         return web.json_response(data, headers={"x-request-id": request_id}, dumps=_dumps)
+
+
+async def send_now(request: web.Request, response: web.StreamResponse, outcome: Outcome) -> None:
+    """Write a whole response before the record step, so the client never waits for the row.
+
+    A stream is complete when the relay returns it. A client gone by now is recorded as 499.
+    """
+    if isinstance(response, WholeResponse):
+        try:
+            await response.prepare(request)
+        except ConnectionResetError:
+            outcome.status = 499
+            outcome.error_type = ErrorType.CLIENT_DISCONNECT
 
 
 def _dumps(obj: object) -> str:

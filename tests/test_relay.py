@@ -628,3 +628,56 @@ async def test_provider_cookies_are_not_kept(
         assert "Set-Cookie" not in resp.headers
     assert len(fake.seen) == 2
     assert "Cookie" not in fake.seen[1].headers
+
+
+async def test_whole_answer_reaches_the_client_before_the_record_step(
+    tmp_path: Path,
+    start_server: StartServer,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer is written before its billing row is made: a slow record step (here one
+    second) delays nobody's response, and the row still comes, covering the write."""
+    import socket
+
+    fake = FakeProvider(Step(body=chat_body("hello")))
+    client, parts = await _setup(tmp_path, start_server, start_proxy, fake)
+    submitted: list[Any] = []
+    submit = parts.writer.submit
+
+    def slow_submit(record: Any) -> None:
+        time.sleep(1.0)  # blocks the loop, as a stuck record step would
+        submitted.append(record)
+        submit(record)
+
+    monkeypatch.setattr(parts.writer, "submit", slow_submit)
+    body = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]})
+    raw = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxyd\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + SECRET.encode() + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+    def fetch() -> tuple[float, bytes]:  # in a thread: it reads while the loop is blocked
+        started = time.monotonic()
+        with socket.create_connection((client.host, client.port), timeout=5) as sock:
+            sock.sendall(raw)
+            got = b""
+            while b'"hello"' not in got:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            return time.monotonic() - started, got
+
+    elapsed, got = await asyncio.to_thread(fetch)
+    assert got.startswith(b"HTTP/1.1 200 ")
+    assert b'"hello"' in got
+    assert elapsed < 0.5, f"the client waited {elapsed:.2f} s for the record step"
+    for _ in range(100):
+        if submitted:
+            break
+        await asyncio.sleep(0.02)
+    assert len(submitted) == 1
+    assert submitted[0].status_code == 200
+    assert submitted[0].request_id.encode() in got
