@@ -14,7 +14,7 @@ from proxyd.call import Call, injects_usage, native_body
 from proxyd.errors import ErrorType, ProxydError
 from proxyd.state import Channel
 from proxyd.translate.common import ANTHROPIC_VERSION
-from proxyd.usage import StreamUsage, Usage, is_usage_only_chunk, usage_from_body
+from proxyd.usage import StreamUsage, Usage, is_usage_only_chunk
 from proxyd.wire import anthropic as anthropic_wire
 from proxyd.wire import openai as openai_wire
 
@@ -141,9 +141,10 @@ class Exchange:
         return url, headers, body
 
     def body(self, raw: bytes) -> tuple[bytes, Usage | None]:
-        """A successful non-stream body for the client, and the usage it reports."""
-        if not self.translated:
-            return raw, usage_from_body(raw)
+        """A successful non-stream body translated for the client, and the usage it reports.
+
+        A native body needs no call: it goes out as it came, its usage read after sending.
+        """
         if self.channel.type == "anthropic":
             out, usage = translate.anthropic_message_to_openai(
                 raw, model=self.call.model, created=int(time.time())

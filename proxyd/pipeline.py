@@ -20,7 +20,7 @@ from proxyd.estimate import Tokenizer
 from proxyd.metrics import Metrics
 from proxyd.relay import Outcome, Relay
 from proxyd.state import Channel, State, StateStore
-from proxyd.usage import Usage
+from proxyd.usage import Usage, completion_text, usage_from_body
 
 
 class Pipeline:
@@ -115,6 +115,10 @@ class Pipeline:
 
     def _usage(self, outcome: Outcome, call: Call) -> tuple[Usage, bool]:
         """The provider's counts when it gave them, else what was delivered, counted offline."""
+        if outcome.usage is None and outcome.answer is not None:  # a native whole answer
+            outcome.usage = usage_from_body(outcome.answer)
+            if outcome.usage is None:
+                outcome.response_text = completion_text(outcome.answer)
         if outcome.usage is not None:
             return outcome.usage, False
         if outcome.scanner is None and outcome.status >= 400:

@@ -47,6 +47,7 @@ class Outcome:
     error_type: ErrorType | None = None
     usage: Usage | None = None
     response_text: str | None = None  # a non-stream answer without usage, to count offline
+    answer: bytes | None = None  # a native whole answer: its usage is read once it was sent
     scanner: StreamUsage | None = None
     first_byte_at: float | None = None  # loop time when the first byte went to the client
     attempts: int = 0
@@ -101,18 +102,19 @@ async def deliver(
 def whole_response(
     exchange: Exchange, status: int, raw: bytes, headers: CIMultiDict[str], outcome: Outcome
 ) -> WholeResponse:
-    """A whole upstream answer for the client, converted when translated; usage noted."""
+    """A whole upstream answer for the client, converted when translated; usage noted or kept."""
     if status >= 400:
         outcome.error_type = ErrorType.UPSTREAM_CLIENT_ERROR
         body = exchange.error_body(status, raw)
         if exchange.translated:
             headers["Content-Type"] = "application/json"
-    else:
+    elif exchange.translated:
         body, outcome.usage = exchange.body(raw)
         if outcome.usage is None:
             outcome.response_text = completion_text(body)
-        if exchange.translated:
-            headers["Content-Type"] = "application/json"
+        headers["Content-Type"] = "application/json"
+    else:  # passed on as it is; the record step reads its usage after it was sent
+        body = outcome.answer = raw
     outcome.first_byte_at = asyncio.get_running_loop().time()
     outcome.sent = True
     return WholeResponse(status, body, headers.items())
