@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -43,37 +44,53 @@ class BucketCell:
         self.sum += value
 
 
-class CounterTally:
+C = TypeVar("C", Cell, BucketCell)
+
+
+class _Family(Generic[C]):
+    """A metric family: its name, help and label names, and one cell per label tuple."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], make: Callable[[], C]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = tuple(labels)
+        self._make: Callable[[], C] = make
+        self._cells: dict[tuple[str, ...], C] = {}
+
+    def cell(self, *labelvalues: str) -> C:
+        """The series for these label values, made on first use; keep it to update it cheaply."""
+        if len(labelvalues) != len(self.labels):
+            raise ValueError(f"{self.name} takes labels {self.labels}, got {labelvalues}")
+        cell = self._cells.get(labelvalues)
+        if cell is None:
+            cell = self._cells[labelvalues] = self._make()
+        return cell
+
+    def _series(self) -> list[tuple[tuple[str, ...], C]]:
+        return list(self._cells.items())
+
+
+class CounterTally(_Family[Cell]):
     """A counter family (`name` ends in `_total`); register it on a CollectorRegistry."""
 
     def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
         if not name.endswith("_total"):
             raise ValueError(f"counter name {name!r} must end with '_total'")
-        self.name = name
-        self.documentation = documentation
-        self.labels = tuple(labels)
-        self._cells: dict[tuple[str, ...], Cell] = {}
-
-    def cell(self, *labelvalues: str) -> Cell:
-        """The series for these label values, made on first use; keep it to bump it cheaply."""
-        if len(labelvalues) != len(self.labels):
-            raise ValueError(f"{self.name} takes labels {self.labels}, got {labelvalues}")
-        cell = self._cells.get(labelvalues)
-        if cell is None:
-            cell = self._cells[labelvalues] = Cell()
-        return cell
+        super().__init__(name, documentation, labels, Cell)
 
     def describe(self) -> list[Metric]:
         return [CounterMetricFamily(self.name, self.documentation, labels=self.labels)]
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labelvalues, cell in list(self._cells.items()):
+        for labelvalues, cell in self._series():
             family.add_metric(labelvalues, cell.value)
         yield family
 
 
-class HistogramTally:
+class HistogramTally(_Family[BucketCell]):
     """A histogram family with fixed bucket bounds; register it on a CollectorRegistry."""
 
     def __init__(
@@ -82,28 +99,15 @@ class HistogramTally:
         bounds = tuple(float(b) for b in buckets)
         if not bounds or list(bounds) != sorted(set(bounds)):
             raise ValueError(f"{name}: buckets must be distinct and increasing")
-        self.name = name
-        self.documentation = documentation
-        self.labels = tuple(labels)
-        self.bounds = bounds
+        super().__init__(name, documentation, labels, lambda: BucketCell(bounds))
         self._le = [*(_le_text(b) for b in bounds), "+Inf"]
-        self._cells: dict[tuple[str, ...], BucketCell] = {}
-
-    def cell(self, *labelvalues: str) -> BucketCell:
-        """The series for these label values, made on first use; keep it to observe cheaply."""
-        if len(labelvalues) != len(self.labels):
-            raise ValueError(f"{self.name} takes labels {self.labels}, got {labelvalues}")
-        cell = self._cells.get(labelvalues)
-        if cell is None:
-            cell = self._cells[labelvalues] = BucketCell(self.bounds)
-        return cell
 
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labels)]
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labelvalues, cell in list(self._cells.items()):
+        for labelvalues, cell in self._series():
             running, buckets = 0, []
             for le, count in zip(self._le, cell.counts, strict=True):
                 running += count

@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from proxyd.state import Channel
 
 
 @dataclass
@@ -206,3 +209,36 @@ def anthropic_body(text: str, prompt: int = 9, completion: int = 3) -> bytes:
 
 
 Factory = Callable[..., Awaitable[Any]]
+
+
+def make_channel(
+    cid: str = "a",
+    *,
+    priority: int = 0,
+    weight: int = 1,
+    type: str = "openai",
+    base_url: str = "http://127.0.0.1:1/v1",
+    api_keys: tuple[str, ...] = ("k",),
+    verify_tls: bool = True,
+    rpm: int | None = None,
+    max_concurrency: int | None = None,
+) -> Channel:
+    """A compiled channel for the tests that drive routing, health or the upstream pools."""
+    return Channel(
+        id=cid,
+        type=type,
+        base_url=base_url,
+        api_keys=api_keys,
+        models=frozenset({"m"}),
+        model_map=MappingProxyType({}),
+        priority=priority,
+        weight=weight,
+        headers=(),
+        proxy=None,
+        verify_tls=verify_tls,
+        connect_timeout=1.0,
+        first_byte_timeout=1.0,
+        chunk_timeout=1.0,
+        rpm=rpm,
+        max_concurrency=max_concurrency,
+    )

@@ -717,33 +717,15 @@ def test_upstream_tls_contexts_are_ready_at_start_and_verify_unless_told_not_to(
     """The contexts proxyd hands the h1 client: the CA store is loaded once, at start, never on
     a call; `verify_tls = false` reaches an unknown certificate, the default context refuses."""
     import ssl
-    from types import MappingProxyType
 
     import trustme
 
     from proxyd.attempt import Upstream
     from proxyd.config import UpstreamSettings
-    from proxyd.state import Channel
+    from tests.fakes import make_channel
 
-    def channel(verify: bool) -> Channel:
-        return Channel(
-            id=f"tls-{verify}",
-            type="openai",
-            base_url="https://localhost:1/v1",
-            api_keys=("k",),
-            models=frozenset({"m"}),
-            model_map=MappingProxyType({}),
-            priority=0,
-            weight=1,
-            headers=(),
-            proxy=None,
-            verify_tls=verify,
-            connect_timeout=2.0,
-            first_byte_timeout=2.0,
-            chunk_timeout=2.0,
-            rpm=None,
-            max_concurrency=None,
-        )
+    def channel(verify: bool) -> Any:
+        return make_channel(f"tls-{verify}", base_url="https://localhost:1/v1", verify_tls=verify)
 
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

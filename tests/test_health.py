@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from types import MappingProxyType
 
 import pytest
 from hypothesis import settings
@@ -13,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from proxyd.errors import ErrorType
 from proxyd.health import Availability, ChannelHealth, Permit
 from proxyd.state import Channel, State
+from tests.fakes import make_channel
 
 
 class FakeClock:
@@ -21,29 +21,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def make_channel(
-    cid: str = "a", *, rpm: int | None = None, max_concurrency: int | None = None
-) -> Channel:
-    return Channel(
-        id=cid,
-        type="openai",
-        base_url="http://127.0.0.1:1/v1",
-        api_keys=("k",),
-        models=frozenset({"m"}),
-        model_map=MappingProxyType({}),
-        priority=0,
-        weight=1,
-        headers=(),
-        proxy=None,
-        verify_tls=True,
-        connect_timeout=1.0,
-        first_byte_timeout=1.0,
-        chunk_timeout=1.0,
-        rpm=rpm,
-        max_concurrency=max_concurrency,
-    )
 
 
 def fail(health: ChannelHealth, ch: Channel, kind: ErrorType = ErrorType.UPSTREAM_ERROR) -> None:

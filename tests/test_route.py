@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
-from types import MappingProxyType
 
 import pytest
 
@@ -13,40 +12,11 @@ from proxyd.errors import ErrorType
 from proxyd.health import Availability, ChannelHealth
 from proxyd.route import Router
 from proxyd.state import Channel, State
+from tests.fakes import make_channel
 
 # Chi-square critical values at p = 0.001 by degrees of freedom: a correct sampler fails the
 # seeded test with probability 1e-3 per seed; the seeds below are fixed, so the tests are stable.
 CHI2_CRIT_001 = {1: 10.83, 2: 13.82, 3: 16.27, 5: 20.52}
-
-
-def make_channel(
-    cid: str,
-    *,
-    priority: int = 0,
-    weight: int = 1,
-    type: str = "openai",
-    api_keys: tuple[str, ...] = ("k",),
-    rpm: int | None = None,
-    max_concurrency: int | None = None,
-) -> Channel:
-    return Channel(
-        id=cid,
-        type=type,
-        base_url="http://127.0.0.1:1/v1",
-        api_keys=api_keys,
-        models=frozenset({"m"}),
-        model_map=MappingProxyType({}),
-        priority=priority,
-        weight=weight,
-        headers=(),
-        proxy=None,
-        verify_tls=True,
-        connect_timeout=1.0,
-        first_byte_timeout=1.0,
-        chunk_timeout=1.0,
-        rpm=rpm,
-        max_concurrency=max_concurrency,
-    )
 
 
 class AllReady:
