@@ -190,6 +190,18 @@ def targets_check(summary: dict[str, Any], w5_max: dict[str, int]) -> list[str]:
         "{v:.0f} CPU-µs per rejection (unknown key)",
     )
     line("W7 p99 ≤ 1 ms", _med(summary, "W7:invalid", "proxyd", "p99 µs"), 1000.0, "p99 {v:.0f} µs")
+    line(
+        "W7 (429, issue 4) ≤ 60 CPU-µs per rejection",
+        _med(summary, "W7:limited", "proxyd", "CPU µs/rej"),
+        60.0,
+        "{v:.0f} CPU-µs per rejection (key over its rate limit)",
+    )
+    line(
+        "W7 (429, issue 4) p99 ≤ 1 ms",
+        _med(summary, "W7:limited", "proxyd", "p99 µs"),
+        1000.0,
+        "p99 {v:.0f} µs",
+    )
     on, off = (
         _med(summary, "W2", "proxyd", "CPU µs/req"),
         _med(summary, "W2", "proxyd-nometrics", "CPU µs/req"),

@@ -229,13 +229,15 @@ def run_all(
 
 
 def profiles(scale: Scale, targets: list[Target], out: Path, level: int) -> dict[str, Any]:
-    """Extra W2 and W5 runs against proxyd under py-spy; the top frames of each."""
+    """Extra W1, W2, W7 (429) and W5 runs against proxyd under py-spy; the top frames of each."""
     found: dict[str, Any] = {}
     proxyd = next((t for t in targets if t.own_auth), None)
     if proxyd is None or profile.py_spy() is None:
         return found
     jobs: list[tuple[str, float, Callable[[], dict[str, Any]]]] = [
+        ("W1", scale.w1_s, functools.partial(workloads.w1, proxyd, scale)),
         ("W2", scale.w2_s, functools.partial(workloads.w2, proxyd, scale)),
+        ("W7:limited", scale.w7_s, functools.partial(workloads.w7, proxyd, scale, "limited")),
         (
             f"W5@{level}",
             scale.w5_s,
@@ -243,7 +245,7 @@ def profiles(scale: Scale, targets: list[Target], out: Path, level: int) -> dict
         ),
     ]
     for name, seconds, job in jobs:
-        path = out / f"profile-{name.replace('@', '-')}.txt"
+        path = out / f"profile-{name.replace('@', '-').replace(':', '-')}.txt"
         spy = profile.start(proxyd.proxy_pids[0], seconds + 0.5, path)
         if spy is None:
             break
@@ -290,7 +292,9 @@ def write_results(
         f"Machine: {report.machine(versions)}.  ",
         "proxy under test pinned to core 0; mock provider and load client pinned to core 1. "
         "'limit' names the core that was ≥ 90 % busy during the run (other tenants of this "
-        "machine count too), 'neither' means the offered load, not a core, set the figure.",
+        "machine count too), 'neither' means the offered load, not a core, set the figure. "
+        "The method, the rig's limits and why the missed targets are missed: "
+        "[README.md](README.md).",
         "",
         "## Targets from issue 8",
         "",
@@ -346,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "out", help="where the JSON goes")
     p.add_argument("--no-nginx", action="store_true")
     p.add_argument("--no-proxyd", action="store_true")
-    p.add_argument("--profile", action="store_true", help="extra W2/W5 runs of proxyd under py-spy")
+    p.add_argument(
+        "--profile", action="store_true", help="extra W1/W2/W7/W5 runs of proxyd under py-spy"
+    )
     p.add_argument("--profile-streams", type=int, default=400, help="W5 level to profile")
     p.add_argument(
         "--only",
