@@ -98,3 +98,24 @@ def test_chunked_parser_handles_split_reads() -> None:
     assert done.count(True) == 1
     assert resp.status == 200
     assert resp.events == 2
+
+
+def test_timeline_stamps_every_segment_of_a_request() -> None:
+    """`python -m benchmarks.timeline` runs W1 against a stamped proxyd and prints each segment."""
+    if not rig.proxyd_available():
+        pytest.skip("proxyd does not import in this checkout")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.timeline", "--seconds", "0.3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    head, *segments = done.stdout.strip().splitlines()
+    assert head.startswith("W1 through proxyd: p50 ")
+    assert int(head.split(", ")[1].split()[0]) > 0  # requests stamped
+    assert len(segments) == 10
+    for line in segments:
+        assert float(line.split()[0]) >= 0, line
