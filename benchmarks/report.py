@@ -202,6 +202,18 @@ def targets_check(summary: dict[str, Any], w5_max: dict[str, int]) -> list[str]:
         1000.0,
         "p99 {v:.0f} µs",
     )
+    line(
+        "W7 (403, issue 4) ≤ 60 CPU-µs per rejection",
+        _med(summary, "W7:forbidden", "proxyd", "CPU µs/rej"),
+        60.0,
+        "{v:.0f} CPU-µs per rejection (model the key may not use)",
+    )
+    line(
+        "W7 (403, issue 4) p99 ≤ 1 ms",
+        _med(summary, "W7:forbidden", "proxyd", "p99 µs"),
+        1000.0,
+        "p99 {v:.0f} µs",
+    )
     on, off = (
         _med(summary, "W2", "proxyd", "CPU µs/req"),
         _med(summary, "W2", "proxyd-nometrics", "CPU µs/req"),

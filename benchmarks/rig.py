@@ -25,6 +25,7 @@ PROXY_CORE = "0"
 RIG_CORE = "1"
 BENCH_SECRET = "sk-bench-0123456789abcdef"  # noqa: S105 - throwaway benchmark secret
 LIMITED_SECRET = "sk-bench-limited-0123456789"  # noqa: S105 - throwaway benchmark secret
+STREAMS_ONLY_SECRET = "sk-bench-streams-only-0123456789"  # noqa: S105 - throwaway benchmark secret
 ADMIN_TOKEN = "bench-admin-token-0123456789"  # noqa: S105 - throwaway benchmark secret
 DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 INSTANT_MODEL = "mock-gpt"
@@ -146,7 +147,8 @@ def sha256_hex(secret: str) -> str:
 def proxyd_config(
     instant_port: int, paced_port: int, workdir: Path, *, metrics: bool = True
 ) -> str:
-    """The TOML state proxyd starts with: a bench key, a rate-limited key, two mock channels."""
+    """The TOML state proxyd starts with: a bench key, a rate-limited key, a key allowed the
+    stream model only (its calls to the instant model get 403), and two mock channels."""
     return f"""\
 metrics_enabled = {str(metrics).lower()}
 
@@ -181,6 +183,15 @@ status = "active"
 models = ["*"]
 rpm = 1
 tpm = 1000000
+
+[[state.keys.keys]]
+id = "bench-streams-only"
+hash = "{sha256_hex(STREAMS_ONLY_SECRET)}"
+account_id = "acct-bench"
+status = "active"
+models = ["{STREAM_MODEL}"]
+rpm = 100000000
+tpm = 100000000000
 
 [state.prices]
 version = 1

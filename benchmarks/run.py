@@ -186,12 +186,12 @@ def run_all(
                     continue
                 rec.record(group, t.name, i, functools.partial(fn, t))
     targets = [t for t in targets if t.name != NO_METRICS]
-    for i in range(scale.runs if wanted("W7:limited") else 0):
-        for t in targets:
-            if t.own_auth:
-                rec.record(
-                    "W7:limited", t.name, i, functools.partial(workloads.w7, t, scale, "limited")
-                )
+    for kind in ("limited", "forbidden"):  # refusals only proxyd makes
+        group = f"W7:{kind}"
+        for i in range(scale.runs if wanted(group) else 0):
+            for t in targets:
+                if t.own_auth:
+                    rec.record(group, t.name, i, functools.partial(workloads.w7, t, scale, kind))
     best: dict[str, int] = {}
     misses: dict[str, int] = {}
     alive = list(targets) if wanted("W5") else []
@@ -307,6 +307,7 @@ def write_results(
         f"every {scale.interval * 1000:.0f} ms, open-loop",
         "W7:invalid": "W7 rejections — unknown key (401), concurrency 16",
         "W7:limited": "W7 rejections — key over its rate limit (429), concurrency 16",
+        "W7:forbidden": "W7 rejections — model the key may not use (403), concurrency 16",
     }
     for group, title in titles.items():
         if group in summary:
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated workloads to run (W1,W2,W4,W7:invalid,W7:limited,W5,billing); "
+        help="comma-separated workloads to run "
+        "(W1,W2,W4,W7:invalid,W7:limited,W7:forbidden,W5,billing); "
         "the report then goes to --out, not to benchmarks/RESULTS.md",
     )
     args = p.parse_args(argv)

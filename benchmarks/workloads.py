@@ -183,10 +183,14 @@ def streams(t: Target, s: Scale, concurrent: int, seconds: float) -> dict[str, A
 
 
 def w7(t: Target, s: Scale, kind: str) -> dict[str, Any]:
-    """W7 rejections: an unknown key (401) or, on proxyd, a key over its rate limit (429)."""
+    """W7 rejections: an unknown key (401) or, on proxyd, a key over its rate limit (429) or
+    asking for a model it may not use (403, refused in admission with a billing row)."""
     if kind == "invalid":
         headers = {"Authorization": "Bearer sk-not-a-key"} if t.own_auth else {}
         expect = [401]
+    elif kind == "forbidden":
+        headers = {"Authorization": f"Bearer {rig.STREAMS_ONLY_SECRET}"}
+        expect = [403]
     else:
         headers = {"Authorization": f"Bearer {rig.LIMITED_SECRET}"}
         expect = [429]

@@ -80,6 +80,8 @@ def test_proxyd_column(smoke: dict[str, Any]) -> None:
     _assert_clean(smoke, "proxyd")
     (limited,) = _runs(smoke, "W7:limited", "proxyd")
     assert limited["result"]["status"].get("429", 0) > 0
+    (forbidden,) = _runs(smoke, "W7:forbidden", "proxyd")
+    assert forbidden["result"]["status"] == {"403": forbidden["result"]["requests"]}
 
 
 def test_chunked_parser_handles_split_reads() -> None:
