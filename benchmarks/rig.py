@@ -144,6 +144,20 @@ def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _key(key_id: str, secret: str, model: str, *, rpm: int, tpm: int) -> str:
+    """One `[[state.keys.keys]]` table of the bench config."""
+    return f"""\
+[[state.keys.keys]]
+id = "{key_id}"
+hash = "{sha256_hex(secret)}"
+account_id = "acct-bench"
+status = "active"
+models = ["{model}"]
+rpm = {rpm}
+tpm = {tpm}
+"""
+
+
 def proxyd_config(
     instant_port: int, paced_port: int, workdir: Path, *, metrics: bool = True
 ) -> str:
@@ -166,33 +180,9 @@ format = "json"
 [state.keys]
 version = 1
 
-[[state.keys.keys]]
-id = "bench"
-hash = "{sha256_hex(BENCH_SECRET)}"
-account_id = "acct-bench"
-status = "active"
-models = ["*"]
-rpm = 100000000
-tpm = 100000000000
-
-[[state.keys.keys]]
-id = "bench-limited"
-hash = "{sha256_hex(LIMITED_SECRET)}"
-account_id = "acct-bench"
-status = "active"
-models = ["*"]
-rpm = 1
-tpm = 1000000
-
-[[state.keys.keys]]
-id = "bench-streams-only"
-hash = "{sha256_hex(STREAMS_ONLY_SECRET)}"
-account_id = "acct-bench"
-status = "active"
-models = ["{STREAM_MODEL}"]
-rpm = 100000000
-tpm = 100000000000
-
+{_key("bench", BENCH_SECRET, "*", rpm=100000000, tpm=100000000000)}
+{_key("bench-limited", LIMITED_SECRET, "*", rpm=1, tpm=1000000)}
+{_key("bench-streams-only", STREAMS_ONLY_SECRET, STREAM_MODEL, rpm=100000000, tpm=100000000000)}
 [state.prices]
 version = 1
 discount = "1"

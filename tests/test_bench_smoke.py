@@ -17,12 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("W1", "W2", "W4", "W7:invalid", "W5@10")
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Run `python -m benchmarks.run --smoke` once and return its summary.json."""
-    out = tmp_path_factory.mktemp("bench")
+def _module(*argv: str) -> str:
+    """Run `python -m <argv>` from the checkout; its stdout, after asserting it succeeded."""
     done = subprocess.run(  # noqa: S603 - our own interpreter running our own module
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -30,6 +28,14 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run `python -m benchmarks.run --smoke` once and return its summary.json."""
+    out = tmp_path_factory.mktemp("bench")
+    _module("benchmarks.run", "--smoke", "--out", str(out))
     (session,) = [p for p in out.iterdir() if p.is_dir()]
     summary: dict[str, Any] = json.loads((session / "summary.json").read_text())
     summary["_dir"] = str(session)
@@ -106,16 +112,7 @@ def test_timeline_stamps_every_segment_of_a_request() -> None:
     """`python -m benchmarks.timeline` runs W1 against a stamped proxyd and prints each segment."""
     if not rig.proxyd_available():
         pytest.skip("proxyd does not import in this checkout")
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.timeline", "--seconds", "0.3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=55,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    head, *segments = done.stdout.strip().splitlines()
+    head, *segments = _module("benchmarks.timeline", "--seconds", "0.3").strip().splitlines()
     assert head.startswith("W1 through proxyd: p50 ")
     assert int(head.split(", ")[1].split()[0]) > 0  # requests stamped
     assert len(segments) == 10
