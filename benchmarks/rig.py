@@ -158,6 +158,18 @@ tpm = {tpm}
 """
 
 
+def _channel(channel_id: str, port: int, model: str) -> str:
+    """One `[[state.channels.channels]]` table: a mock provider on `port` serving `model`."""
+    return f"""\
+[[state.channels.channels]]
+id = "{channel_id}"
+type = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+api_key = "mock"
+models = ["{model}"]
+"""
+
+
 def proxyd_config(
     instant_port: int, paced_port: int, workdir: Path, *, metrics: bool = True
 ) -> str:
@@ -198,20 +210,8 @@ output = "0.60"
 [state.channels]
 version = 1
 
-[[state.channels.channels]]
-id = "mock-instant"
-type = "openai"
-base_url = "http://127.0.0.1:{instant_port}/v1"
-api_key = "mock"
-models = ["{INSTANT_MODEL}"]
-
-[[state.channels.channels]]
-id = "mock-paced"
-type = "openai"
-base_url = "http://127.0.0.1:{paced_port}/v1"
-api_key = "mock"
-models = ["{STREAM_MODEL}"]
-
+{_channel("mock-instant", instant_port, INSTANT_MODEL)}
+{_channel("mock-paced", paced_port, STREAM_MODEL)}
 [state.balances."acct-bench"]
 version = 1
 balance_nanos = 1000000000000000

@@ -89,9 +89,6 @@ class Metrics:
         self._max_models = max_models
         self._models: dict[str, str] = {}
         self._requests: dict[tuple[str, str, bool, int, str], _RequestChildren] = {}
-        self._refusals: dict[str, Cell] = {}
-        self._failovers: dict[tuple[str, str], Cell] = {}
-        self._upstream: dict[tuple[str, str], BucketCell] = {}
         if not enabled:
             return
         counter = partial(Counter, registry=self.registry)
@@ -252,37 +249,20 @@ class Metrics:
         """Count a refusal; `reason` is an ErrorType value (anything else counts as "other")."""
         if not self.enabled:
             return
-        child = self._refusals.get(reason)
-        if child is None:
-            label = _bounded(reason, ERROR_TYPES)
-            child = self._refusals[label] = self._refusals_total.cell(label)
-        child.value += 1
+        self._refusals_total.cell(_bounded(reason, ERROR_TYPES)).value += 1
 
     def failover(self, from_channel: str, reason: str) -> None:
         """Count a move away from `from_channel`; `reason` is an ErrorType value or status class."""
         if not self.enabled:
             return
-        key = (from_channel, reason)
-        child = self._failovers.get(key)
-        if child is None:
-            label = _bounded(reason, _FAILOVER_REASONS)
-            child = self._failovers_total.cell(from_channel, label)
-            if label == reason:
-                self._failovers[key] = child
-        child.value += 1
+        self._failovers_total.cell(from_channel, _bounded(reason, _FAILOVER_REASONS)).value += 1
 
     def upstream_observe(self, channel_id: str, status_class: str, seconds: float) -> None:
         """Record one upstream attempt; `status_class` is "1xx"…"5xx" or "error" (no response)."""
         if not self.enabled:
             return
-        key = (channel_id, status_class)
-        child = self._upstream.get(key)
-        if child is None:
-            label = _bounded(status_class, _UPSTREAM_CLASSES)
-            child = self._upstream_duration.cell(channel_id, label)
-            if label == status_class:
-                self._upstream[key] = child
-        child.observe(seconds)
+        label = _bounded(status_class, _UPSTREAM_CLASSES)
+        self._upstream_duration.cell(channel_id, label).observe(seconds)
 
     def flush_observe(self, rows: int, seconds: float) -> None:
         """Record one billing batch write: its size and how long it took."""
