@@ -46,7 +46,7 @@ def start(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None
 
 
 def _frame(raw: str) -> str:
-    """'handle (proxyd/relay.py:120)' -> 'handle (proxyd/relay.py)': lines merged per function."""
+    """'handle (proxyd/x.py:120)' -> 'handle (proxyd/x.py)': lines merged per function."""
     name, _, where = raw.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
     for marker in ("site-packages/", "/lib/python3.11/", "/work/main/"):

@@ -40,9 +40,10 @@ def _serve(out: str) -> int:
     """proxyd serve with its steps stamped; the medians go to `out` at exit."""
     from aiohttp import web_protocol
 
-    from proxyd import cli, handlers, respond
-    from proxyd.admit import Admission
-    from proxyd.h1 import wire
+    from proxyd import cli
+    from proxyd.admission.admit import Admission
+    from proxyd.server import handlers, respond
+    from proxyd.upstream.h1 import wire
 
     now = time.perf_counter_ns
     current: dict[str, int] = {}

@@ -15,28 +15,30 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 
-from proxyd import estimate, logs, sync
-from proxyd.admit import Admission, AdmissionSettings, Ledger, Limits
-from proxyd.attempt import Upstream
-from proxyd.balances import LocalLedger
+from proxyd.admission.admit import Admission, AdmissionSettings, Ledger, Limits
+from proxyd.admission.balances import LocalLedger
+from proxyd.admission.limits import LocalLimits
 from proxyd.billing.migrate import migrate, retention_task
 from proxyd.billing.sink import open_sink
 from proxyd.billing.spool import Spool
 from proxyd.billing.writer import BillingWriter
-from proxyd.clientip import client_address, parse_networks
 from proxyd.config import Config
 from proxyd.control.api import create_control_app
 from proxyd.control.bootstrap import Bootstrap
-from proxyd.handlers import MAX_BODY, ClientHandlers
-from proxyd.health import ChannelHealth
-from proxyd.limits import LocalLimits
-from proxyd.metrics import Metrics
-from proxyd.observe import wire_sources
-from proxyd.pipeline import Pipeline
+from proxyd.observability import logs
+from proxyd.observability.metrics import Metrics
+from proxyd.observability.observe import wire_sources
+from proxyd.protocol import estimate
 from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
-from proxyd.relay import Relay
-from proxyd.route import Router
-from proxyd.state import StateStore
+from proxyd.relay.relay import Relay
+from proxyd.routing.health import ChannelHealth
+from proxyd.routing.route import Router
+from proxyd.server.clientip import client_address, parse_networks
+from proxyd.server.handlers import MAX_BODY, ClientHandlers
+from proxyd.server.pipeline import Pipeline
+from proxyd.state import sync
+from proxyd.state.store import StateStore
+from proxyd.upstream.attempt import Upstream
 
 log = structlog.get_logger("proxyd.app")
 

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import structlog
 from aiohttp import web
 
-from proxyd import __version__, logs
+from proxyd import __version__
 from proxyd.config import Config, ConfigError, load_config, split_host_port
+from proxyd.observability import logs
 
 log = structlog.get_logger("proxyd")
 
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check(config: Config, path: str) -> int:
-    from proxyd.state import StateError, StateStore
+    from proxyd.state.store import StateError, StateStore
 
     try:
         StateStore().load(config.state)

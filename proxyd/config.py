@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from proxyd.schemas import Cidr, Snapshot
+from proxyd.state.schemas import Cidr, Snapshot
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_CONTROL_LISTEN = "127.0.0.1:9090"

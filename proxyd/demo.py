@@ -12,8 +12,8 @@ from aiohttp import web
 
 from proxyd.cli import serve_forever
 from proxyd.config import ConfigError, load_config
-from proxyd.logs import configure_logging
 from proxyd.mockprovider import create_mock_app
+from proxyd.observability.logs import configure_logging
 
 DEMO_SECRET = "sk-proxyd-demo"  # noqa: S105 - the published demo key of config/example.toml
 MOCK_PORT = 9100

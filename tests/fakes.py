@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxyd.state import Channel
+from proxyd.state.store import Channel
 
 
 @dataclass

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxyd.admit import Admission, AdmissionSettings, Ticket
-from proxyd.balances import BalanceView, LocalLedger, Reservation
+from proxyd.admission.admit import Admission, AdmissionSettings, Ticket
+from proxyd.admission.balances import BalanceView, LocalLedger, Reservation
+from proxyd.admission.limits import LocalLimits
+from proxyd.admission.resale import ResaleWatch
 from proxyd.errors import ErrorType, ProxydError
-from proxyd.limits import LocalLimits
-from proxyd.resale import ResaleWatch
 from tests.conftest import (
     SECRET,
     StartProxy,

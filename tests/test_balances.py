@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxyd.balances import BalanceView, LocalLedger, Reservation, settle_charge
+from proxyd.admission.balances import BalanceView, LocalLedger, Reservation, settle_charge
 from proxyd.errors import ErrorType, InsufficientQuota
-from proxyd.state import VersionConflict
+from proxyd.state.store import VersionConflict
 
 
 async def test_reserve_settle_returns_the_rest() -> None:

@@ -276,7 +276,7 @@ async def test_bad_text_is_cleaned_not_lost(schema: str, tmp_path: Path) -> None
 
 async def test_privacy_canary_never_reaches_rows_or_spool(schema: str, tmp_path: Path) -> None:
     """A prompt's canary string has no way into a row or the spool: records carry no text."""
-    from proxyd.usage import StreamUsage
+    from proxyd.protocol.usage import StreamUsage
 
     scanner = StreamUsage()
     scanner.feed(b'data: {"choices":[{"delta":{"content":"' + CANARY.encode() + b'"}}]}\n\n')

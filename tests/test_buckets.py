@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxyd.buckets import UNIT, TokenBucket, ceil_seconds, duration_text
+from proxyd.admission.buckets import UNIT, TokenBucket, ceil_seconds, duration_text
 
 
 def test_capacity_is_one_minute_of_the_rate() -> None:

@@ -15,8 +15,8 @@ from yarl import URL
 
 from proxyd.control.api import create_control_app
 from proxyd.control.openapi import OPERATIONS, PREFIX, build_document
-from proxyd.schemas import KeysPush
-from proxyd.state import KeyRecord, StateStore, VersionConflict
+from proxyd.state.schemas import KeysPush
+from proxyd.state.store import KeyRecord, StateStore, VersionConflict
 
 TOKEN = "admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

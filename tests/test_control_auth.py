@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from proxyd.control.api import create_control_app
 from proxyd.control.auth import address_allowed, parse_allowlist, token_matches
 from proxyd.control.openapi import OPERATIONS, PREFIX
-from proxyd.state import StateStore
+from proxyd.state.store import StateStore
 from tests.test_control_api import TOKEN, MemoryLedger, MemoryLimits, key
 
 EVERY_ROUTE = [(op.method, PREFIX + op.path.replace("{id}", "k1")) for op in OPERATIONS]

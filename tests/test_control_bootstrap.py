@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from proxyd.control.bootstrap import Bootstrap, SnapshotInvalid, apply_snapshot, parse_snapshot
-from proxyd.state import StateStore
+from proxyd.state.store import StateStore
 from tests.test_control_api import MemoryLedger, channel, key
 
 SNAP_TOKEN = "snapshot-token-0123456789"

@@ -29,8 +29,8 @@ from schemathesis.specs.openapi.checks import (
 
 from proxyd.control.api import create_control_app
 from proxyd.control.openapi import build_document
-from proxyd.schemas import Snapshot
-from proxyd.state import State, StateStore
+from proxyd.state.schemas import Snapshot
+from proxyd.state.store import State, StateStore
 from tests.test_control_api import AUTH, TOKEN, MemoryLedger, MemoryLimits, channel, key
 
 DOCUMENT = build_document()

@@ -1,5 +1,5 @@
 """deploy/: alert rules and example config pass promtool, alerts fire as meant, and the dashboard
-and rules query only metrics and labels that proxyd.metrics really exports."""
+and rules query only metrics and labels that proxyd.observability.metrics really exports."""
 
 from __future__ import annotations
 
@@ -118,7 +118,9 @@ def check_names(where: str, expr: str, names: set[str], labels: dict[str, set[st
     for metric, matched in metrics.items():
         if metric in PROMETHEUS_METRICS:
             continue
-        assert metric in names, f"{where}: {metric!r} is not exported by proxyd.metrics"
+        assert metric in names, (
+            f"{where}: {metric!r} is not exported by proxyd.observability.metrics"
+        )
         unknown = matched - labels[metric] - TARGET_LABELS
         assert not unknown, f"{where}: {metric} has no label {sorted(unknown)}"
     assert clause_labels <= all_labels, f"{where}: unknown labels {clause_labels - all_labels}"

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import tiktoken_ext.openai_public as openai_public
 
-from proxyd.estimate import (
+from proxyd.protocol.estimate import (
     IMAGE_TOKENS_LOW,
     PER_MESSAGE,
     REPLY_PRIMING,
@@ -21,7 +21,7 @@ from proxyd.estimate import (
     load_encoding,
     prompt_parts,
 )
-from proxyd.usage import StreamUsage, Usage
+from proxyd.protocol.usage import StreamUsage, Usage
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_no_download_with_empty_home_and_caches(tmp_path: Path) -> None:
             raise OSError("network refused by test")
         socket.socket.connect = refuse
         socket.create_connection = refuse
-        from proxyd.estimate import Tokenizer
+        from proxyd.protocol.estimate import Tokenizer
         print(Tokenizer().count("hello world"), Tokenizer("cl100k_base").count("hello world"))
         """
     )

@@ -6,9 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd.attempt import retry_after_seconds
 from proxyd.errors import ErrorType, UpstreamFailure
-from proxyd.failover import (
+from proxyd.relay.failover import (
     Attempt,
     AttemptKind,
     RetryBudget,
@@ -17,6 +16,7 @@ from proxyd.failover import (
     decide,
     final_failure,
 )
+from proxyd.upstream.attempt import retry_after_seconds
 
 K = AttemptKind
 CONNECT = Attempt(K.CONNECT_ERROR)

@@ -12,8 +12,8 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxyd.h1 import Answer, BadTarget, H1Error, H1Pool, request_head, target_of
-from proxyd.h1.wire import Connection
+from proxyd.upstream.h1 import Answer, BadTarget, H1Error, H1Pool, request_head, target_of
+from proxyd.upstream.h1.wire import Connection
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -720,8 +720,8 @@ def test_upstream_tls_contexts_are_ready_at_start_and_verify_unless_told_not_to(
 
     import trustme
 
-    from proxyd.attempt import Upstream
     from proxyd.config import UpstreamSettings
+    from proxyd.upstream.attempt import Upstream
     from tests.fakes import make_channel
 
     def channel(verify: bool) -> Any:

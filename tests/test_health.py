@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from proxyd.errors import ErrorType
-from proxyd.health import Availability, ChannelHealth, Permit
-from proxyd.state import Channel, State
+from proxyd.routing.health import Availability, ChannelHealth, Permit
+from proxyd.state.store import Channel, State
 from tests.fakes import make_channel
 
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
+from proxyd.admission.limits import LocalLimits
 from proxyd.errors import ErrorType, RateLimited
-from proxyd.limits import LocalLimits
-from proxyd.state import KeyRecord
+from proxyd.state.store import KeyRecord
 
 
 class FakeClock:

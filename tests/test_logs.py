@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from proxyd.billing.record import UsageRecord
-from proxyd.logs import BODY_FIELDS, configure_logging, request_log
+from proxyd.observability.logs import BODY_FIELDS, configure_logging, request_log
 
 CANARY = "canary-5d1e0a77-a-prompt-nobody-may-see"
 SECRET = "sk-ant-api03-Zx9qLw2Vb7Nc4Rt1Yu8Io5Pa3Sd6Fg0Hj"

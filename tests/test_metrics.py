@@ -9,8 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxyd.billing.record import UsageRecord
 from proxyd.errors import ErrorType
-from proxyd.metric_sources import SOURCES, SourceFn
-from proxyd.metrics import Metrics, status_class
+from proxyd.observability.metric_sources import SOURCES, SourceFn
+from proxyd.observability.metrics import Metrics, status_class
 
 CANARY = "canary-7f3b9c1e-never-in-metrics"
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd.pricing import Price, compile_price, cost_nanos, max_cost_nanos
+from proxyd.billing.pricing import Price, compile_price, cost_nanos, max_cost_nanos
 
 decimals = st.decimals(
     min_value=Decimal(0), max_value=Decimal(1000), places=6, allow_nan=False, allow_infinity=False

@@ -21,7 +21,7 @@ import orjson
 import pytest
 import structlog
 
-from proxyd.logs import configure_logging
+from proxyd.observability.logs import configure_logging
 from tests.conftest import (
     SDKs,
     StartProxy,

@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxyd.billing.record import UsageRecord
-from proxyd.metrics import Metrics
+from proxyd.observability.metrics import Metrics
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from proxyd.admit import Admission, AdmissionSettings
-from proxyd.balances import BalanceView
+from proxyd.admission.admit import Admission, AdmissionSettings
+from proxyd.admission.balances import BalanceView
 from proxyd.errors import ErrorType, InsufficientQuota, ProxydError, RateLimited
 from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
-from proxyd.state import VersionConflict
+from proxyd.state.store import VersionConflict
 from tests.test_limits import make_key
 
 pytestmark = pytest.mark.redis

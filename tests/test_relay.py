@@ -14,8 +14,8 @@ import openai
 import orjson
 import pytest
 
-from proxyd import attempt as attempt_module
-from proxyd import stream as stream_module
+from proxyd.relay import stream as stream_module
+from proxyd.upstream import attempt as attempt_module
 from tests.conftest import (
     OTHER_SECRET,
     SECRET,

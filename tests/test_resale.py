@@ -7,7 +7,7 @@ import tracemalloc
 
 from structlog.testing import capture_logs
 
-from proxyd.resale import ResaleWatch
+from proxyd.admission.resale import ResaleWatch
 
 
 def watch(**extra: float) -> ResaleWatch:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxyd.respond import UnsafeHeader, WholeResponse, head_bytes, header_lines
+from proxyd.server.respond import UnsafeHeader, WholeResponse, head_bytes, header_lines
 
 
 async def _server(aiohttp_server: Any, headers: list[tuple[str, str]] | None = None) -> Any:

@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 
 from proxyd.errors import ErrorType
-from proxyd.health import Availability, ChannelHealth
-from proxyd.route import Router
-from proxyd.state import Channel, State
+from proxyd.routing.health import Availability, ChannelHealth
+from proxyd.routing.route import Router
+from proxyd.state.store import Channel, State
 from tests.fakes import make_channel
 
 # Chi-square critical values at p = 0.001 by degrees of freedom: a correct sampler fails the

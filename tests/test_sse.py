@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd.sse import EventSplitter
+from proxyd.protocol.sse import EventSplitter
 
 _line = st.text(
     alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]),

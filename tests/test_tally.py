@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxyd.metrics import LATENCY_BUCKETS
-from proxyd.tally import CounterTally, HistogramTally
+from proxyd.observability.metrics import LATENCY_BUCKETS
+from proxyd.observability.tally import CounterTally, HistogramTally
 
 
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from proxyd.errors import ErrorType, InvalidRequest
-from proxyd.translate import chat_request_to_messages, stream_include_usage
+from proxyd.protocol.translate import chat_request_to_messages, stream_include_usage
 
 
 def _translate(**body: Any) -> dict[str, Any]:

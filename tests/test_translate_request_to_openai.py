@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from proxyd.errors import ErrorType, InvalidRequest
-from proxyd.translate import messages_request_to_chat
+from proxyd.protocol.translate import messages_request_to_chat
 
 
 def _translate(**body: Any) -> dict[str, Any]:

@@ -6,15 +6,15 @@ import orjson
 import pytest
 
 from proxyd.errors import UpstreamFailure
-from proxyd.translate import (
+from proxyd.protocol.translate import (
     anthropic_error_to_openai,
     anthropic_message_to_openai,
     openai_completion_to_anthropic,
     openai_error_to_anthropic,
 )
-from proxyd.translate.response_to_anthropic import chat_completion_to_message
-from proxyd.translate.response_to_openai import message_to_chat_completion
-from proxyd.usage import Usage
+from proxyd.protocol.translate.response_to_anthropic import chat_completion_to_message
+from proxyd.protocol.translate.response_to_openai import message_to_chat_completion
+from proxyd.protocol.usage import Usage
 
 ANTHROPIC_MESSAGE = {
     "id": "msg_01",

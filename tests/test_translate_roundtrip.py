@@ -8,9 +8,9 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd.translate import chat_request_to_messages, messages_request_to_chat
-from proxyd.translate.response_to_anthropic import chat_completion_to_message
-from proxyd.translate.response_to_openai import message_to_chat_completion
+from proxyd.protocol.translate import chat_request_to_messages, messages_request_to_chat
+from proxyd.protocol.translate.response_to_anthropic import chat_completion_to_message
+from proxyd.protocol.translate.response_to_openai import message_to_chat_completion
 
 texts = st.text(min_size=1)
 json_values = st.recursive(

@@ -18,7 +18,9 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from proxyd.errors import ProxydError
-from proxyd.translate import (
+from proxyd.protocol import anthropic as anthropic_wire
+from proxyd.protocol import openai as openai_wire
+from proxyd.protocol.translate import (
     AnthropicToOpenAIStream,
     OpenAIToAnthropicStream,
     UpstreamRequest,
@@ -30,8 +32,6 @@ from proxyd.translate import (
     openai_error_to_anthropic,
     stream_include_usage,
 )
-from proxyd.wire import anthropic as anthropic_wire
-from proxyd.wire import openai as openai_wire
 
 WEATHER_TOOL_OPENAI: Any = {
     "type": "function",

@@ -9,8 +9,8 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd.translate import OpenAIToAnthropicStream
-from proxyd.usage import Usage
+from proxyd.protocol.translate import OpenAIToAnthropicStream
+from proxyd.protocol.usage import Usage
 
 DONE = b"data: [DONE]\n\n"
 

@@ -9,8 +9,8 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd.translate import AnthropicToOpenAIStream
-from proxyd.usage import Usage
+from proxyd.protocol.translate import AnthropicToOpenAIStream
+from proxyd.protocol.usage import Usage
 
 
 def ev(name: str, body: dict[str, Any]) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from proxyd.usage import (
+from proxyd.protocol.usage import (
     StreamUsage,
     Usage,
     completion_text,

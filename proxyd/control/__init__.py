@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from proxyd.state import KeyRecord
+from proxyd.state.store import KeyRecord
 
 
 class BalanceViewLike(Protocol):
@@ -28,7 +28,7 @@ class LedgerLike(Protocol):
     """The account ledger calls the control API and the bootstrap make."""
 
     async def set_balance(self, account_id: str, version: int, balance_nanos: int) -> None:
-        """Replace the balance; raise `proxyd.state.VersionConflict` below the version in force."""
+        """Replace the balance; raise `VersionConflict` below the version in force."""
 
     async def seed_balance(self, account_id: str, version: int, balance_nanos: int) -> bool:
         """Set a start-up balance only over an older version or none; False when not applied."""

@@ -21,7 +21,7 @@ from proxyd.control import BalanceViewLike, LedgerLike, LimitsLike
 from proxyd.control.auth import Handler, auth_middleware
 from proxyd.control.openapi import OPERATIONS, PREFIX, SECRET_CHANNEL_FIELDS, build_document
 from proxyd.errors import ErrorType, ProxydError
-from proxyd.schemas import (
+from proxyd.state.schemas import (
     BalancePush,
     ChannelSpec,
     ChannelsPush,
@@ -31,7 +31,7 @@ from proxyd.schemas import (
     KeysPush,
     PricesPush,
 )
-from proxyd.state import StateError, StateStore, VersionConflict
+from proxyd.state.store import StateError, StateStore, VersionConflict
 
 log = structlog.get_logger("proxyd.control")
 

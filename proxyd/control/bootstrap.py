@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from proxyd.control import LedgerLike
 from proxyd.control.api import refusal_from
-from proxyd.schemas import Snapshot
-from proxyd.state import State, StateError, StateStore, VersionConflict
+from proxyd.state.schemas import Snapshot
+from proxyd.state.store import State, StateError, StateStore, VersionConflict
 
 log = structlog.get_logger("proxyd.bootstrap")
 

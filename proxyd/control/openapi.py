@@ -1,7 +1,8 @@
 """The control API's table of operations and its OpenAPI 3.1 document, generated from the models.
 
-Request shapes come from proxyd.schemas (the one validation code), response shapes are declared
-here; the document is built from their JSON schemas and never written by hand. No aiohttp here.
+Request shapes come from proxyd.state.schemas (the one validation code), response shapes are
+declared here; the document is built from their JSON schemas and never written by hand. No
+aiohttp here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from pydantic.json_schema import models_json_schema
 
-from proxyd.schemas import (
+from proxyd.state.schemas import (
     BalancePush,
     ChannelSpec,
     ChannelsPush,

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxyd.sse import chunk_frame
+from proxyd.protocol.sse import chunk_frame
 
 _TEXT = (
     "The quick brown fox jumps over the lazy dog while a patient relay carries every "

@@ -29,7 +29,7 @@ from proxyd.mockprovider.common import (
     mock_text,
     prompt_tokens,
 )
-from proxyd.sse import chunk_frame
+from proxyd.protocol.sse import chunk_frame
 
 
 @_openai_auth

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxyd.balances import BalanceView, LocalLedger, Reservation, insufficient_quota
+from proxyd.admission.balances import BalanceView, LocalLedger, Reservation, insufficient_quota
 from proxyd.redis_store.store import FAILURES, RedisStore, RedisUnavailable
-from proxyd.state import VersionConflict
+from proxyd.state.store import VersionConflict
 
 
 class RedisLedger:

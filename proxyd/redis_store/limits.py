@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxyd.buckets import duration_text
-from proxyd.limits import LimitGrant, LocalLimits, concurrency_limited, rate_limited
-from proxyd.redis_scripts import UNIT
+from proxyd.admission.buckets import duration_text
+from proxyd.admission.limits import LimitGrant, LocalLimits, concurrency_limited, rate_limited
+from proxyd.redis_store.scripts import UNIT
 from proxyd.redis_store.store import RedisStore, RedisUnavailable
-from proxyd.state import KeyRecord
+from proxyd.state.store import KeyRecord
 
 
 def _bucket_headers(kind: str, rate: int, level: int, cap: int, out: dict[str, str]) -> None:

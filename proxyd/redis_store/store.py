@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxyd.redis_scripts import SCRIPTS
+from proxyd.redis_store.scripts import SCRIPTS
 
 log = structlog.get_logger("proxyd.redis")
 

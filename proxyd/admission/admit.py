@@ -1,0 +1,154 @@
+"""Admit: decide whether an authenticated request may run, and hold what it reserved until it ends.
+
+Order: model, client address, resale, requests, tokens, concurrency, balance. A refusal returns
+everything already taken before raising. Raises only proxyd.errors; never reads a body.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from proxyd.admission.balances import BalanceView, Reservation
+from proxyd.admission.limits import LimitGrant
+from proxyd.admission.resale import ResaleWatch
+from proxyd.errors import ErrorType, Forbidden
+from proxyd.server.clientip import address_allowed
+from proxyd.state.store import KeyRecord
+
+log = structlog.get_logger("proxyd.admission.admit")
+
+
+class Limits(Protocol):
+    """Per-key rate and concurrency limits (limits.LocalLimits, redis_store.RedisLimits)."""
+
+    async def acquire(self, key: KeyRecord, tokens: int) -> LimitGrant: ...
+    def release(self, grant: LimitGrant, *, tokens: int | None) -> None: ...
+    async def key_view(self, key: KeyRecord) -> dict[str, Any]: ...
+
+
+class Ledger(Protocol):
+    """Account balances (balances.LocalLedger, redis_store.RedisLedger)."""
+
+    async def reserve(self, account_id: str, amount: int) -> Reservation: ...
+    def settle(self, reservation: Reservation, cost_nanos: int) -> int: ...
+    async def set_balance(self, account_id: str, version: int, balance_nanos: int) -> None: ...
+    async def seed_balance(self, account_id: str, version: int, balance_nanos: int) -> bool: ...
+    async def credit(self, account_id: str, credit_id: str, amount_nanos: int) -> bool: ...
+    async def view(self, account_id: str) -> BalanceView: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSettings:
+    """Admission settings that are not per key."""
+
+    default_max_tokens: int = 4096  # the reservation cap for a request without max_tokens
+    resale_window_seconds: float = 3600.0
+    resale_max_ips: int = 20
+    resale_max_user_agents: int = 10
+    trusted_proxies: tuple[str, ...] = ()
+
+
+class Ticket:
+    """An admitted request: its response headers, and `finish` to give back what it holds."""
+
+    __slots__ = ("_done", "_grant", "_ledger", "_limits", "_reservation", "headers")
+
+    def __init__(
+        self, limits: Limits, ledger: Ledger, grant: LimitGrant, reservation: Reservation
+    ) -> None:
+        self.headers = grant.headers
+        self._limits = limits
+        self._ledger = ledger
+        self._grant = grant
+        self._reservation = reservation
+        self._done = False
+
+    @property
+    def finished(self) -> bool:
+        """Whether `finish` ran."""
+        return self._done
+
+    def finish(self, *, tokens: int, cost_nanos: int) -> None:
+        """Free the slot, correct the tokens to `tokens`, charge `cost_nanos`. Once; never raises.
+
+        Shared (Redis) work runs in a background task whose errors are logged.
+        """
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._limits.release(self._grant, tokens=tokens)
+        except Exception:  # finish runs in the handler's finally and must not raise
+            log.exception("limits_release_failed", key_id=self._grant.key_id)
+        try:
+            self._ledger.settle(self._reservation, cost_nanos)
+        except Exception:  # same: the billing row must still be written
+            log.exception("ledger_settle_failed", account_id=self._reservation.account_id)
+
+
+class Admission:
+    """The admission step: allowlists, resale signal, limits and balance, in that order."""
+
+    def __init__(
+        self,
+        *,
+        limits: Limits,
+        ledger: Ledger,
+        resale: ResaleWatch | None = None,
+        settings: AdmissionSettings,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.limits = limits
+        self.ledger = ledger
+        self.settings = settings
+        self.resale = resale or ResaleWatch(
+            window=settings.resale_window_seconds,
+            max_ips=settings.resale_max_ips,
+            max_user_agents=settings.resale_max_user_agents,
+        )
+        self._clock = clock
+        self._wall = wall  # kept for callers that stamp decisions; admission itself needs none
+
+    async def admit(
+        self,
+        key: KeyRecord,
+        *,
+        model: str,
+        client_ip: str,
+        user_agent: str,
+        est_tokens: int,
+        max_cost_nanos: int,
+    ) -> Ticket:
+        """Admit the request or raise a 403/429 ProxydError having returned all it took."""
+        if key.models is not None and model not in key.models:
+            raise Forbidden(
+                f"This API key is not allowed to use the model '{model}'.",
+                error_type=ErrorType.MODEL_NOT_ALLOWED,
+                param="model",
+            )
+        if key.allowed_networks and not address_allowed(client_ip, key.allowed_networks):
+            raise Forbidden(
+                "Requests with this API key are not allowed from this address.",
+                error_type=ErrorType.IP_NOT_ALLOWED,
+            )
+        if (
+            self.resale.observe(key.id, client_ip, user_agent, self._clock())
+            and key.block_on_resale
+        ):
+            raise Forbidden(
+                "This API key is in use by too many different clients and is blocked for now.",
+                error_type=ErrorType.RESALE_BLOCKED,
+            )
+        grant = await self.limits.acquire(key, est_tokens)
+        try:
+            reservation = await self.ledger.reserve(key.account_id, max_cost_nanos)
+        except BaseException:
+            self.limits.release(grant, tokens=None)
+            raise
+        return Ticket(self.limits, self.ledger, grant, reservation)

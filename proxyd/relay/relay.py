@@ -1,0 +1,241 @@
+"""Relay: send a call to a channel and pass its answer back, event by event, byte for byte.
+
+Each attempt is made by `attempt`. The relay retries only while nothing has reached the client,
+never reads on after the client left, and never keeps, logs or inspects a body beyond the usage
+scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxyd.errors import ErrorType
+from proxyd.protocol.call import Call
+from proxyd.protocol.usage import StreamUsage, Usage, completion_text
+from proxyd.relay.exchange import Exchange, stream_failure
+from proxyd.relay.failover import (
+    Attempt,
+    AttemptKind,
+    RetryBudget,
+    Verdict,
+    classify,
+    decide,
+    final_failure,
+)
+from proxyd.relay.stream import relay_stream
+from proxyd.routing.health import ChannelHealth
+from proxyd.routing.route import Router
+from proxyd.server.respond import WholeResponse
+from proxyd.state.store import Channel
+from proxyd.upstream.attempt import Answered, AttemptFailed, Upstream, Whole, open_attempt
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request, filled in as it goes; the billing row is made from it."""
+
+    channel_id: str | None = None
+    upstream_model: str | None = None
+    status: int = 0
+    error_type: ErrorType | None = None
+    usage: Usage | None = None
+    response_text: str | None = None  # a non-stream answer without usage, to count offline
+    answer: bytes | None = None  # a native whole answer: its usage is read once it was sent
+    scanner: StreamUsage | None = None
+    first_byte_at: float | None = None  # loop time when the first byte went to the client
+    attempts: int = 0
+    sent: bool = False  # whether anything reached the client
+    tried: list[str] = field(default_factory=list)
+
+
+def client_headers_for(upstream: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+    """Response headers for the client: the content type and proxyd's own; nothing hop-by-hop."""
+    out: CIMultiDict[str] = CIMultiDict()
+    out["Content-Type"] = upstream.get("Content-Type", "application/json")
+    out["x-request-id"] = request_id
+    upstream_id = upstream.get("x-request-id") or upstream.get("request-id")
+    if upstream_id:
+        out["x-upstream-request-id"] = upstream_id
+    return out
+
+
+async def deliver(
+    request: web.Request,
+    exchange: Exchange,
+    resp: Answered,
+    outcome: Outcome,
+    request_id: str,
+    extra_headers: Mapping[str, str],
+) -> web.StreamResponse:
+    """Pass a chosen upstream response to the client; `resp` is always released."""
+    headers = client_headers_for(resp.headers, request_id)
+    headers.update(extra_headers)
+    outcome.status = resp.status
+    if isinstance(resp, Whole):
+        if resp.broken is not None:
+            raise stream_failure(resp.broken.timeout)
+        return whole_response(exchange, resp.status, resp.body, headers, outcome)
+    is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
+    if exchange.call.stream and is_sse and resp.status < 400:
+        return await relay_stream(request, exchange, resp, outcome, headers)
+    try:
+        if exchange.call.stream:  # no per-read timeout on stream calls: bound the whole body
+            async with asyncio.timeout(exchange.channel.chunk_timeout):
+                raw = await resp.read()
+        else:
+            raw = await resp.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        resp.close()
+        raise stream_failure(isinstance(exc, TimeoutError)) from None
+    finally:
+        resp.release()
+    return whole_response(exchange, resp.status, raw, headers, outcome)
+
+
+def whole_response(
+    exchange: Exchange, status: int, raw: bytes, headers: CIMultiDict[str], outcome: Outcome
+) -> WholeResponse:
+    """A whole upstream answer for the client, converted when translated; usage noted or kept."""
+    if status >= 400:
+        outcome.error_type = ErrorType.UPSTREAM_CLIENT_ERROR
+        body = exchange.error_body(status, raw)
+        if exchange.translated:
+            headers["Content-Type"] = "application/json"
+    elif exchange.translated:
+        body, outcome.usage = exchange.body(raw)
+        if outcome.usage is None:
+            outcome.response_text = completion_text(body)
+        headers["Content-Type"] = "application/json"
+    else:  # passed on as it is; the record step reads its usage after it was sent
+        body = outcome.answer = raw
+    outcome.first_byte_at = asyncio.get_running_loop().time()
+    outcome.sent = True
+    return WholeResponse(status, body, headers.items())
+
+
+def passthrough_error(
+    last: AttemptFailed, request_id: str, extra_headers: Mapping[str, str]
+) -> WholeResponse:
+    """The last upstream error response, as the provider sent it (in the client's format)."""
+    assert last.status is not None
+    content_type = "application/json"
+    if last.headers is not None:
+        content_type = last.headers.get("Content-Type", content_type)
+    headers: dict[str, str] = {"Content-Type": content_type, "x-request-id": request_id}
+    headers.update(extra_headers)
+    if last.retry_after is not None:
+        headers["Retry-After"] = str(int(last.retry_after + 0.999))
+    return WholeResponse(last.status, last.body or b"", headers.items())
+
+
+class RelayObserver(Protocol):
+    """Where the relay reports attempts: the metrics."""
+
+    def failover(self, from_channel: str, reason: str) -> None: ...
+    def upstream_observe(self, channel_id: str, status_class: str, seconds: float) -> None: ...
+
+
+@dataclass(slots=True)
+class Relay:
+    """The long-lived parts the relay uses: the pool, channel health, the router, metrics."""
+
+    upstream: Upstream
+    health: ChannelHealth
+    router: Router
+    observer: RelayObserver
+
+
+def _attempt_of(failed: AttemptFailed) -> Attempt:
+    if failed.status is not None:
+        return Attempt(AttemptKind.RESPONSE, failed.status)
+    if failed.error_type is ErrorType.UPSTREAM_TIMEOUT:
+        return Attempt(AttemptKind.TIMEOUT)
+    return Attempt(AttemptKind.CONNECT_ERROR)
+
+
+async def relay(
+    request: web.Request,
+    call: Call,
+    route: tuple[Channel, ...],
+    parts: Relay,
+    outcome: Outcome,
+    *,
+    request_id: str,
+    extra_headers: Mapping[str, str],
+) -> web.StreamResponse:
+    """Try the planned channels until one answers; failover only before the first byte.
+
+    Whether to move on is decided in one place, `failover.decide`; channel health learns the
+    outcome of every attempt, including a stream that breaks after it started.
+    """
+    loop = asyncio.get_running_loop()
+    settings = parts.upstream.settings
+    budget = RetryBudget(settings.max_attempts)
+    deadline = loop.time() + settings.deadline_seconds
+    health, router = parts.health, parts.router
+    now = health.clock()
+    only = None if call.endpoint.translatable else call.endpoint.protocol
+    attempts: list[Attempt] = []
+    failures: list[AttemptFailed] = []
+    for channel in router.plan(route, now, health, only_type=only):
+        permit = health.acquire(channel, health.clock())
+        if permit is None:
+            continue
+        exchange = Exchange(call, channel, settings.default_anthropic_max_tokens)
+        outcome.attempts += 1
+        outcome.channel_id = channel.id
+        outcome.upstream_model = exchange.upstream_model
+        outcome.tried.append(channel.id)
+        started = loop.time()
+        try:
+            try:
+                resp = await open_attempt(
+                    parts.upstream, exchange, router.next_credential(channel), request.headers
+                )
+            except AttemptFailed as failed:
+                attempt = _attempt_of(failed)
+                kind = classify(attempt) or ErrorType.UPSTREAM_ERROR
+                permit.failure(kind, failed.retry_after)
+                parts.observer.upstream_observe(
+                    channel.id, _status_class(failed.status), loop.time() - started
+                )
+                attempts.append(attempt)
+                failures.append(failed)
+                verdict = decide(
+                    attempt, attempts=len(attempts), time_left=deadline - loop.time(), budget=budget
+                )
+                if verdict is Verdict.RETRY:
+                    parts.observer.failover(channel.id, kind.value)
+                    continue
+                break
+            permit.success()
+            parts.observer.upstream_observe(
+                channel.id, _status_class(resp.status), loop.time() - started
+            )
+            response = await deliver(request, exchange, resp, outcome, request_id, extra_headers)
+            if outcome.error_type in (ErrorType.UPSTREAM_RESET, ErrorType.UPSTREAM_TIMEOUT):
+                permit.failure(outcome.error_type)
+            return response
+        finally:
+            permit.release()
+    final = final_failure(attempts)
+    if final.upstream_index is not None:
+        last = failures[final.upstream_index]
+        outcome.status = last.status or 502
+        outcome.error_type = ErrorType.UPSTREAM_ERROR
+        return passthrough_error(last, request_id, extra_headers)
+    err = final.error()
+    if final.error_type is ErrorType.NO_CHANNEL:
+        err.retry_after = health.soonest(route, health.clock())
+    raise err
+
+
+def _status_class(status: int | None) -> str:
+    return "error" if status is None else f"{status // 100}xx"

@@ -1,0 +1,1 @@
+"""Server: the client listener's handlers and what they need from aiohttp."""

@@ -1,0 +1,129 @@
+"""The pieces one request passes through, held together for the handler, and the record step.
+
+Owns the decisions that join the steps: what to reserve at admission, which channels to try,
+and how a finished request becomes its one usage record. Never touches a body beyond counting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from proxyd.admission.admit import Admission, Ticket
+from proxyd.billing import pricing
+from proxyd.billing.record import UsageRecord
+from proxyd.billing.writer import BillingWriter
+from proxyd.errors import ErrorType, UpstreamFailure
+from proxyd.observability.metrics import Metrics
+from proxyd.protocol.call import Call
+from proxyd.protocol.estimate import Tokenizer
+from proxyd.protocol.usage import Usage, completion_text, usage_from_body
+from proxyd.relay.relay import Outcome, Relay
+from proxyd.state.store import Channel, State, StateStore
+
+
+class Pipeline:
+    """Everything the client handler needs, assembled by the app factory."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        relay: Relay,
+        admission: Admission,
+        writer: BillingWriter,
+        metrics: Metrics,
+        tokenizer: Tokenizer,
+        client_ip: Callable[[web.Request], str],
+        request_log: Callable[[UsageRecord], None],
+        default_max_tokens: int,
+    ) -> None:
+        self.store = store
+        self.relay = relay
+        self.admission = admission
+        self.writer = writer
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.client_ip = client_ip
+        self._request_log = request_log
+        self.default_max_tokens = default_max_tokens
+
+    # -- admit ------------------------------------------------------------------------------
+    def estimate_tokens(self, call: Call) -> int:
+        """Tokens to reserve from the per-minute bucket: a cheap prompt estimate plus the cap."""
+        return len(call.raw) // 4 + (call.max_tokens or self.default_max_tokens)
+
+    def max_cost(self, price: pricing.Price, call: Call) -> int:
+        """The most this request can cost; a prompt never has more tokens than bytes."""
+        return pricing.max_cost_nanos(
+            price, len(call.raw), call.max_tokens or self.default_max_tokens
+        )
+
+    # -- route ------------------------------------------------------------------------------
+    @staticmethod
+    def route(state: State, call: Call) -> tuple[Channel, ...]:
+        """The channels that serve the model (ordered per request by the relay's router)."""
+        route = state.routes.get(call.model, ())
+        if call.endpoint.translatable or any(c.type == call.endpoint.protocol for c in route):
+            return route
+        raise UpstreamFailure(
+            "No channel can serve this model on this endpoint.",
+            status=503,
+            error_type=ErrorType.NO_CHANNEL,
+        )
+
+    # -- record -----------------------------------------------------------------------------
+    def finish(
+        self,
+        record: UsageRecord,
+        outcome: Outcome,
+        call: Call | None,
+        ticket: Ticket | None,
+        start: float,
+        end: float,
+        state: State,
+    ) -> None:
+        """Complete the request's one usage record and hand it on; never raises."""
+        record.channel_id = outcome.channel_id
+        record.upstream_model = outcome.upstream_model
+        record.status_code = outcome.status or 500
+        record.error_type = outcome.error_type.value if outcome.error_type else None
+        record.latency_ms = int((end - start) * 1000)
+        if outcome.first_byte_at is not None:
+            record.ttft_ms = int((outcome.first_byte_at - start) * 1000)
+        if call is not None and outcome.sent:
+            usage, estimated = self._usage(outcome, call)
+            record.prompt_tokens = usage.prompt_tokens
+            record.completion_tokens = usage.completion_tokens
+            record.cached_tokens = usage.cached_tokens
+            record.reasoning_tokens = usage.reasoning_tokens
+            record.usage_source = "estimated" if estimated else "upstream"
+            price = state.prices.get(call.model)
+            if price is not None:  # what was delivered is billed, also to a client that left
+                record.cost_nanos = pricing.cost_nanos(
+                    price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+                )
+        if ticket is not None:
+            ticket.finish(
+                tokens=record.prompt_tokens + record.completion_tokens,
+                cost_nanos=record.cost_nanos,
+            )
+        self.writer.submit(record)
+        self.metrics.observe_request(record)
+        self._request_log(record)
+
+    def _usage(self, outcome: Outcome, call: Call) -> tuple[Usage, bool]:
+        """The provider's counts when it gave them, else what was delivered, counted offline."""
+        if outcome.usage is None and outcome.answer is not None:  # a native whole answer
+            outcome.usage = usage_from_body(outcome.answer)
+            if outcome.usage is None:
+                outcome.response_text = completion_text(outcome.answer)
+        if outcome.usage is not None:
+            return outcome.usage, False
+        if outcome.scanner is None and outcome.status >= 400:
+            return Usage(), False
+        usage, source = self.tokenizer.estimate(
+            call.endpoint.path, call.body, outcome.scanner, outcome.response_text
+        )
+        return usage, source == "estimated"

@@ -1,0 +1,2 @@
+"""State: keys, prices, channels and balances in memory, their schemas, and their sync between
+instances."""

@@ -1,0 +1,1 @@
+"""Upstream: the only package that opens connections to providers."""

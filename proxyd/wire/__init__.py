@@ -1,1 +1,0 @@
-"""Client wire formats: how each protocol names its endpoints and renders proxyd's errors."""
