@@ -36,9 +36,10 @@ lint: install
 	$(BIN)/mypy proxyd tests benchmarks
 	$(BIN)/lint-imports
 
+## bench: the benchmark suite (BASELINE=<commit> also measures that commit's proxyd beside this one)
 bench: install services
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python -m benchmarks.run --profile
+	$(BIN)/python -m benchmarks.run --profile $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -127,6 +127,37 @@ def added(summary: dict[str, Any], group: str, label: str, target: str) -> float
     return None if a is None or d is None else a - d
 
 
+def versus(summary: dict[str, Any], current: str, base: str) -> list[str]:
+    """A table of the figures a request-path change is judged by: `current` against `base`.
+
+    Latencies are added over the direct connection; CPU is the proxy's own per unit served.
+    The change column is (current - base) / base; lower is better for every row.
+    """
+    w5 = sorted((g for g in summary if g.startswith("W5@")), key=lambda g: int(g[3:]))
+    wanted: list[tuple[str, str, bool]] = [  # (group, label, added over direct)
+        ("W1", "p50 µs", True),
+        ("W1", "p99 µs", True),
+        ("W2", "CPU µs/req", False),
+        ("W4", "TTFT p99 µs", True),
+        ("W4", "CPU µs/chunk", False),
+        *[(g, label, False) for g in w5 for label in ("CPU µs/chunk", "RSS peak MB")],
+        *[(f"W7:{k}", "CPU µs/rej", False) for k in ("invalid", "limited", "forbidden")],
+    ]
+    lines = [f"| figure | {current} | {base} | change |", "| --- | --- | --- | --- |"]
+    for group, label, over_direct in wanted:
+        if over_direct:
+            now, then = added(summary, group, label, current), added(summary, group, label, base)
+        else:
+            now, then = _med(summary, group, current, label), _med(summary, group, base, label)
+        if now is None and then is None:
+            continue
+        change = "-" if now is None or not then else f"{(now - then) / abs(then) * 100:+.1f} %"
+        cells = ["-" if v is None else f"{v:.1f}" for v in (now, then)]
+        name = f"{group} {'added ' if over_direct else ''}{label}"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {change} |")
+    return lines
+
+
 def targets_check(summary: dict[str, Any], w5_max: dict[str, int]) -> list[str]:
     """The issue's targets, each as a line saying met / missed with the numbers."""
     lines = []

@@ -92,14 +92,20 @@ class Service:
         return self.proc.pid
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
 def _spawn(
-    name: str, argv: list[str], port: int, logdir: Path, env: dict[str, str] | None = None
+    name: str,
+    argv: list[str],
+    port: int,
+    logdir: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path = CHECKOUT,
 ) -> Service:
     log = logdir / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent
-        )
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
         wait_port(port, proc)
     except RuntimeError:
@@ -239,8 +245,13 @@ def start_proxyd(
     *,
     metrics: bool = True,
     name: str = "proxyd",
+    tree: Path = CHECKOUT,
 ) -> Service:
-    """proxyd on the proxy core with billing into `database_url`, metrics on unless told."""
+    """proxyd on the proxy core with billing into `database_url`, metrics on unless told.
+
+    `tree` is the source tree whose proxyd is served: this checkout, or a baseline commit's
+    tree exported by `export_tree` (first on PYTHONPATH, so its modules win over the venv's).
+    """
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-"))
     config = workdir / "proxyd.toml"
     config.write_text(proxyd_config(instant_port, paced_port, workdir, metrics=metrics))
@@ -253,10 +264,37 @@ def start_proxyd(
         "PROXYD_ADMIN_TOKEN": ADMIN_TOKEN,
         "PROXYD_DATABASE_URL": database_url,
     }
+    if tree != CHECKOUT:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     try:
-        svc = _spawn(name, pinned(PROXY_CORE, proxyd_argv()), port, logdir, env=env)
+        svc = _spawn(name, pinned(PROXY_CORE, proxyd_argv()), port, logdir, env=env, cwd=tree)
     except RuntimeError:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     svc.extra.update(workdir=str(workdir), control_port=str(control))
     return svc
+
+
+def export_tree(rev: str, into: Path) -> tuple[Path, str]:
+    """The source tree of commit `rev` written under `into` (`git archive`); and its short id.
+
+    The baseline proxyd runs from it with this checkout's virtualenv, so a baseline is any
+    commit whose dependencies the venv has.
+    """
+    short = subprocess.run(
+        ["git", "rev-parse", "--short", rev],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=CHECKOUT,
+    ).stdout.strip()
+    tree = into / f"baseline-{short}"
+    tree.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", short, "proxyd"],
+        check=True,
+        capture_output=True,
+        cwd=CHECKOUT,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree, short

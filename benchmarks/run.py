@@ -79,8 +79,14 @@ def session(
     want_nginx: bool,
     install_nginx: bool,
     want_proxyd: bool,
+    baseline: str | None = None,
 ) -> Iterator[tuple[list[Target], str | None]]:
-    """Everything the runs need, started pinned and stopped afterwards, as a list of targets."""
+    """Everything the runs need, started pinned and stopped afterwards, as a list of targets.
+
+    With `baseline` (a commit), the proxyd of that commit runs beside this checkout's as the
+    target `proxyd@<commit>`, with the same config, so a change is measured against the commit
+    before it in one session.
+    """
     started: list[rig.Service] = []
     try:
         instant = rig.start_mock(logdir, instant=True, chunks=16, interval=scale.interval)
@@ -125,12 +131,38 @@ def session(
                     targets.append(
                         Target(NO_METRICS, off.port, off.port, pids, mocks, own_auth=True)
                     )
+                if baseline:
+                    base = _start_baseline(baseline, logdir, instant.port, paced.port, db, notes)
+                    if base is not None:
+                        svc, name = base
+                        started.append(svc)
+                        pids = [svc.pid, *procstat.children(svc.pid)]
+                        targets.append(Target(name, svc.port, svc.port, pids, mocks, own_auth=True))
         elif want_proxyd:
             notes.append("proxyd does not import in this checkout yet: its column is skipped.")
         yield targets, binary
     finally:
         for svc in reversed(started):
             rig.stop(svc)
+
+
+def _start_baseline(
+    rev: str, logdir: Path, instant_port: int, paced_port: int, db: str, notes: list[str]
+) -> tuple[rig.Service, str] | None:
+    """The proxyd of commit `rev`, started from its exported tree; None (with a note) if not."""
+    try:
+        tree, short = rig.export_tree(rev, logdir.parent)
+    except subprocess.CalledProcessError as exc:
+        notes.append(f"baseline {rev} could not be exported: {exc}")
+        return None
+    name = f"proxyd@{short}"
+    try:
+        svc = rig.start_proxyd(logdir, instant_port, paced_port, db, name=name, tree=tree)
+    except RuntimeError as exc:
+        notes.append(f"baseline {name} did not start ({exc}); its column is skipped")
+        return None
+    _wait_ready(svc.port)
+    return svc, name
 
 
 NO_METRICS = "proxyd-nometrics"  # the same proxyd with metrics off, in W2 and W4 only
@@ -300,6 +332,10 @@ def write_results(
         "",
         *report.targets_check(summary, best),
     ]
+    base = next((g for g in _targets(summary) if g.startswith("proxyd@")), None)
+    if base is not None:
+        parts += ["", f"## This checkout against {base}, same session", ""]
+        parts += report.versus(summary, "proxyd", base)
     titles = {
         "W1": "W1 overhead — non-stream, concurrency 1",
         "W2": "W2 throughput — non-stream, concurrency 64",
@@ -343,6 +379,11 @@ def write_results(
     path.write_text("\n".join(parts) + "\n")
 
 
+def _targets(summary: dict[str, Any]) -> list[str]:
+    """Every target name that appears in any group, in first-seen order."""
+    return list(dict.fromkeys(t for group in summary.values() for t in group))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse options, run the session, write the results; 0 unless nothing could run."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
@@ -362,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         "(W1,W2,W4,W7:invalid,W7:limited,W7:forbidden,W5,billing); "
         "the report then goes to --out, not to benchmarks/RESULTS.md",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the proxyd of commit REV (e.g. HEAD~1) as target proxyd@REV, and "
+        "compare this checkout against it",
+    )
     args = p.parse_args(argv)
     scale = workloads.SCALES["smoke" if args.smoke else "quick" if args.quick else "full"]
     only = frozenset(w.strip() for w in args.only.split(",") if w.strip())
@@ -372,10 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     rec = Recorder(out)
     print(f"benchmark ({scale.name}) -> {out}", flush=True)
-    with session(scale, logdir, notes, not args.no_nginx, not args.smoke, not args.no_proxyd) as (
-        targets,
-        nginx_bin,
-    ):
+    with session(
+        scale,
+        logdir,
+        notes,
+        not args.no_nginx,
+        not args.smoke,
+        not args.no_proxyd,
+        args.baseline,
+    ) as (targets, nginx_bin):
         best = run_all(scale, targets, rec, only)
         spied = profiles(scale, targets, out, args.profile_streams) if args.profile else {}
     bill = billing(scale.billing_s, notes) if not only or "billing" in only else None
