@@ -63,6 +63,17 @@ class ProxydError(Exception):
         self.retry_after = retry_after
         self.headers = headers or {}
 
+    @property
+    def should_retry(self) -> bool:
+        """Whether the same request can succeed later (the `x-should-retry` header's value).
+
+        Rate and concurrency limits and failures of the upstream side can; a refusal about the
+        key, its balance or spend window, or the request itself cannot, however often it is sent.
+        """
+        if self.status == 429:
+            return self.error_type is not ErrorType.INSUFFICIENT_QUOTA
+        return self.status >= 500 or self.status in (408, 409)
+
 
 class InvalidRequest(ProxydError):
     """The request body or parameters are malformed (400)."""

@@ -135,6 +135,10 @@ def passthrough_error(
     return WholeResponse(last.status, last.body or b"", headers.items())
 
 
+ATTEMPTS_HEADER = "x-proxyd-attempts"
+"""On an upstream failure: how many upstream attempts proxyd made (and failed over) already."""
+
+
 class RelayObserver(Protocol):
     """Where the relay reports attempts: the metrics."""
 
@@ -226,12 +230,14 @@ async def relay(
         finally:
             permit.release()
     final = final_failure(attempts)
+    tried = {ATTEMPTS_HEADER: str(len(attempts))} if attempts else {}
     if final.upstream_index is not None:
         last = failures[final.upstream_index]
         outcome.status = last.status or 502
         outcome.error_type = ErrorType.UPSTREAM_ERROR
-        return passthrough_error(last, request_id, extra_headers)
+        return passthrough_error(last, request_id, {**extra_headers, **tried})
     err = final.error()
+    err.headers.update(tried)
     if final.error_type is ErrorType.NO_CHANNEL:
         err.retry_after = health.soonest(route, health.clock())
     raise err

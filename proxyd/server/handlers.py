@@ -40,7 +40,12 @@ def error_response(protocol: str, err: ProxydError, request_id: str) -> WholeRes
     body = (
         anthropic_wire.error_body(err) if protocol == "anthropic" else openai_wire.error_body(err)
     )
-    headers = {"Content-Type": "application/json", "x-request-id": request_id, **err.headers}
+    headers = {
+        "Content-Type": "application/json",
+        "x-request-id": request_id,
+        "x-should-retry": "true" if err.should_retry else "false",
+        **err.headers,
+    }
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
     return WholeResponse(err.status, body, headers.items())
