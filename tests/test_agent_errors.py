@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import pytest
+from aiohttp.test_utils import TestClient
 
 from tests.conftest import SECRET, SDKs, StartProxy, StartServer, channel, key, make_config
 from tests.conftest import server_url as url_of
@@ -17,12 +19,12 @@ BODY = {"model": "claude-x", "max_tokens": 16, "messages": [{"role": "user", "co
 
 
 async def _proxy(
-    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path, **cfg: object
-) -> tuple[object, FakeProvider]:
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path, **cfg: Any
+) -> tuple[TestClient[Any, Any], FakeProvider]:
     fake = FakeProvider(Step(body=anthropic_body("ok")))
     server = await start_server(fake.app())
     chans = [channel("a", url_of(server), type="anthropic", models=["claude-x"])]
-    client, _ = await start_proxy(make_config(tmp_path, chans, **cfg))  # type: ignore[arg-type]
+    client, _ = await start_proxy(make_config(tmp_path, chans, **cfg))
     return client, fake
 
 
@@ -48,10 +50,11 @@ async def test_refusals_say_whether_a_retry_can_help(
     client, _ = await _proxy(start_server, start_proxy, tmp_path, **cfg)
     last = None
     for _ in range(2):  # the rpm case is refused on the second request
-        last = await client.post("/v1/messages", json=BODY, headers=headers)  # type: ignore[attr-defined]
+        last = await client.post("/v1/messages", json=BODY, headers=headers)
         if last.status != 200:
             break
-    assert last is not None and last.status == status
+    assert last is not None
+    assert last.status == status
     assert last.headers["x-should-retry"] == should_retry
     if should_retry == "true":
         assert int(last.headers["Retry-After"]) >= 1
@@ -62,7 +65,7 @@ async def test_sdk_gives_up_at_once_on_an_empty_balance(
 ) -> None:
     """The anthropic SDK, retries on, stops at the first 429 for an empty balance."""
     client, fake = await _proxy(start_server, start_proxy, tmp_path, balance=0)
-    sdk_client = sdk.anthropic(client).with_options(max_retries=4)  # type: ignore[arg-type]
+    sdk_client = sdk.anthropic(client).with_options(max_retries=4)
     started = time.monotonic()
     with pytest.raises(anthropic.RateLimitError) as refused:
         await sdk_client.messages.create(**BODY)
