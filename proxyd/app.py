@@ -159,7 +159,7 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
         ready=lambda: parts.readiness()[0],
         redis_fallback=lambda: parts.redis is not None and parts.redis.fallback_active,
         resale_flagged=parts.admission.resale.flagged_count,
-        channel_health=list,
+        channel_health=parts.channel_health,
     )
     app.router.add_routes(ClientHandlers(pipeline).routes())
     app.router.add_get("/healthz", healthz)

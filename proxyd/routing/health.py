@@ -263,8 +263,10 @@ class ChannelHealth:
     ) -> list[dict[str, object]]:
         """One dict per channel (the `ids` given, in order, else every known id, sorted).
 
-        Keys: id, healthy, state ("healthy" | "cooling_down" | "trial"), consecutive_failures,
-        cooldown_remaining_seconds, in_flight, last_error_type (an ErrorType value or None).
+        Keys: id, healthy (False only while cooling down: a channel whose cooldown ended takes
+        its trial with the next request), state ("healthy" | "cooling_down" | "trial"),
+        consecutive_failures, cooldown_remaining_seconds, in_flight, last_error_type (an
+        ErrorType value or None).
         """
         at = self.clock() if now is None else now
         fresh = _Entry()
@@ -281,7 +283,7 @@ class ChannelHealth:
             out.append(
                 {
                     "id": cid,
-                    "healthy": state == "healthy",
+                    "healthy": state != "cooling_down",  # a trial is offered: it takes traffic
                     "state": state,
                     "consecutive_failures": e.consecutive_failures,
                     "cooldown_remaining_seconds": remaining,
