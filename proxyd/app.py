@@ -34,6 +34,7 @@ from proxyd.relay.relay import Relay
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
 from proxyd.server.clientip import client_address, parse_networks
+from proxyd.server.count import count_routes
 from proxyd.server.handlers import MAX_BODY, ClientHandlers
 from proxyd.server.pipeline import Pipeline
 from proxyd.state import sync
@@ -95,6 +96,7 @@ def build_parts(config: Config, store: StateStore | None = None) -> Parts:
             resale_window_seconds=a.resale_window_seconds,
             resale_max_ips=a.resale_max_ips,
             resale_max_user_agents=a.resale_max_user_agents,
+            count_tokens_per_minute=a.count_tokens_per_minute,
             trusted_proxies=tuple(config.server.trusted_proxies),
         ),
     )
@@ -162,6 +164,7 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
         channel_health=parts.channel_health,
     )
     app.router.add_routes(ClientHandlers(pipeline).routes())
+    app.router.add_routes(count_routes(pipeline))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

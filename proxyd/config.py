@@ -86,6 +86,11 @@ class AdmissionConfig(_Section):
     resale_window_seconds: float = Field(default=3600.0, gt=0)
     resale_max_ips: int = Field(default=20, ge=1)
     resale_max_user_agents: int = Field(default=10, ge=1)
+    count_tokens_per_minute: int = Field(
+        default=600,
+        ge=1,
+        description="Token-count calls per key per minute; a bucket apart from rpm and tpm.",
+    )
 
 
 class ControlPlaneSettings(_Section):

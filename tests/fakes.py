@@ -39,6 +39,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    query: str = ""  # the raw query string, as it arrived
 
 
 class FakeProvider:
@@ -62,7 +63,12 @@ class FakeProvider:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         self.seen.append(
-            Seen(request.path, dict(request.headers), orjson.loads(raw) if raw else {})
+            Seen(
+                request.path,
+                dict(request.headers),
+                orjson.loads(raw) if raw else {},
+                request.rel_url.raw_query_string,
+            )
         )
         step = self.script.pop(0) if self.script else self.default
         if step.stall_before_headers:

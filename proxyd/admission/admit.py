@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import structlog
 
 from proxyd.admission.balances import BalanceView, Reservation
+from proxyd.admission.counting import CountLimiter
 from proxyd.admission.limits import LimitGrant
 from proxyd.admission.resale import ResaleWatch
 from proxyd.errors import ErrorType, Forbidden
@@ -51,6 +52,7 @@ class AdmissionSettings:
     resale_max_ips: int = 20
     resale_max_user_agents: int = 10
     trusted_proxies: tuple[str, ...] = ()
+    count_tokens_per_minute: int = 600  # token-count calls per key, a bucket apart from rpm
 
 
 class Ticket:
@@ -113,6 +115,7 @@ class Admission:
             max_user_agents=settings.resale_max_user_agents,
         )
         self._clock = clock
+        self.counting = CountLimiter(settings.count_tokens_per_minute, clock=clock)
         self._wall = wall  # kept for callers that stamp decisions; admission itself needs none
 
     async def admit(
@@ -126,17 +129,7 @@ class Admission:
         max_cost_nanos: int,
     ) -> Ticket:
         """Admit the request or raise a 403/429 ProxydError having returned all it took."""
-        if key.models is not None and model not in key.models:
-            raise Forbidden(
-                f"This API key is not allowed to use the model '{model}'.",
-                error_type=ErrorType.MODEL_NOT_ALLOWED,
-                param="model",
-            )
-        if key.allowed_networks and not address_allowed(client_ip, key.allowed_networks):
-            raise Forbidden(
-                "Requests with this API key are not allowed from this address.",
-                error_type=ErrorType.IP_NOT_ALLOWED,
-            )
+        _allowed(key, model, client_ip)
         if (
             self.resale.observe(key.id, client_ip, user_agent, self._clock())
             and key.block_on_resale
@@ -152,3 +145,26 @@ class Admission:
             self.limits.release(grant, tokens=None)
             raise
         return Ticket(self.limits, self.ledger, grant, reservation)
+
+    def admit_count(self, key: KeyRecord, *, model: str, client_ip: str) -> None:
+        """Admit a token-count call: the key's model and address lists, then the count bucket.
+
+        Nothing is reserved (a count is never billed) and rpm, tpm and concurrency are not used.
+        """
+        _allowed(key, model, client_ip)
+        self.counting.take(key.id)
+
+
+def _allowed(key: KeyRecord, model: str, client_ip: str) -> None:
+    """403 unless the key may use `model` from `client_ip`."""
+    if key.models is not None and model not in key.models:
+        raise Forbidden(
+            f"This API key is not allowed to use the model '{model}'.",
+            error_type=ErrorType.MODEL_NOT_ALLOWED,
+            param="model",
+        )
+    if key.allowed_networks and not address_allowed(client_ip, key.allowed_networks):
+        raise Forbidden(
+            "Requests with this API key are not allowed from this address.",
+            error_type=ErrorType.IP_NOT_ALLOWED,
+        )

@@ -25,6 +25,7 @@ class Call:
     stream: bool
     max_tokens: int | None
     wants_usage: bool  # the client asked for `stream_options.include_usage`
+    query: str = ""  # the client's query string (`beta=true`), passed on to a native channel
 
 
 def parse_call(endpoint: Endpoint, raw: bytes) -> Call:
@@ -67,7 +68,7 @@ def _max_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int | None:
         if type(value) is not int or value < 1:
             raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
         return value
-    if endpoint is MESSAGES:
+    if endpoint is MESSAGES:  # count_tokens takes no max_tokens
         raise InvalidRequest("max_tokens: Field required", param="max_tokens")
     return None
 

@@ -21,6 +21,7 @@ class Endpoint:
     upstream_suffix: str  # appended to an `openai` channel's base_url (anthropic: /v1/messages)
     streams: bool  # whether `"stream": true` is allowed
     translatable: bool  # whether a channel of the other protocol can serve it
+    counts: bool = False  # a token count: never billed, answered offline where no upstream can
 
 
 CHAT = Endpoint(
@@ -32,3 +33,25 @@ RESPONSES = Endpoint("responses", "/v1/responses", "openai", "/responses", True,
 MESSAGES = Endpoint("messages", "/v1/messages", "anthropic", "/v1/messages", True, True)
 
 ALL: tuple[Endpoint, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES)
+
+# Token counting: sent to a channel of the client's protocol, else counted by the bundled
+# tokenizer. Served by their own handler (`proxyd.server.count`), not the completion one.
+COUNT_TOKENS = Endpoint(
+    "count_tokens",
+    "/v1/messages/count_tokens",
+    "anthropic",
+    "/v1/messages/count_tokens",
+    False,
+    False,
+    counts=True,
+)
+INPUT_TOKENS = Endpoint(
+    "responses.input_tokens",
+    "/v1/responses/input_tokens",
+    "openai",
+    "/responses/input_tokens",
+    False,
+    False,
+    counts=True,
+)
+COUNTING: tuple[Endpoint, ...] = (COUNT_TOKENS, INPUT_TOKENS)

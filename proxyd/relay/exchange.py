@@ -125,10 +125,9 @@ class Exchange:
             headers.update(req.headers)
         else:
             body = native_body(call, self.upstream_model)
-            if channel.type == "anthropic":
-                url = channel.base_url + "/v1/messages"
-            else:
-                url = channel.base_url + call.endpoint.upstream_suffix
+            url = channel.base_url + call.endpoint.upstream_suffix
+            if call.query:  # as the client sent it (Claude Code's `?beta=true`)
+                url += "?" + call.query
         if channel.type == "anthropic":
             headers["x-api-key"] = credential
             headers["anthropic-version"] = ANTHROPIC_VERSION

@@ -104,6 +104,7 @@ class ClientHandlers:
         ticket = None
         try:
             call = await read_call(request, endpoint)
+            call.query = request.rel_url.raw_query_string
             record.model = call.model
             record.stream = call.stream
             price = resolve(state, key, call)

@@ -92,7 +92,7 @@ class Pipeline:
         record.latency_ms = int((end - start) * 1000)
         if outcome.first_byte_at is not None:
             record.ttft_ms = int((outcome.first_byte_at - start) * 1000)
-        if call is not None and outcome.sent:
+        if call is not None and outcome.sent and not call.endpoint.counts:  # counts are free
             usage, estimated = self._usage(outcome, call)
             record.prompt_tokens = usage.prompt_tokens
             record.completion_tokens = usage.completion_tokens

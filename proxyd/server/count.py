@@ -1,0 +1,137 @@
+"""Token counting: `POST /v1/messages/count_tokens` and `POST /v1/responses/input_tokens`.
+
+authenticate → admit (the count bucket) → route → relay to a channel of the caller's protocol,
+or count with the bundled tokenizer (`x-proxyd-estimated: true`) where no such channel serves the
+model or its provider does not offer counting. One row per call, endpoint named, cost 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from proxyd.admission.authenticate import authenticate
+from proxyd.billing.record import UsageRecord
+from proxyd.errors import ErrorType, ProxydError
+from proxyd.protocol.call import Call
+from proxyd.protocol.endpoints import COUNTING, Endpoint
+from proxyd.relay.relay import Outcome, relay
+from proxyd.server.handlers import (
+    Meter,
+    error_response,
+    new_request_id,
+    read_call,
+    resolve,
+    send_now,
+)
+from proxyd.server.pipeline import Pipeline
+from proxyd.server.respond import WholeResponse
+
+ESTIMATED_HEADER = "x-proxyd-estimated"
+# Upstream answers meaning "this provider has no token counting": count offline instead.
+NOT_OFFERED = frozenset({404, 405, 501})
+# Prompts above this many bytes are counted in a thread, off the event loop.
+_THREAD_BYTES = 64 * 1024
+
+
+def count_routes(p: Pipeline) -> list[web.RouteDef]:
+    """The count endpoints' routes on the client listener."""
+
+    def handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await count(p, request, endpoint)
+
+        return handle
+
+    return [web.post(e.path, handler(e)) for e in COUNTING]
+
+
+async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    """One count call, answered by the provider or by the bundled tokenizer; never billed."""
+    loop = asyncio.get_running_loop()
+    meter = Meter(new_request_id(), time.time(), loop.time())
+    state = p.store.current
+    try:
+        key = authenticate(request.headers, state, meter.wall)
+    except ProxydError as err:
+        p.metrics.refused(err.error_type.value)
+        return error_response(endpoint.protocol, err, meter.request_id)
+    p.metrics.request_started()
+    outcome = Outcome()
+    record = UsageRecord(
+        request_id=meter.request_id,
+        created_at=meter.wall,
+        key_id=key.id,
+        account_id=key.account_id,
+        model="",
+        endpoint=endpoint.name,
+        client_ip=p.client_ip(request),
+    )
+    call: Call | None = None
+    try:
+        call = await read_call(request, endpoint)
+        call.query = request.rel_url.raw_query_string
+        record.model = call.model
+        resolve(state, key, call)
+        p.admission.admit_count(key, model=call.model, client_ip=record.client_ip or "")
+        route = tuple(c for c in state.routes.get(call.model, ()) if c.type == endpoint.protocol)
+        response: web.StreamResponse | None = None
+        if route:
+            response = await relay(
+                request,
+                call,
+                route,
+                p.relay,
+                outcome,
+                request_id=meter.request_id,
+                extra_headers={},
+            )
+        if response is None or response.status in NOT_OFFERED:
+            response = await estimated(p, call, meter.request_id, outcome)
+            record.usage_source = "estimated"
+        await send_now(request, response, outcome)
+        return response
+    except ProxydError as err:
+        outcome.status = err.status
+        outcome.error_type = err.error_type
+        if err.status in (403, 429):
+            p.metrics.refused(err.error_type.value)
+        response = error_response(endpoint.protocol, err, meter.request_id)
+        await send_now(request, response, outcome)
+        return response
+    except asyncio.CancelledError:
+        outcome.status = 499
+        outcome.error_type = ErrorType.CLIENT_DISCONNECT
+        raise
+    finally:
+        p.finish(record, outcome, call, None, meter.start, loop.time(), state)
+        p.metrics.request_finished()
+
+
+async def estimated(p: Pipeline, call: Call, request_id: str, outcome: Outcome) -> WholeResponse:
+    """The count from the bundled tokenizer, in the caller's format, marked as an estimate."""
+    kind = "messages" if call.endpoint.protocol == "anthropic" else "responses"
+    if len(call.raw) > _THREAD_BYTES:
+        tokens = await asyncio.to_thread(p.tokenizer.prompt_tokens, kind, call.body)
+    else:
+        tokens = p.tokenizer.prompt_tokens(kind, call.body)
+    if call.endpoint.protocol == "anthropic":
+        body: dict[str, object] = {"input_tokens": tokens}
+    else:
+        body = {"object": "response.input_tokens", "input_tokens": tokens}
+    outcome.status = 200
+    outcome.error_type = None
+    outcome.channel_id = None
+    outcome.upstream_model = None
+    outcome.sent = True
+    outcome.first_byte_at = asyncio.get_running_loop().time()
+    headers = {
+        "Content-Type": "application/json",
+        "x-request-id": request_id,
+        ESTIMATED_HEADER: "true",
+    }
+    return WholeResponse(200, orjson.dumps(body), headers.items())
