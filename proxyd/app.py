@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -26,7 +26,7 @@ from proxyd.config import Config
 from proxyd.control.api import create_control_app
 from proxyd.control.bootstrap import Bootstrap
 from proxyd.observability import logs
-from proxyd.observability.metrics import Metrics
+from proxyd.observability.metrics import CONTENT_TYPE, Metrics
 from proxyd.observability.observe import wire_sources
 from proxyd.protocol import estimate
 from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
@@ -62,6 +62,12 @@ class Parts:
     broadcast: Broadcast | None
     tokenizer: estimate.Tokenizer
     ready_reasons: list[Callable[[], str | None]] = field(default_factory=list)
+    # Set in a worker of `proxyd serve --workers N` (proxyd/supervisor): which one, the scrape of
+    # every worker's metrics, and the hand-off of a control push to the other workers.
+    worker: int | None = None
+    workers: int = 1
+    scrape: Callable[[], Awaitable[bytes]] | None = None
+    fan_out: sync.Publish | None = None
 
     def channel_health(self) -> list[dict[str, object]]:
         """Health of the channels in force, for metrics and the control API."""
@@ -76,17 +82,46 @@ class Parts:
             return False, reason
         return True, "ready"
 
+    def detail(self) -> dict[str, object]:
+        """What /readyz adds to its answer: Redis's state and, under a supervisor, the worker."""
+        redis = "off" if self.redis is None else "fallback" if self.redis.fallback_active else "ok"
+        out: dict[str, object] = {"redis": redis}
+        if self.worker is not None:
+            out |= {"worker": self.worker, "workers": self.workers}
+        return out
+
 
 PARTS = web.AppKey("parts", Parts)
 
 
-def build_parts(config: Config, store: StateStore | None = None) -> Parts:
-    """Create every part (nothing started yet)."""
+def build_parts(
+    config: Config,
+    store: StateStore | None = None,
+    *,
+    tokenizer: estimate.Tokenizer | None = None,
+    shared: tuple[Limits, Ledger] | None = None,
+    workers: int = 1,
+) -> Parts:
+    """Create every part (nothing started yet).
+
+    A worker of several passes the tokenizer loaded before the fork, its `workers` count (the
+    Redis fallback then takes a fair share of each key's limits) and, without Redis, `shared`:
+    the limits and ledger its supervisor keeps for all workers.
+    """
     store = store or StateStore()
     metrics = Metrics(enabled=config.metrics_enabled)
     redis = RedisStore(config.redis.url, prefix=config.redis.prefix) if config.redis.url else None
-    limits: Limits = RedisLimits(redis) if redis else LocalLimits()
-    ledger: Ledger = RedisLedger(redis) if redis else LocalLedger()
+    share = config.redis.fallback_instances * workers
+    limits: Limits
+    ledger: Ledger
+    if redis:
+        limits = RedisLimits(redis, share=share)
+        allowance = config.redis.fallback_balance_nanos
+        ledger = RedisLedger(redis, share=share, allowance=allowance)
+    elif shared is not None:
+        limits, ledger = shared
+    else:
+        limits, ledger = LocalLimits(), LocalLedger()
     a = config.admission
     admission = Admission(
         limits=limits,
@@ -132,7 +167,8 @@ def build_parts(config: Config, store: StateStore | None = None) -> Parts:
         admission=admission,
         ledger=ledger,
         limits=limits,
-        tokenizer=estimate.Tokenizer(),
+        tokenizer=tokenizer or estimate.Tokenizer(),
+        workers=workers,
     )
 
 
@@ -181,7 +217,7 @@ def create_ops_app(parts: Parts) -> web.Application:
     app[PARTS] = parts
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", own_metrics_handler)
     return app
 
 
@@ -205,6 +241,7 @@ def create_control(parts: Parts) -> web.Application:
     if token is None:
         raise ValueError("server.admin_token: the control API needs an admin token")
     broadcast = parts.broadcast
+    publish = _publisher(parts.fan_out, broadcast.publish if broadcast else None)
     return create_control_app(
         store=parts.store,
         ledger=parts.ledger,
@@ -213,8 +250,21 @@ def create_control(parts: Parts) -> web.Application:
         admin_token=token,
         allow_cidrs=list(parts.config.server.control_allow_cidrs),
         max_body_bytes=parts.config.server.max_body_bytes,
-        on_change=sync.Publisher(parts.store, broadcast.publish) if broadcast else None,
+        on_change=sync.Publisher(parts.store, publish) if publish else None,
     )
+
+
+def _publisher(*publishers: sync.Publish | None) -> sync.Publish | None:
+    """One publish that hands a push to each of `publishers` in turn (this host's workers first)."""
+    chosen = [p for p in publishers if p is not None]
+    if len(chosen) <= 1:
+        return chosen[0] if chosen else None
+
+    async def publish(kind: str, payload: bytes, /, *, version: int | None = None) -> None:
+        for each in chosen:
+            await each(kind, payload, version=version)
+
+    return publish
 
 
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -298,15 +348,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """State loaded and billing writable or spooling within bounds; the reason when not."""
-    ok, reason = request.app[PARTS].readiness()
-    return web.json_response(
-        {"ready": ok, "reason": reason}, status=200 if ok else 503, headers={"x-request-id": _rid()}
-    )
+    parts = request.app[PARTS]
+    ok, reason = parts.readiness()
+    body = {"ready": ok, "reason": reason, **parts.detail()}
+    return web.json_response(body, status=200 if ok else 503, headers={"x-request-id": _rid()})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
-    body, content_type = request.app[PARTS].metrics.render()
+    """Prometheus text exposition (of every worker, on the client port of a supervisor's worker)."""
+    parts = request.app[PARTS]
+    if parts.scrape is None:
+        return await own_metrics_handler(request)
+    return _metrics_response(await parts.scrape(), CONTENT_TYPE)
+
+
+async def own_metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this process alone."""
+    return _metrics_response(*request.app[PARTS].metrics.render())
+
+
+def _metrics_response(body: bytes, content_type: str) -> web.Response:
     response = web.Response(body=body, headers={"x-request-id": _rid()})
     response.headers["Content-Type"] = content_type
     return response

@@ -11,13 +11,25 @@ import gc
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
 from proxyd import __version__
-from proxyd.config import Config, ConfigError, load_config, split_host_port
+from proxyd.config import (
+    Config,
+    ConfigError,
+    load_config,
+    split_host_port,
+    with_workers,
+    worker_count,
+)
 from proxyd.observability import logs
+
+if TYPE_CHECKING:
+    from proxyd.app import Parts
+    from proxyd.supervisor.worker import WorkerContext
 
 log = structlog.get_logger("proxyd")
 
@@ -29,6 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy (client and control listeners)")
     serve.add_argument("--config", help="configuration file (default: $PROXYD_CONFIG or none)")
+    serve.add_argument(
+        "--workers",
+        help="worker processes sharing the port: a number, or 'auto' for the usable cores "
+        "(default: server.workers, $PROXYD_WORKERS or 1)",
+    )
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("path")
     migrate = sub.add_parser("migrate", help="create or upgrade the billing schema")
@@ -37,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = load_config(args.path if args.command == "check-config" else args.config)
+        if args.command == "serve" and args.workers is not None:
+            config = with_workers(config, args.workers)
     except ConfigError as exc:
         print(f"proxyd: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -45,7 +64,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure_logging(config.logging.level, config.logging.format)
     if args.command == "migrate":
         return _run(_migrate(config))
+    workers = worker_count(config.server.workers)
+    if workers > 1:
+        from proxyd.state.store import StateError
+        from proxyd.supervisor.process import supervise
+
+        try:
+            return supervise(config, workers=workers, config_path=args.config, run_worker=_worker)
+        except StateError as exc:
+            print(f"proxyd: configuration error: state.{exc}", file=sys.stderr)
+            return 2
     return _run(serve_forever(config))
+
+
+def _worker(config: Config, worker: WorkerContext) -> int:
+    """A forked worker's life: the same serve loop, on the supervisor's sockets."""
+    import os
+
+    os.environ["UV_TCP_SINGLE_ACCEPT"] = "1"  # libuv: one accept per wake, spread over workers
+    return _run(serve_forever(config, worker))
 
 
 def _check(config: Config, path: str) -> int:
@@ -86,12 +123,19 @@ def _redact(url: str) -> str:
     return scheme + sep + rest
 
 
-async def serve_forever(config: Config) -> int:
-    """Serve until SIGTERM or SIGINT, then drain streams, flush billing and exit 0."""
+async def serve_forever(config: Config, worker: WorkerContext | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain streams, flush billing and exit 0.
+
+    `worker`: this process is one of a supervisor's workers (proxyd/supervisor); its listeners
+    are the supervisor's sockets and only one worker serves the control API.
+    """
     from proxyd.app import PARTS, create_app, create_control, create_ops_app
     from proxyd.control.bootstrap import SnapshotInvalid
 
-    app = create_app(config)
+    parts_in = None
+    if worker is not None:
+        parts_in = await _worker_parts(config, worker)
+    app = create_app(config, parts_in)
     parts = app[PARTS]
     grace = config.server.shutdown_grace_seconds
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=grace)
@@ -102,15 +146,25 @@ async def serve_forever(config: Config) -> int:
         return 2
     gc.collect()  # start-up objects (state, tokenizer) are kept for good: out of the GC's way
     gc.freeze()
-    host, port = split_host_port(config.server.listen)
-    await web.TCPSite(runner, host, port, reuse_port=True, backlog=4096).start()
+    site: web.BaseSite
+    if worker is not None:
+        site = web.SockSite(runner, worker.listen_sock, backlog=4096)
+    else:
+        host, port = split_host_port(config.server.listen)
+        site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
+    await site.start()
 
     control_runner: web.AppRunner | None = None
-    if config.server.admin_token:
+    if config.server.admin_token and (worker is None or worker.control_sock is not None):
         control_runner = web.AppRunner(create_control(parts), access_log=None)
         await control_runner.setup()
-        chost, cport = split_host_port(config.server.control_listen)
-        await web.TCPSite(control_runner, chost, cport).start()
+        if worker is not None and worker.control_sock is not None:
+            await web.SockSite(control_runner, worker.control_sock).start()
+        else:
+            chost, cport = split_host_port(config.server.control_listen)
+            await web.TCPSite(control_runner, chost, cport).start()
+    elif worker is not None:
+        pass  # another worker serves the control API
     else:
         log.warning("control_api_disabled", reason="no admin token configured")
 
@@ -119,13 +173,16 @@ async def serve_forever(config: Config) -> int:
         ops_runner = web.AppRunner(create_ops_app(parts), access_log=None)
         await ops_runner.setup()
         mhost, mport = split_host_port(config.server.metrics_listen)
-        await web.TCPSite(ops_runner, mhost, mport).start()
+        await web.TCPSite(ops_runner, mhost, mport, reuse_port=worker is not None).start()
         runners.append(ops_runner)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        worker.link.on_lost = stop.set  # the supervisor is gone: drain and exit
+        worker.ready()
     log.info("serving", listen=config.server.listen, control=config.server.control_listen)
     await stop.wait()
     log.info("stopping", grace_seconds=grace)
@@ -133,7 +190,32 @@ async def serve_forever(config: Config) -> int:
         await extra.cleanup()
     await runner.cleanup()
     log.info("stopped")
+    if worker is not None:
+        worker.link.close()
     return 0
+
+
+async def _worker_parts(config: Config, worker: WorkerContext) -> Parts:
+    """A worker's parts: the state and tokenizer loaded before the fork, shared limits."""
+    from proxyd.app import build_parts
+    from proxyd.observability import merge
+
+    await worker.start()
+    parts = build_parts(
+        config,
+        worker.store,
+        tokenizer=worker.tokenizer,
+        shared=worker.shared_parts(config),
+        workers=worker.workers,
+    )
+    parts.worker, parts.fan_out = worker.slot, worker.publish
+
+    def snapshot() -> list[merge.Family]:
+        return merge.snapshot(parts.metrics.registry) if parts.metrics.enabled else []
+
+    worker.serve_metrics(snapshot)
+    parts.scrape = worker.scraper(snapshot) if parts.metrics.enabled else None
+    return parts
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proxyd.state.schemas import Cidr, Snapshot
 
@@ -38,6 +38,16 @@ class ServerSettings(_Section):
     trusted_proxies: list[Cidr] = Field(default_factory=list)
     max_body_bytes: int = Field(default=16 * 2**20, ge=1024)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # Worker processes behind one supervisor (`proxyd serve --workers`); "auto" = the cores this
+    # process may run on. They share the client port and read-only data (see proxyd/supervisor).
+    workers: int | Literal["auto"] = Field(default=1)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 512:
+            raise ValueError("must be between 1 and 512, or 'auto'")
+        return value
 
 
 class UpstreamSettings(_Section):
@@ -77,6 +87,13 @@ class RedisSettings(_Section):
 
     url: str | None = None
     prefix: str = "proxyd:"
+    # While Redis is away each worker limits a key to a fair share of its budget: the key's
+    # limits divided by (instances x workers). Set this to the number of proxyd instances
+    # (hosts or pods) sharing this Redis.
+    fallback_instances: int = Field(default=1, ge=1)
+    # The most one worker may spend per account while Redis is away; unset means its fair share
+    # of the available balance it last saw in Redis.
+    fallback_balance_nanos: int | None = Field(default=None, ge=0)
 
 
 class AdmissionConfig(_Section):
@@ -137,6 +154,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
     "PROXYD_LOG_LEVEL": ("logging", "level"),
     "PROXYD_LOG_FORMAT": ("logging", "format"),
     "PROXYD_SNAPSHOT_URL": ("control_plane", "snapshot_url"),
+    "PROXYD_WORKERS": ("server", "workers"),
 }
 
 
@@ -195,3 +213,19 @@ def split_host_port(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ConfigError(f"{value!r} is not host:port")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def worker_count(value: int | str, cores: int | None = None) -> int:
+    """`server.workers` as a number: `"auto"` is the cores this process may run on."""
+    if value == "auto":
+        return cores if cores is not None else len(os.sched_getaffinity(0)) or 1
+    return int(value)
+
+
+def with_workers(config: Config, value: str) -> Config:
+    """`config` with `server.workers` from the command line (`--workers N` or `auto`)."""
+    try:
+        server = ServerSettings.model_validate({**config.server.model_dump(), "workers": value})
+    except ValidationError as exc:
+        raise ConfigError(f"--workers: {describe(exc).partition(': ')[2]}") from exc
+    return config.model_copy(update={"server": server})

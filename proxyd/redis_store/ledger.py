@@ -20,9 +20,26 @@ class RedisLedger:
 
     shared = True
 
-    def __init__(self, store: RedisStore, local: LocalLedger | None = None) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        local: LocalLedger | None = None,
+        *,
+        share: int = 1,
+        allowance: int | None = None,
+    ) -> None:
         self.store = store
         self.local = local or LocalLedger()
+        self.share = share  # the processes that split an account's balance while Redis is away
+        self.allowance = allowance  # the most this process may spend per account meanwhile
+
+    def _mirror(self, account_id: str, available: int, version: int) -> None:
+        """Keep this process's fallback: its share of what Redis said, within the allowance."""
+        if self.share > 1:
+            available //= self.share
+        if self.allowance is not None and available > self.allowance:
+            available = self.allowance
+        self.local.mirror(account_id, available, version)
 
     def _keys(self, account_id: str) -> list[str]:
         base = f"{self.store.prefix}acct:{{{account_id}}}:"
@@ -44,7 +61,7 @@ class RedisLedger:
             self.store.submit("settle", keys, [lease, 0])
             raise
         ok, balance, reserved, version = (int(x) for x in result)
-        self.local.mirror(account_id, balance - reserved, version)
+        self._mirror(account_id, balance - reserved, version)
         if not ok:
             raise insufficient_quota()
         self.store.leases[lease] = (keys[2], False)
@@ -101,7 +118,7 @@ class RedisLedger:
             self.store.submit("set", keys, args)
             return fresh
         applied, current, balance, reserved = (int(x) for x in result)
-        self.local.mirror(account_id, balance - reserved, current)
+        self._mirror(account_id, balance - reserved, current)
         return applied == 1
 
     async def credit(self, account_id: str, credit_id: str, amount_nanos: int) -> bool:
@@ -116,7 +133,7 @@ class RedisLedger:
             self.store.submit("credit", keys, [credit_id, amount_nanos])
             return fresh
         applied, balance, reserved, version = (int(x) for x in result)
-        self.local.mirror(account_id, balance - reserved, version)
+        self._mirror(account_id, balance - reserved, version)
         return applied == 1
 
     async def view(self, account_id: str) -> BalanceView:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from proxyd.admission.buckets import duration_text
@@ -23,9 +24,26 @@ class RedisLimits:
 
     shared = True
 
-    def __init__(self, store: RedisStore, local: LocalLimits | None = None) -> None:
+    def __init__(
+        self, store: RedisStore, local: LocalLimits | None = None, *, share: int = 1
+    ) -> None:
         self.store = store
         self.local = local or LocalLimits()
+        self.share = share  # the processes that split a key's limits while Redis is away
+
+    def _fallback(self, key: KeyRecord) -> KeyRecord:
+        """The key with its fair share (1/share) of each limit, for the local fallback."""
+        n = self.share
+        if n == 1:
+            return key
+        return replace(
+            key,
+            rpm=max(1, key.rpm // n) if key.rpm else key.rpm,
+            tpm=max(1, key.tpm // n) if key.tpm else key.tpm,
+            burst_requests=max(1, key.burst_requests // n) if key.burst_requests else None,
+            burst_tokens=max(1, key.burst_tokens // n) if key.burst_tokens else None,
+            max_concurrency=max(1, key.max_concurrency // n) if key.max_concurrency else None,
+        )
 
     def _keys(self, key_id: str) -> list[str]:
         base = f"{self.store.prefix}lim:{{{key_id}}}:"
@@ -42,8 +60,10 @@ class RedisLimits:
 
     async def acquire(self, key: KeyRecord, tokens: int) -> LimitGrant:
         """Take one request, the tokens and a slot in Redis, or raise the 429; never partial."""
-        if self.store.fallback_active or not (key.rpm or key.tpm or key.max_concurrency):
+        if not (key.rpm or key.tpm or key.max_concurrency):
             return self.local.acquire_now(key, tokens)
+        if self.store.fallback_active:
+            return self.local.acquire_now(self._fallback(key), tokens)
         keys = self._keys(key.id)
         cap = key.max_concurrency or 0
         lease = self.store.new_lease() if cap else ""
@@ -51,7 +71,7 @@ class RedisLimits:
         try:
             result = await self.store.call("acquire", keys, args)
         except RedisUnavailable:
-            return self.local.acquire_now(key, tokens)
+            return self.local.acquire_now(self._fallback(key), tokens)
         except BaseException:
             if lease:  # cancelled mid-call: the slot may have been taken; free it
                 self.store.submit("release", keys, [*self._rates(key), 0, 0, lease])
@@ -91,7 +111,7 @@ class RedisLimits:
         try:
             result = await self.store.call("view", self._keys(key.id), self._rates(key))
         except RedisUnavailable:
-            view = self.local.view_now(key)
+            view = self.local.view_now(self._fallback(key))
             view["fallback"] = True
             return view
         level_r, level_t, in_flight = (int(x) for x in result)
