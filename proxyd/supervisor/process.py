@@ -19,62 +19,26 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.process_collector import ProcessCollector
 
-from proxyd.config import Config, ConfigError, load_config, split_host_port
+from proxyd.config import Config, ConfigError, load_config
 from proxyd.observability import logs, merge
 from proxyd.protocol import estimate
 from proxyd.state import sync
 from proxyd.state.store import StateStore
-from proxyd.supervisor.frames import FrameBuffer, FrameError, Message, encode
+from proxyd.supervisor import spawn
+from proxyd.supervisor.frames import FrameError, Message, encode
 from proxyd.supervisor.hub import Hub
+from proxyd.supervisor.rounds import Rounds, WorkerProc
 
 log = structlog.get_logger("proxyd.supervisor")
 
-ANSWER_SECONDS = 5.0  # how long a push or a scrape waits for a worker's answer
 STABLE_SECONDS = 30.0  # a worker that ran this long restarts at once; earlier ones back off
 KILL_MARGIN_SECONDS = 10.0  # after the grace period, workers still draining are killed
-
-
-@dataclass
-class WorkerProc:
-    """One forked worker as the supervisor sees it."""
-
-    slot: int
-    pid: int
-    sock: socket.socket
-    spool: int
-    role: str = "current"  # "current", "incoming" (a reload's replacement) or "retiring"
-    started: float = field(default_factory=time.monotonic)
-    ready: bool = False
-    frames: FrameBuffer = field(default_factory=FrameBuffer)
-    out: bytearray = field(default_factory=bytearray)
-
-
-@dataclass
-class _Waiting:
-    """A push or a scrape waiting for workers' answers."""
-
-    origin: int  # the pid that asked
-    request_id: int
-    kind: str  # "push" or "collect"
-    waiting: set[int]
-    deadline: float
-    parts: list[tuple[str, Any]] = field(default_factory=list)
-
-
-def bind(address: str, backlog: int = 4096) -> socket.socket:
-    """A listening socket on `host:port`, shared by the workers (and SO_REUSEPORT for others)."""
-    host, port = split_host_port(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=True)
-    sock.set_inheritable(True)
-    return sock
 
 
 class Supervisor:
@@ -100,8 +64,6 @@ class Supervisor:
         self._signals: list[int] = []
         self._restart_at: dict[int, float] = {}
         self._failures: dict[int, int] = {}
-        self._waiting: dict[int, _Waiting] = {}
-        self._ids = itertools.count(1)
         self._rolling: list[int] = []
         self._stopping = False
         self._kill_at: float | None = None
@@ -119,14 +81,15 @@ class Supervisor:
             ("worker",),
             registry=self.registry,
         )
+        self.rounds = Rounds(self._procs, self.send, lambda: merge.snapshot(self.registry))
 
     # -- start ----------------------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Bind the listeners and load what the workers share read-only (raises on a mistake)."""
-        self.listen_sock = bind(self.config.server.listen)
+        self.listen_sock = spawn.bind(self.config.server.listen)
         if self.config.server.admin_token:
-            self.control_sock = bind(self.config.server.control_listen, backlog=128)
+            self.control_sock = spawn.bind(self.config.server.control_listen, backlog=128)
         self._load_state(self.config)
         self.tokenizer.load()
         import proxyd.app  # noqa: F401 - every module the workers run, imported once and shared
@@ -188,68 +151,37 @@ class Supervisor:
         used = {p.spool for p in self._procs.values()}
         return next(i for i in itertools.count() if i not in used)
 
-    def _worker_config(self, slot: int, spool: int) -> Config:
-        c = self.config
-        billing = c.billing.model_copy(
-            update={"spool_dir": f"{c.billing.spool_dir}/worker-{spool}"}
-        )
-        server = c.server
-        if server.metrics_listen:  # one per process: the worker's slot added to the port
-            host, port = split_host_port(server.metrics_listen)
-            server = server.model_copy(update={"metrics_listen": f"{host}:{port + slot}"})
-        return c.model_copy(update={"billing": billing, "server": server})
-
     def _spawn(self, slot: int, role: str = "current") -> None:
         spool = self._spool_index()
-        config = self._worker_config(slot, spool)
+        config = spawn.worker_config(self.config, slot, spool)
         parent, child = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child; its work is the worker's tests
             parent.close()
-            os._exit(self._child(slot, config, child))
+            assert self.listen_sock is not None
+            inherited = [p.sock for p in self._procs.values()]
+            if slot != 0 and self.control_sock is not None:
+                inherited.append(self.control_sock)
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake[0])
+            os.close(self._wake[1])
+            self._sel.close()
+            context = spawn.Inherited(
+                slot=slot,
+                workers=self.workers,
+                sock=child,
+                listen_sock=self.listen_sock,
+                control_sock=self.control_sock if slot == 0 else None,
+                store=self.store,
+                tokenizer=self.tokenizer,
+            )
+            os._exit(spawn.child_main(config, context, inherited, self._run_worker))
         child.close()
         parent.setblocking(False)
         proc = WorkerProc(slot=slot, pid=pid, sock=parent, spool=spool, role=role)
         self._procs[pid] = proc
         self._sel.register(parent, selectors.EVENT_READ, proc)
         log.info("worker_started", worker=slot, pid=pid, role=role)
-
-    def _child(self, slot: int, config: Config, sock: socket.socket) -> int:  # pragma: no cover
-        code = 70
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the supervisor's
-            os.close(self._wake[0])
-            os.close(self._wake[1])
-            for proc in self._procs.values():
-                proc.sock.close()
-            self._sel.close()
-            control = self.control_sock if slot == 0 else None
-            if self.control_sock is not None and control is None:
-                self.control_sock.close()
-            from proxyd.supervisor.link import Link
-            from proxyd.supervisor.worker import WorkerContext
-
-            assert self.listen_sock is not None
-            structlog.contextvars.bind_contextvars(worker=slot)
-            context = WorkerContext(
-                slot=slot,
-                workers=self.workers,
-                link=Link(sock, slot=slot, workers=self.workers),
-                listen_sock=self.listen_sock,
-                control_sock=control,
-                store=self.store,
-                tokenizer=self.tokenizer,
-            )
-            code = self._run_worker(config, context)
-        except BaseException:
-            log.exception("worker_crashed", worker=slot)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        return code
 
     def _io(self, proc: WorkerProc, mask: int) -> None:
         sock = proc.sock
@@ -307,7 +239,7 @@ class Supervisor:
     def _dispatch(self, proc: WorkerProc, message: Message) -> None:
         op = message.get("op")
         if op is None:
-            self._answered(proc, message)
+            self.rounds.answered(proc, message)
         elif op == "ready":
             self._ready(proc)
         elif op == "push":
@@ -345,9 +277,7 @@ class Supervisor:
         kind, body = message["kind"], message["body"]
         sync.apply(self.store, kind, body.encode())  # so workers forked later start with it
         targets = [p for p in self._procs.values() if p is not origin and p.sock.fileno() >= 0]
-        self._ask(
-            origin, message["id"], "push", targets, {"op": "apply", "kind": kind, "body": body}
-        )
+        self.rounds.ask(origin, message["id"], targets, {"op": "apply", "kind": kind, "body": body})
 
     def _collect(self, origin: WorkerProc, message: Message) -> None:
         targets = [
@@ -357,55 +287,7 @@ class Supervisor:
         ]
         if origin not in targets:
             targets.append(origin)
-        self._ask(origin, message["id"], "collect", targets, {"op": "collect"})
-
-    def _ask(
-        self,
-        origin: WorkerProc,
-        request_id: int,
-        kind: str,
-        targets: list[WorkerProc],
-        msg: Message,
-    ) -> None:
-        sid = next(self._ids)
-        waiting = _Waiting(
-            origin.pid,
-            request_id,
-            kind,
-            {p.pid for p in targets},
-            time.monotonic() + ANSWER_SECONDS,
-        )
-        self._waiting[sid] = waiting
-        for proc in targets:
-            self.send(proc, {**msg, "id": sid})
-        self._maybe_done(sid)
-
-    def _answered(self, proc: WorkerProc, message: Message) -> None:
-        sid = message.get("id", -1)
-        waiting = self._waiting.get(sid)
-        if waiting is None or proc.pid not in waiting.waiting:
-            return
-        waiting.waiting.discard(proc.pid)
-        if waiting.kind == "collect" and "families" in message:
-            waiting.parts.append((str(proc.slot), message["families"]))
-        self._maybe_done(sid)
-
-    def _maybe_done(self, sid: int, *, expired: bool = False) -> None:
-        waiting = self._waiting[sid]
-        if waiting.waiting and not expired:
-            return
-        del self._waiting[sid]
-        origin = self._procs.get(waiting.origin)
-        if origin is None:
-            return
-        reply: Message = {"id": waiting.request_id}
-        if waiting.kind == "collect":
-            own = ("supervisor", merge.snapshot(self.registry))
-            reply["parts"] = [*sorted(waiting.parts, key=lambda part: part[0]), own]
-        elif waiting.waiting:
-            slots = sorted(self._procs[p].slot for p in waiting.waiting if p in self._procs)
-            reply["error"] = f"workers {slots} did not confirm within {ANSWER_SECONDS} s"
-        self.send(origin, reply)
+        self.rounds.ask(origin, message["id"], targets, {"op": "collect"})
 
     # -- signals, deaths, timers ----------------------------------------------------------------
 
@@ -449,10 +331,7 @@ class Supervisor:
     def _gone(self, proc: WorkerProc, status: int) -> None:
         self._unregister(proc)
         grants, reservations = self.hub.forget(proc.pid)
-        for sid, waiting in list(self._waiting.items()):
-            if proc.pid in waiting.waiting:
-                waiting.waiting.discard(proc.pid)
-                self._maybe_done(sid)
+        self.rounds.gone(proc.pid)
         code = os.waitstatus_to_exitcode(status)
         how = {"exit_status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
         if self._stopping or proc.role == "retiring":
@@ -487,9 +366,8 @@ class Supervisor:
         self._restart_at[proc.slot] = time.monotonic() + delay
 
     def _timeout(self) -> float | None:
-        dues = [*self._restart_at.values(), *(w.deadline for w in self._waiting.values())]
-        if self._kill_at is not None:
-            dues.append(self._kill_at)
+        others = (self.rounds.next_deadline(), self._kill_at)
+        dues = [*self._restart_at.values(), *(d for d in others if d is not None)]
         if not dues:
             return None
         return max(0.0, min(dues) - time.monotonic())
@@ -501,9 +379,7 @@ class Supervisor:
                 del self._restart_at[slot]
                 self.restarts.labels(str(slot)).inc()
                 self._spawn(slot)
-        for sid, waiting in list(self._waiting.items()):
-            if waiting.deadline <= now:
-                self._maybe_done(sid, expired=True)
+        self.rounds.expire(now)
         if self._kill_at is not None and now >= self._kill_at:
             self._kill_at = None
             for proc in self._procs.values():
