@@ -25,7 +25,7 @@ from proxyd.billing.writer import BillingWriter
 from proxyd.config import Config
 from proxyd.control.api import create_control_app
 from proxyd.control.bootstrap import Bootstrap
-from proxyd.observability import logs
+from proxyd.observability import logs, metric_sources
 from proxyd.observability.metrics import CONTENT_TYPE, Metrics
 from proxyd.observability.observe import wire_sources
 from proxyd.protocol import estimate
@@ -33,6 +33,7 @@ from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
 from proxyd.relay.relay import Relay
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
+from proxyd.routing.sticky import StickyTable
 from proxyd.server.clientip import client_address, parse_networks
 from proxyd.server.count import count_routes
 from proxyd.server.handlers import MAX_BODY, ClientHandlers
@@ -54,6 +55,7 @@ class Parts:
     upstream: Upstream
     health: ChannelHealth
     router: Router
+    sticky: StickyTable | None
     writer: BillingWriter
     admission: Admission
     ledger: Ledger
@@ -152,6 +154,8 @@ def build_parts(
         failure_threshold=u.failure_threshold,
     )
     router = Router()
+    st = config.sticky
+    sticky = StickyTable(ttl=st.ttl_seconds, max_sessions=st.max_sessions) if st.enabled else None
     store.subscribe(health.on_state)
     store.subscribe(router.on_state)
     return Parts(
@@ -161,6 +165,7 @@ def build_parts(
         upstream=Upstream(u),
         health=health,
         router=router,
+        sticky=sticky,
         redis=redis,
         broadcast=Broadcast(redis) if redis else None,
         writer=writer,
@@ -189,6 +194,7 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
         client_ip=lambda request: client_address(request.remote, request.headers, trusted),
         request_log=logs.request_log,
         default_max_tokens=config.admission.default_max_tokens,
+        sticky=parts.sticky,
     )
     wire_sources(
         parts.metrics,
@@ -199,6 +205,10 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
         resale_flagged=parts.admission.resale.flagged_count,
         channel_health=parts.channel_health,
     )
+    if parts.sticky is not None:
+        table = parts.sticky
+        parts.metrics.add_source(metric_sources.STICKY_SESSIONS, table.counts)
+        parts.metrics.add_source(metric_sources.STICKY_PINNED, lambda: [((), float(len(table)))])
     app.router.add_routes(ClientHandlers(pipeline).routes())
     app.router.add_routes(count_routes(pipeline))
     app.router.add_get("/healthz", healthz)

@@ -110,6 +110,14 @@ class AdmissionConfig(_Section):
     )
 
 
+class StickySettings(_Section):
+    """Sticky sessions: a conversation's turns stay on one channel and credential."""
+
+    enabled: bool = True
+    ttl_seconds: float = Field(default=3600.0, gt=0, description="Sliding: each turn renews it.")
+    max_sessions: int = Field(default=100_000, ge=1, description="Per process; LRU beyond.")
+
+
 class ControlPlaneSettings(_Section):
     """Where to fetch a state snapshot at start, and how often to poll it again."""
 
@@ -133,6 +141,7 @@ class Config(_Section):
     billing: BillingSettings = Field(default_factory=BillingSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    sticky: StickySettings = Field(default_factory=StickySettings)
     control_plane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics_enabled: bool = True

@@ -54,6 +54,14 @@ CHANNEL_COOLDOWN = _gauge(
 REDIS_FALLBACK = _gauge("proxyd_redis_fallback", "1 while Redis is away and limits are local.")
 RESALE_FLAGGED_KEYS = _gauge("proxyd_resale_flagged_keys", "Keys with the resale signal set.")
 READY = _gauge("proxyd_ready", "1 when /readyz answers ready, else 0.")
+STICKY_SESSIONS = SourceSpec(
+    "counter",
+    "proxyd_sticky_sessions_total",
+    "Served requests by sticky-session result: hit (same channel and credential), miss (new "
+    "or expired session), move (the session went elsewhere, e.g. its channel was cooling down).",
+    ("result",),
+)
+STICKY_PINNED = _gauge("proxyd_sticky_sessions_pinned", "Sticky sessions held in this process.")
 # The state the lead wires with `Metrics.add_source`; the dashboard and alerts rely on them.
 SOURCES = (
     BILLING_QUEUE_DEPTH,
@@ -68,6 +76,8 @@ SOURCES = (
     REDIS_FALLBACK,
     RESALE_FLAGGED_KEYS,
     READY,
+    STICKY_SESSIONS,
+    STICKY_PINNED,
 )
 
 

@@ -32,6 +32,7 @@ from proxyd.relay.failover import (
 from proxyd.relay.stream import relay_stream
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
+from proxyd.routing.sticky import Session
 from proxyd.server.respond import WholeResponse
 from proxyd.state.store import Channel
 from proxyd.upstream.attempt import Answered, AttemptFailed, Upstream, Whole, open_attempt
@@ -173,8 +174,12 @@ async def relay(
     *,
     request_id: str,
     extra_headers: Mapping[str, str],
+    session: Session | None = None,
 ) -> web.StreamResponse:
     """Try the planned channels until one answers; failover only before the first byte.
+
+    A sticky `session` puts its channel first and its credential in use; the channel that
+    answers becomes the session's (it moves with a failover).
 
     Whether to move on is decided in one place, `failover.decide`; channel health learns the
     outcome of every attempt, including a stream that breaks after it started.
@@ -188,7 +193,8 @@ async def relay(
     only = None if call.endpoint.translatable else call.endpoint.protocol
     attempts: list[Attempt] = []
     failures: list[AttemptFailed] = []
-    for channel in router.plan(route, now, health, only_type=only):
+    first = session.channel_id if session is not None else None
+    for channel in router.plan(route, now, health, only_type=only, first=first):
         permit = health.acquire(channel, health.clock())
         if permit is None:
             continue
@@ -200,9 +206,9 @@ async def relay(
         started = loop.time()
         try:
             try:
-                resp = await open_attempt(
-                    parts.upstream, exchange, router.next_credential(channel), request.headers
-                )
+                pinned = session.credential(channel.id) if session is not None else None
+                credential = router.next_credential(channel, pinned)
+                resp = await open_attempt(parts.upstream, exchange, credential, request.headers)
             except AttemptFailed as failed:
                 attempt = _attempt_of(failed)
                 kind = classify(attempt) or ErrorType.UPSTREAM_ERROR
@@ -220,6 +226,8 @@ async def relay(
                     continue
                 break
             permit.success()
+            if session is not None:
+                session.settle(channel.id, channel.api_keys.index(credential))
             parts.observer.upstream_observe(
                 channel.id, _status_class(resp.status), loop.time() - started
             )

@@ -51,8 +51,13 @@ class Router:
         health: HealthView,
         *,
         only_type: str | None = None,
+        first: str | None = None,
     ) -> list[Channel]:
-        """The channels to try, best first; `only_type` keeps channels of that type only."""
+        """The channels to try, best first; `only_type` keeps channels of that type only.
+
+        `first` (a sticky session's channel id) goes to the front while it is READY; cooling
+        down, capped or gone, it is left where the plan puts it and the session moves.
+        """
         rnd = self._rng.random
         log = math.log
         availability = health.availability
@@ -74,15 +79,23 @@ class Router:
                         capped = [channel]
                     else:
                         capped.append(channel)
+        if first is not None and out and out[0].id != first:  # only READY channels so far
+            for i, channel in enumerate(out):
+                if channel.id == first:
+                    out.insert(0, out.pop(i))
+                    break
         if capped is not None:
             out.extend(capped)
         return out
 
-    def next_credential(self, channel: Channel) -> str:
-        """The channel's credentials in round-robin, per channel id (kept across state swaps)."""
+    def next_credential(self, channel: Channel, pinned: int | None = None) -> str:
+        """The channel's credentials in round-robin, per channel id (kept across state swaps);
+        `pinned` (a sticky session's credential index on this channel) is used as is."""
         keys = channel.api_keys
         if len(keys) == 1:
             return keys[0]
+        if pinned is not None:
+            return keys[pinned % len(keys)]
         turn = self._turns.get(channel.id, 0)
         self._turns[channel.id] = turn + 1
         return keys[turn % len(keys)]

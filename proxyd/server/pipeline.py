@@ -6,7 +6,8 @@ and how a finished request becomes its one usage record. Never touches a body be
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from proxyd.protocol.call import Call
 from proxyd.protocol.estimate import Tokenizer
 from proxyd.protocol.usage import Usage, completion_text, usage_from_body
 from proxyd.relay.relay import Outcome, Relay
+from proxyd.routing.sticky import Session, StickyTable, session_id
 from proxyd.state.store import Channel, State, StateStore
 
 
@@ -38,6 +40,8 @@ class Pipeline:
         client_ip: Callable[[web.Request], str],
         request_log: Callable[[UsageRecord], None],
         default_max_tokens: int,
+        sticky: StickyTable | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.relay = relay
@@ -48,6 +52,8 @@ class Pipeline:
         self.client_ip = client_ip
         self._request_log = request_log
         self.default_max_tokens = default_max_tokens
+        self.sticky = sticky
+        self._clock = clock
 
     # -- admit ------------------------------------------------------------------------------
     def estimate_tokens(self, call: Call) -> int:
@@ -72,6 +78,15 @@ class Pipeline:
             status=503,
             error_type=ErrorType.NO_CHANNEL,
         )
+
+    def session(
+        self, key_id: str, call: Call, headers: Mapping[str, str], *, track: bool = True
+    ) -> Session | None:
+        """The request's sticky session (None with sticky sessions off)."""
+        if self.sticky is None:
+            return None
+        sid = session_id(headers, call.body)
+        return self.sticky.open(key_id, sid, self._clock(), track=track)
 
     # -- record -----------------------------------------------------------------------------
     def finish(

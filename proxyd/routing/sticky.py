@@ -1,0 +1,218 @@
+"""Sticky sessions: the turns of one conversation go to the same channel and credential.
+
+Providers cache prompts per account, so a conversation spread over channels and credentials
+pays a cache write where a read would have served. Pure module: no aiohttp, no I/O; the clock
+comes in as `now`. It only remembers where a session went; the router still decides what is
+healthy, and failover still decides retries (the session then moves with the request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+# The session headers of the coding agents, in the order they are believed.
+_CLAUDE_CODE = "x-claude-code-session-id"
+_CODEX = ("session-id", "session_id", "thread-id", "thread_id")
+_HASH_BYTES = 4096  # of the system prompt and of the first user message, for the fallback id
+_MAX_ID = 200  # a client id longer than this is hashed (it is a dictionary key, and a Redis one)
+
+
+def session_id(headers: Mapping[str, str], body: Mapping[str, Any]) -> str:
+    """The conversation's id as the client states it, or one derived from its opening.
+
+    In order: Claude Code's `x-claude-code-session-id`; the session in Anthropic
+    `metadata.user_id` (a JSON string with `session_id`, or `user_<hex>_account_<uuid>_session_
+    <uuid>`); Codex's `session-id` / `thread-id`; OpenAI `prompt_cache_key`; else a hash of the
+    system prompt and the first user message. Clients choose these: scope them by key id.
+    """
+    value = headers.get(_CLAUDE_CODE)
+    if value:
+        return _short("h:" + value)
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict):
+        user = metadata.get("user_id")
+        if isinstance(user, str) and user:
+            found = _from_user_id(user)
+            if found:
+                return _short("u:" + found)
+    for name in _CODEX:
+        value = headers.get(name)
+        if value:
+            return _short("h:" + value)
+    cache_key = body.get("prompt_cache_key")
+    if isinstance(cache_key, str) and cache_key:
+        return _short("p:" + cache_key)
+    return "d:" + _opening_hash(body)
+
+
+def _from_user_id(user: str) -> str | None:
+    """The session part of Anthropic `metadata.user_id`, in either of Claude Code's forms."""
+    if user.startswith("{"):
+        try:
+            data = orjson.loads(user)
+        except orjson.JSONDecodeError:
+            return None
+        sid = data.get("session_id") if isinstance(data, dict) else None
+        return sid if isinstance(sid, str) and sid else None
+    cut = user.rfind("_session_")
+    if cut >= 0 and cut + 9 < len(user):
+        return user[cut + 9 :]
+    return None
+
+
+def _short(value: str) -> str:
+    if len(value) <= _MAX_ID:
+        return value
+    return value[:2] + hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
+
+
+def _opening_hash(body: Mapping[str, Any]) -> str:
+    """A hash of the start of the system prompt and of the first user message."""
+    digest = hashlib.blake2b(digest_size=12)
+    system = body.get("system", body.get("instructions"))
+    first = None
+    items = body.get("messages", body.get("input"))
+    if isinstance(items, list):
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            role = item.get("role")
+            if role in ("system", "developer") and system is None:
+                system = item.get("content")
+            elif role == "user":
+                first = item.get("content")
+                break
+    elif isinstance(items, str):
+        first = items
+    for part in (system, first):
+        raw = part.encode() if isinstance(part, str) else orjson.dumps(part)
+        digest.update(raw[:_HASH_BYTES])
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+class Pin:
+    """Where a session last went: a channel id and the index of the credential it used."""
+
+    __slots__ = ("channel_id", "credential", "expires")
+
+    def __init__(self, channel_id: str, credential: int, expires: float) -> None:
+        self.channel_id = channel_id
+        self.credential = credential
+        self.expires = expires
+
+
+class Session:
+    """One request's view of its session: the pin found, and `settle` once a channel served."""
+
+    __slots__ = ("_table", "key", "opened", "pin", "track")
+
+    def __init__(
+        self, table: StickyTable, key: str, pin: Pin | None, opened: float, track: bool
+    ) -> None:
+        self._table = table
+        self.key = key
+        self.pin = pin
+        self.opened = opened
+        self.track = track
+
+    @property
+    def channel_id(self) -> str | None:
+        """The channel to try first, if the session has one."""
+        pin = self.pin
+        return pin.channel_id if pin is not None else None
+
+    def credential(self, channel_id: str) -> int | None:
+        """The credential index to use on `channel_id`, if the session was there."""
+        pin = self.pin
+        if pin is not None and pin.channel_id == channel_id:
+            return pin.credential
+        return None
+
+    def settle(self, channel_id: str, credential: int) -> None:
+        """A channel answered: remember it (a hit, a first placement, or a move)."""
+        if self.track:
+            self._table.settle(self, channel_id, credential)
+
+
+class StickyTable:
+    """Session → pin, bounded (least recently used dropped first) with a sliding TTL.
+
+    Counters `hits`, `misses` (no pin yet, or it expired) and `moves` (the request went
+    elsewhere, e.g. the pinned channel was cooling down or failed before the first byte) are
+    plain ints read at scrape time. `on_settle` (optional) hears every placement or move, so a
+    shared store can learn it without a round trip on the request's path.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float = 3600.0,
+        max_sessions: int = 100_000,
+        on_settle: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        if ttl <= 0 or max_sessions < 1:
+            raise ValueError("ttl must be positive and max_sessions at least 1")
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self.on_settle = on_settle
+        self._pins: OrderedDict[str, Pin] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.moves = 0
+
+    def __len__(self) -> int:
+        return len(self._pins)
+
+    def open(self, key_id: str, sid: str, now: float, *, track: bool = True) -> Session:
+        """The session `sid` of key `key_id`, with its pin if one is alive at `now`.
+
+        `track=False` follows the pin without moving it (token counts, served by one protocol's
+        channels only, must not pull a conversation off the channel its turns use).
+        """
+        key = key_id + "\x00" + sid
+        pin = self._pins.get(key)
+        if pin is not None:
+            if pin.expires <= now:
+                del self._pins[key]
+                pin = None
+            else:
+                self._pins.move_to_end(key)
+        return Session(self, key, pin, now, track)
+
+    def settle(self, session: Session, channel_id: str, credential: int) -> None:
+        """Record where `session` was served; the TTL slides from the time it was opened."""
+        pin = session.pin
+        expires = session.opened + self.ttl
+        if pin is not None and pin.channel_id == channel_id and pin.credential == credential:
+            self.hits += 1
+            pin.expires = expires
+            return
+        if pin is None:
+            self.misses += 1
+        else:
+            self.moves += 1
+        self.put(session.key, channel_id, credential, expires)
+        if self.on_settle is not None:
+            self.on_settle(session.key, channel_id, credential)
+
+    def put(self, key: str, channel_id: str, credential: int, expires: float) -> None:
+        """Set the pin of a scoped session key (also for pins learned from a shared store)."""
+        pins = self._pins
+        old = pins.get(key)
+        if old is not None:
+            old.channel_id, old.credential, old.expires = channel_id, credential, expires
+            pins.move_to_end(key)
+            return
+        pins[key] = Pin(channel_id, credential, expires)
+        if len(pins) > self.max_sessions:
+            pins.popitem(last=False)
+
+    def counts(self) -> list[tuple[tuple[str, ...], float]]:
+        """(labels, value) pairs of `proxyd_sticky_sessions_total` for the metrics."""
+        return [(("hit",), self.hits), (("miss",), self.misses), (("move",), self.moves)]

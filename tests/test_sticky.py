@@ -1,0 +1,211 @@
+"""Sticky sessions: the session id a client states, the bounded table, the router's hook, e2e."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxyd.routing.health import Availability
+from proxyd.routing.route import Router
+from proxyd.routing.sticky import StickyTable, session_id
+from tests.conftest import SECRET, StartProxy, StartServer, channel, make_config
+from tests.conftest import server_url as url_of
+from tests.fakes import FakeProvider, Step, anthropic_body, make_channel
+from tests.test_route import AllReady, Fixed
+
+ANT = {"x-api-key": SECRET, "anthropic-version": "2023-06-01"}
+UUID = "6f1c9a8e-2b1d-4c55-9e7a-1234567890ab"
+
+
+def test_session_id_sources_in_order() -> None:
+    """Claude Code header, then metadata.user_id (both forms), Codex headers, prompt_cache_key."""
+    body: dict[str, Any] = {
+        "metadata": {"user_id": orjson.dumps({"session_id": "s-json"}).decode()}
+    }
+    assert session_id({"x-claude-code-session-id": "s-h"}, body) == "h:s-h"
+    assert session_id({}, body) == "u:s-json"
+    old = {"metadata": {"user_id": f"user_{'ab' * 32}_account_{UUID}_session_{UUID}"}}
+    assert session_id({}, old) == "u:" + UUID
+    assert session_id({"session-id": "cx"}, {"prompt_cache_key": "pk"}) == "h:cx"
+    assert session_id({"session_id": "cx2"}, {}) == "h:cx2"
+    assert session_id({"thread-id": "t1"}, {}) == "h:t1"
+    assert session_id({}, {"prompt_cache_key": "pk"}) == "p:pk"
+    assert (
+        session_id({}, {"metadata": {"user_id": "plain-user"}, "prompt_cache_key": "pk"}) == "p:pk"
+    )
+    long = session_id({"x-claude-code-session-id": "x" * 5000}, {})
+    assert len(long) < 100
+
+
+def test_opening_hash_follows_the_conversation_not_its_later_turns() -> None:
+    """Without ids, two turns of one conversation share an id; another first message differs."""
+    first = {"system": "You are terse.", "messages": [{"role": "user", "content": "hello"}]}
+    later = {
+        "system": "You are terse.",
+        "messages": [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": [{"type": "text", "text": "and now?"}]},
+        ],
+    }
+    other = {"system": "You are terse.", "messages": [{"role": "user", "content": "bye"}]}
+    chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]}
+    assert session_id({}, first) == session_id({}, later)
+    assert session_id({}, first) != session_id({}, other)
+    assert session_id({}, chat).startswith("d:")
+    assert session_id({}, chat) != session_id({}, {"messages": [{"role": "user", "content": "U"}]})
+
+
+def test_table_counts_hits_misses_moves_and_scopes_by_key() -> None:
+    """First turn a miss, same place a hit, elsewhere a move; another key's same id is apart."""
+    table = StickyTable(ttl=60.0, max_sessions=10)
+    s = table.open("k1", "h:s", 0.0)
+    assert s.channel_id is None
+    s.settle("a", 1)
+    s = table.open("k1", "h:s", 1.0)
+    assert (s.channel_id, s.credential("a"), s.credential("b")) == ("a", 1, None)
+    s.settle("a", 1)
+    table.open("k1", "h:s", 2.0).settle("b", 0)
+    assert table.open("k2", "h:s", 3.0).channel_id is None
+    assert (table.hits, table.misses, table.moves) == (1, 1, 1)
+    assert dict(table.counts()) == {("hit",): 1, ("miss",): 1, ("move",): 1}
+
+
+def test_ttl_slides_and_expires() -> None:
+    """Each served turn renews the TTL; a session idle longer than it starts over."""
+    table = StickyTable(ttl=10.0)
+    table.open("k", "s", 0.0).settle("a", 0)
+    table.open("k", "s", 8.0).settle("a", 0)  # renewed until 18
+    assert table.open("k", "s", 17.0).channel_id == "a"
+    assert table.open("k", "s", 18.5).channel_id is None
+    assert len(table) == 0
+
+
+def test_table_is_bounded_lru() -> None:
+    """Past max_sessions the least recently used session is dropped first."""
+    table = StickyTable(ttl=100.0, max_sessions=3)
+    for i in range(3):
+        table.open("k", f"s{i}", 0.0).settle("a", 0)
+    assert table.open("k", "s0", 1.0).channel_id == "a"  # s0 is now the most recent
+    table.open("k", "s3", 2.0).settle("a", 0)
+    assert len(table) == 3
+    assert table.open("k", "s1", 3.0).channel_id is None
+    assert table.open("k", "s0", 3.0).channel_id == "a"
+
+
+def test_untracked_session_follows_but_never_moves() -> None:
+    """A count call follows the pin; where it is served does not move the conversation."""
+    table = StickyTable()
+    table.open("k", "s", 0.0).settle("a", 0)
+    table.open("k", "s", 1.0, track=False).settle("b", 0)
+    assert table.open("k", "s", 2.0).channel_id == "a"
+
+
+def test_router_puts_the_sticky_channel_first_only_while_ready() -> None:
+    """`first` leads the plan when READY; cooling down it is left out and the plan stands."""
+    chans = tuple(make_channel(c) for c in "abc")
+    router = Router(random.Random(1))
+    for _ in range(50):
+        assert router.plan(chans, 0.0, AllReady(), first="c")[0].id == "c"
+    cooling = Fixed({"c": Availability.BLOCKED})
+    assert "c" not in [ch.id for ch in router.plan(chans, 0.0, cooling, first="c")]
+    capped = Fixed({"c": Availability.CAPPED})
+    assert router.plan(chans, 0.0, capped, first="c")[-1].id == "c"
+
+
+def test_pinned_credential_is_used_as_is() -> None:
+    """A pinned credential index overrides the round-robin on that channel."""
+    ch = make_channel("a", api_keys=("k0", "k1", "k2"))
+    router = Router()
+    assert [router.next_credential(ch, 2) for _ in range(5)] == ["k2"] * 5
+    assert {router.next_credential(ch) for _ in range(3)} == {"k0", "k1", "k2"}
+
+
+async def _pool(
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path, **cfg: Any
+) -> tuple[Any, list[FakeProvider], Any]:
+    fakes = [FakeProvider(Step(body=anthropic_body("ok"))) for _ in range(3)]
+    chans = []
+    for i, fake in enumerate(fakes):
+        server = await start_server(fake.app())
+        ch = channel(f"c{i}", url_of(server), type="anthropic", models=["claude-x"])
+        del ch["api_key"]
+        ch["api_keys"] = [f"cred-{i}-{j}" for j in range(3)]
+        chans.append(ch)
+    client, parts = await start_proxy(make_config(tmp_path, chans, **cfg))
+    return client, fakes, parts
+
+
+def _where(fakes: list[FakeProvider]) -> list[tuple[int, str]]:
+    out = []
+    for i, fake in enumerate(fakes):
+        out += [(i, seen.headers["x-api-key"]) for seen in fake.seen]
+    return out
+
+
+async def test_turns_of_a_session_stay_on_one_channel_and_credential(
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """Ten turns with one Claude Code session id land on one channel and one credential."""
+    client, fakes, parts = await _pool(start_server, start_proxy, tmp_path)
+    for turn in range(10):
+        body = {
+            "model": "claude-x",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": f"t{turn}"}],
+        }
+        headers = {**ANT, "x-claude-code-session-id": "sess-1"}
+        assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
+    places = Counter(_where(fakes))
+    assert len(places) == 1
+    assert parts.sticky.hits == 9
+    assert parts.sticky.misses == 1
+    metrics = await (await client.get("/metrics")).text()
+    assert 'proxyd_sticky_sessions_total{result="hit"} 9.0' in metrics
+
+
+async def test_without_stickiness_turns_spread(
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """With sticky.enabled = false the same ten turns spread over channels and credentials."""
+    client, fakes, parts = await _pool(
+        start_server, start_proxy, tmp_path, sticky={"enabled": False}
+    )
+    for turn in range(10):
+        body = {
+            "model": "claude-x",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": f"t{turn}"}],
+        }
+        headers = {**ANT, "x-claude-code-session-id": "sess-1"}
+        assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
+    assert len(Counter(_where(fakes))) > 1
+    assert parts.sticky is None
+
+
+async def test_session_moves_when_its_channel_fails_and_stays_moved(
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The pinned channel failing before the first byte: failover serves, the session moves."""
+    client, fakes, parts = await _pool(start_server, start_proxy, tmp_path)
+    body = {"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "a"}]}
+    headers = {**ANT, "x-claude-code-session-id": "sess-2"}
+    assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
+    ((first, _),) = _where(fakes)
+    fakes[first].then(
+        Step(status=529, body=b'{"type":"error","error":{"type":"overloaded_error"}}')
+    )
+    assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
+    for fake in fakes:
+        fake.seen.clear()
+    for _ in range(4):
+        assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
+    places = Counter(_where(fakes))
+    assert len(places) == 1
+    ((moved_to, _),) = places
+    assert moved_to != first
+    assert parts.sticky.moves == 1
