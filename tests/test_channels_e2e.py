@@ -205,8 +205,9 @@ async def test_weights_spread_traffic(
         [channel("heavy", server_url(h), weight=3), channel("light", server_url(lt), weight=1)],
     )
     client, _ = await start_proxy(config)
-    for _ in range(200):
-        resp = await client.post("/v1/chat/completions", headers=AUTH, json=CHAT)
+    for i in range(200):  # 200 conversations: one request each, so stickiness plays no part
+        body = {**CHAT, "messages": [{"role": "user", "content": f"conversation {i}"}]}
+        resp = await client.post("/v1/chat/completions", headers=AUTH, json=body)
         assert resp.status == 200
     share = len(heavy.seen) / 200
     assert 0.62 < share < 0.87  # p(heavy)=0.75; these bounds are > 4 sigma wide

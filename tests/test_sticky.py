@@ -117,6 +117,15 @@ def test_router_puts_the_sticky_channel_first_only_while_ready() -> None:
     assert router.plan(chans, 0.0, capped, first="c")[-1].id == "c"
 
 
+def test_sticky_backup_gives_way_to_a_recovered_primary() -> None:
+    """A session that fell to a lower-priority backup returns once the primary is READY again."""
+    chans = (make_channel("primary", priority=1), make_channel("backup"))
+    router = Router()
+    assert router.plan(chans, 0.0, AllReady(), first="backup")[0].id == "primary"
+    down = Fixed({"primary": Availability.BLOCKED})
+    assert router.plan(chans, 0.0, down, first="backup")[0].id == "backup"
+
+
 def test_pinned_credential_is_used_as_is() -> None:
     """A pinned credential index overrides the round-robin on that channel."""
     ch = make_channel("a", api_keys=("k0", "k1", "k2"))

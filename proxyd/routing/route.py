@@ -55,8 +55,9 @@ class Router:
     ) -> list[Channel]:
         """The channels to try, best first; `only_type` keeps channels of that type only.
 
-        `first` (a sticky session's channel id) goes to the front while it is READY; cooling
-        down, capped or gone, it is left where the plan puts it and the session moves.
+        `first` (a sticky session's channel id) goes to the front while it is READY and of the
+        best priority READY; cooling down, capped, gone or outranked (a backup the session fell
+        to while the primary cooled down), it stays where the plan puts it and the session moves.
         """
         rnd = self._rng.random
         log = math.log
@@ -80,7 +81,10 @@ class Router:
                     else:
                         capped.append(channel)
         if first is not None and out and out[0].id != first:  # only READY channels so far
+            top = out[0].priority
             for i, channel in enumerate(out):
+                if channel.priority != top:  # a backup the session fell to gives way
+                    break
                 if channel.id == first:
                     out.insert(0, out.pop(i))
                     break
