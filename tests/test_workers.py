@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from proxyd.mockprovider import create_mock_app
-from tests.conftest import SECRET, StartServer, server_url
+from tests.conftest import SECRET, StartServer, pg_url, server_url
 from tests.procs import CHAT, Proxyd, chat, sample, state
 
 pytestmark = pytest.mark.slow
@@ -176,12 +177,14 @@ async def test_a_killed_worker_is_replaced_and_traffic_continues(
         await proxyd.kill()
 
 
+@pytest.mark.postgres
 async def test_sigterm_lets_streams_on_both_workers_finish_and_flushes(
-    tmp_path: Path, start_server: StartServer
+    tmp_path: Path, start_server: StartServer, database: str
 ) -> None:
-    """SIGTERM with a stream open on each worker: both end whole, both rows written, exit 0."""
+    """SIGTERM with a stream open on each worker: both end whole, rows in PostgreSQL, exit 0."""
     mock = await start_server(create_mock_app(chunk_interval=0.05, chunks=30))
-    proxyd = await _proxyd(tmp_path, state(server_url(mock)))
+    billing = {"database_url": pg_url(database)}
+    proxyd = await _proxyd(tmp_path, state(server_url(mock)), billing=billing)
     try:
         pinned = await proxyd.pinned()
         url = proxyd.url("/v1/chat/completions")
@@ -198,9 +201,16 @@ async def test_sigterm_lets_streams_on_both_workers_finish_and_flushes(
             assert stream.endswith(b"data: [DONE]\n\n")
             assert stream.count(b'"content"') >= 30
         assert await proxyd.stop() == 0
-        rows = _rows(tmp_path)
-        assert {r[0] for r in rows} >= ids
-        assert all(r[1] == 200 for r in rows if r[0] in ids)
+        conn = await asyncpg.connect(pg_url(database))
+        try:
+            rows = await conn.fetch(
+                "select request_id, status_code from usage_records where request_id = any($1)",
+                list(ids),
+            )
+        finally:
+            await conn.close()
+        assert {r["request_id"] for r in rows} == ids
+        assert {r["status_code"] for r in rows} == {200}
     finally:
         await proxyd.kill()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,6 +49,37 @@ async def test_rpm_admits_exactly_the_limit_across_workers_with_redis(
         statuses = await _split(proxyd, list(pinned.values()), 15)
         assert statuses.count(200) == 10
         assert statuses.count(429) == 20
+    finally:
+        await proxyd.kill()
+
+
+async def test_balance_in_redis_spent_from_both_workers_is_exact(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A small Redis balance drained from both workers: never below 0, charged the rows' cost."""
+    mock = await start_server(create_mock_app(instant=True))
+    start = 300_000
+    proxyd = Proxyd(tmp_path, state(server_url(mock), balance=start), **_redis())
+    try:
+        await proxyd.start()
+        pinned = await proxyd.pinned()
+        url = proxyd.url("/v1/chat/completions")
+
+        async def run(session: aiohttp.ClientSession) -> list[int]:
+            return [(await chat(session, url, max_tokens=20))[0] for _ in range(12)]
+
+        statuses = [s for r in await asyncio.gather(*(run(s) for s in pinned.values())) for s in r]
+        assert set(statuses) == {200, 429}
+        for _ in range(100):
+            with sqlite3.connect(tmp_path / "usage.sqlite3") as db:
+                rows = db.execute("select status_code, cost_nanos from usage_records").fetchall()
+            _, body = await proxyd.push("GET", "/keys/k1")
+            if len(rows) == 24 and body["balance"]["reserved_nanos"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        charged = sum(cost for code, cost in rows if code == 200)
+        assert charged > 0
+        assert body["balance"]["balance_nanos"] == start - charged
     finally:
         await proxyd.kill()
 

@@ -58,6 +58,17 @@ class Link:
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._out = bytearray()  # frames of this turn of the loop, written together
+
+    def _write(self, frame: bytes) -> None:
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out += frame
+
+    def _flush(self) -> None:
+        if self._transport is not None and not self._closed and self._out:
+            self._transport.write(bytes(self._out))
+        self._out.clear()
 
     async def start(self) -> None:
         """Attach the socket to the running loop."""
@@ -67,6 +78,7 @@ class Link:
 
     def close(self) -> None:
         """Close the channel (the supervisor reads that as this worker's end)."""
+        self._flush()
         self._closed = True
         if self._transport is not None:
             self._transport.close()
@@ -75,7 +87,7 @@ class Link:
         """Send a message that needs no answer (a release, a settlement, a readiness note)."""
         if self._transport is None or self._closed:
             return
-        self._transport.write(encode(message))
+        self._write(encode(message))
 
     async def request(self, message: Message) -> Message:
         """Send a request and wait for its reply."""
@@ -84,7 +96,7 @@ class Link:
         rid = next(self._ids)
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
-        self._transport.write(encode({**message, "id": rid}))
+        self._write(encode({**message, "id": rid}))
         try:
             return await future
         finally:

@@ -60,6 +60,7 @@ class Supervisor:
         self.store = StateStore()
         self.tokenizer = estimate.Tokenizer()
         self._procs: dict[int, WorkerProc] = {}
+        self._dirty: set[WorkerProc] = set()
         self._sel = selectors.DefaultSelector()
         self._signals: list[int] = []
         self._restart_at: dict[int, float] = {}
@@ -130,6 +131,8 @@ class Supervisor:
                     self._io(key.data, mask)
                 else:
                     self._drain_wakeup()
+            while self._dirty:  # one write per worker per turn, however many replies it has
+                self._flush(self._dirty.pop())
             self._handle_signals()
             self._timers()
         log.info("supervisor_stopped", status=self._exit)
@@ -217,11 +220,11 @@ class Supervisor:
         proc.sock.close()
 
     def send(self, proc: WorkerProc, message: Message) -> None:
-        """Queue a message to a worker and write what the socket takes now."""
+        """Queue a message to a worker; written once this turn of the loop has read everything."""
         if proc.sock.fileno() < 0:
             return
         proc.out += encode(message)
-        self._flush(proc)
+        self._dirty.add(proc)
 
     def _flush(self, proc: WorkerProc) -> None:
         try:
@@ -232,9 +235,12 @@ class Supervisor:
             pass
         except OSError:
             proc.out.clear()
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if proc.out else 0)
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.modify(proc.sock, events, proc)
+        writing = bool(proc.out)
+        if writing != proc.writing:  # epoll_ctl only when the interest changes
+            proc.writing = writing
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.modify(proc.sock, events, proc)
 
     def _dispatch(self, proc: WorkerProc, message: Message) -> None:
         op = message.get("op")

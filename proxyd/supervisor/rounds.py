@@ -20,7 +20,7 @@ from proxyd.supervisor.frames import FrameBuffer, Message
 ANSWER_SECONDS = 5.0
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerProc:
     """One forked worker as the supervisor sees it."""
 
@@ -33,6 +33,7 @@ class WorkerProc:
     ready: bool = False
     frames: FrameBuffer = field(default_factory=FrameBuffer)
     out: bytearray = field(default_factory=bytearray)
+    writing: bool = False  # registered for EVENT_WRITE (the socket did not take all of `out`)
 
 
 @dataclass

@@ -1,0 +1,192 @@
+"""Scale-out figures of issue 18, side by side in one run: 1 and 2 workers, Redis-shared admission.
+
+- req/s and the proxy's CPU-µs per request (supervisor and workers together) with `--workers 1`
+  and `--workers 2`, unpinned on the two cores (the load client competes for them, so CPU per
+  request is the figure that counts: target, it grows by at most 10 % from 1 to 2 workers);
+- the added p50 of Redis-shared admission: one request at a time through one proxyd whose key
+  has limits, with local limits and with `redis.url` (target: at most 0.3 ms on loopback);
+- USS and PSS (`/proc/PID/smaps_rollup`) of the supervisor and of each worker after the load
+  (target: each extra worker at most 40 MB unique).
+
+    .venv/bin/python -m benchmarks.bench_workers [--seconds 5]
+
+Loopback only; every process it starts it stops by its own pid; Redis keys under a fresh prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmarks import loadclient, procstat, rig
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BODY = {"model": rig.INSTANT_MODEL, "messages": [{"role": "user", "content": "hello"}]}
+
+
+def memory(pid: int) -> dict[str, int]:
+    """USS (private clean + dirty) and PSS of one process, in bytes, from smaps_rollup."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                name, _, rest = line.partition(b":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    fields[name.decode()] = int(parts[0]) * 1024
+    except OSError:
+        return {"uss": 0, "pss": 0, "rss": 0}
+    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return {"uss": uss, "pss": fields.get("Pss", 0), "rss": fields.get("Rss", 0)}
+
+
+def _start(
+    logdir: Path, mock_port: int, *, workers: int, redis: bool
+) -> tuple[subprocess.Popen[bytes], int]:
+    workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-workers-"))
+    config = rig.proxyd_config(mock_port, mock_port, workdir)
+    if redis:  # appended: a table header before the top-level keys would swallow them
+        config += f'\n[redis]\nurl = "{REDIS_URL}"\nprefix = "bench18-{uuid.uuid4().hex[:8]}:"\n'
+    path = workdir / "proxyd.toml"
+    path.write_text(config)
+    port = rig.free_port()
+    env = {
+        **os.environ,
+        "PROXYD_LISTEN": f"127.0.0.1:{port}",
+        "PROXYD_CONTROL_LISTEN": f"127.0.0.1:{rig.free_port()}",
+        "PROXYD_DATABASE_URL": rig.DATABASE_URL,
+    }
+    argv = [*rig.proxyd_argv(), "--config", str(path), "--workers", str(workers)]
+    with (logdir / f"proxyd-{workers}-{int(redis)}.log").open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    rig.wait_port(port, proc)  # the supervisor's socket: it accepts before workers exist
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        forked = procstat.children(proc.pid) if workers > 1 else [proc.pid]
+        if len(forked) >= workers and _ready(port):
+            return proc, port
+        time.sleep(0.1)
+    _stop(proc)
+    raise RuntimeError(f"proxyd --workers {workers} did not become ready")
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _load(
+    port: int, pids: list[int], *, concurrency: int, seconds: float, warmup: float = 1.0
+) -> dict[str, Any]:
+    spec = loadclient.Spec(
+        port=port,
+        path="/v1/chat/completions",
+        body=BODY,
+        headers={"Authorization": f"Bearer {rig.BENCH_SECRET}"},
+        concurrency=concurrency,
+        duration=seconds,
+        warmup=warmup,
+        watch_pids=pids,
+    )
+    result: dict[str, Any] = asyncio.run(loadclient.run(spec))
+    return result
+
+
+def throughput(logdir: Path, mock_port: int, workers: int, seconds: float) -> dict[str, Any]:
+    """req/s and CPU-µs per request of a proxyd with `workers` workers; its processes' memory."""
+    proc, port = _start(logdir, mock_port, workers=workers, redis=False)
+    try:
+        pids = [proc.pid, *procstat.children(proc.pid)]
+        _load(port, pids, concurrency=64, seconds=min(1.0, seconds / 3), warmup=0)
+        before = {pid: procstat.cpu_seconds(pid) for pid in pids}
+        r = _load(port, pids, concurrency=64, seconds=seconds, warmup=0)
+        served = max(1, r["ok"])
+        processes = {
+            str(pid): memory(pid)
+            | {"cpu_us_per_request": round((procstat.cpu_seconds(pid) - t) * 1e6 / served, 1)}
+            for pid, t in before.items()
+        }
+    finally:
+        _stop(proc)
+    return {
+        "workers": workers,
+        "rps": r["rps"],
+        "errors": r["errors"],
+        "cpu_us_per_request": round(r["proxy_cpu_s"] * 1e6 / served, 1),
+        "memory": processes,
+    }
+
+
+def shared_admission(logdir: Path, mock_port: int, seconds: float) -> dict[str, Any]:
+    """p50 of one request at a time with local limits, then with Redis-shared limits."""
+    out: dict[str, Any] = {}
+    for redis in (False, True):
+        proc, port = _start(logdir, mock_port, workers=1, redis=redis)
+        try:
+            r = _load(port, [proc.pid], concurrency=1, seconds=seconds)
+        finally:
+            _stop(proc)
+        out["redis" if redis else "local"] = r["latency_us"]["p50"]
+    out["added_p50_us"] = round(out["redis"] - out["local"], 1)
+    return out
+
+
+def run(seconds: float) -> dict[str, Any]:
+    """Every figure of the file's docstring, in one session."""
+    logdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-workers-logs-"))
+    mock = rig.start_mock(logdir, instant=True, chunks=16, interval=0.02)
+    try:
+        one = throughput(logdir, mock.port, 1, seconds)
+        two = throughput(logdir, mock.port, 2, seconds)
+        admission = shared_admission(logdir, mock.port, seconds)
+    finally:
+        rig.stop(mock)
+    growth = two["cpu_us_per_request"] / one["cpu_us_per_request"] - 1
+    mem = list(two["memory"].values())
+    extra_uss = [m["uss"] for m in mem[1:]]  # the supervisor first, then each worker
+    return {
+        "one_worker": one,
+        "two_workers": two,
+        "cpu_per_request_growth": round(growth, 3),
+        "shared_admission": admission,
+        "targets": {
+            "cpu_growth_at_most_10pct": growth <= 0.10,
+            "redis_added_p50_at_most_0.3ms": admission["added_p50_us"] <= 300,
+            "extra_worker_uss_at_most_40MB": bool(extra_uss) and max(extra_uss) <= 40 * 2**20,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell")
+    args = parser.parse_args(argv)
+    sys.stdout.write(orjson.dumps(run(args.seconds), option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()
