@@ -9,6 +9,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from proxyd.mockprovider.agent import add_agent_routes
 from proxyd.mockprovider.anthropic import messages
 from proxyd.mockprovider.common import (
     CONFIG_KEY,
@@ -19,9 +20,13 @@ from proxyd.mockprovider.openai import chat_completions, completions, embeddings
 
 
 def create_mock_app(
-    *, chunk_interval: float = 0.02, chunks: int = 16, instant: bool = False
+    *, chunk_interval: float = 0.02, chunks: int = 16, instant: bool = False, agent: bool = False
 ) -> web.Application:
-    """The mock provider: OpenAI routes under /v1 and Anthropic's /v1/messages on one app."""
+    """The mock provider: OpenAI routes under /v1 and Anthropic's /v1/messages on one app.
+
+    `agent` serves /v1/messages (with count_tokens) and /v1/responses as a scripted coding-agent
+    model instead (`proxyd.mockprovider.agent`): one tool call, then an answer quoting its result.
+    """
     if chunks < 1 or chunk_interval <= 0:
         raise ValueError("chunks must be >= 1 and chunk_interval > 0")
     app = web.Application()
@@ -38,9 +43,12 @@ def create_mock_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/messages", messages)
+    if agent:
+        add_agent_routes(app)
+    else:
+        app.router.add_post("/v1/responses", responses)
+        app.router.add_post("/v1/messages", messages)
     return app
 
 
@@ -52,9 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=16, help="content tokens per answer")
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between chunks")
     parser.add_argument("--instant", action="store_true", help="no pacing: answer at once")
+    parser.add_argument("--agent", action="store_true", help="a scripted coding-agent model")
     args = parser.parse_args(argv)
     uvloop.install()
-    app = create_mock_app(chunk_interval=args.interval, chunks=args.chunks, instant=args.instant)
+    app = create_mock_app(
+        chunk_interval=args.interval, chunks=args.chunks, instant=args.instant, agent=args.agent
+    )
     gc.freeze()  # start-up objects never need scanning again: shorter collector pauses
     print(
         f"mock provider on http://{args.host}:{args.port} (OpenAI: /v1, Anthropic: /)", flush=True
