@@ -140,7 +140,7 @@ class Proxyd:
         urls = [self.metrics_url(w) for w in range(self.workers)] + [self.url("/readyz")]
         async with aiohttp.ClientSession() as session:
             for url in urls:
-                for _ in range(300):
+                for _ in range(600):
                     assert self.proc is not None
                     assert self.proc.returncode is None, self.log.read_text()[-3000:]
                     try:
