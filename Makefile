@@ -4,15 +4,20 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench services tools clean
+.PHONY: install lock run test lint bench services tools clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exact versions from constraints.txt, the lock file (`make lock` refreshes it).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+## lock: re-resolve pyproject.toml's dependencies at their newest allowed versions into constraints.txt
+lock:
+	PYTHON=$(PYTHON) ./scripts/lock.sh
 
 ## run: proxyd on the embedded defaults with the example config, a demo key and a local mock provider
 run: install
@@ -22,7 +27,7 @@ run: install
 services:
 	@./scripts/services.sh
 
-## tools: system tools the tests use (Debian's prometheus package for promtool and the server)
+## tools: system tools the tests use (Debian's prometheus and systemd packages: promtool, systemd-analyze)
 tools:
 	@./scripts/test-tools.sh
 
@@ -38,7 +43,7 @@ lint: install
 
 ## bench: the benchmark suite (BASELINE=<commit> also measures that commit's proxyd beside this one)
 bench: install services
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run --profile $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
