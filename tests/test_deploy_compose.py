@@ -118,6 +118,13 @@ def test_two_proxyd_instances_share_postgres_and_redis() -> None:
         assert loaded.billing.spool_dir.startswith("/var/lib/proxyd/")
 
 
+def test_redis_fallback_shares_limits_between_the_instances() -> None:
+    """While Redis is away the instances split each key's limits: fallback_instances = 2."""
+    for svc in proxyd_services().values():
+        loaded = load_config(config_path(svc), compose_env(svc))
+        assert loaded.redis.fallback_instances == len(proxyd_services())
+
+
 def test_instances_drain_within_the_stop_grace_period() -> None:
     """docker stop waits longer than proxyd's shutdown grace, so streams finish and rows flush."""
     for svc in proxyd_services().values():

@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from proxyd.config import load_config
 from tests.deploy_facts import (
     DATA,
     DEPLOY,
@@ -178,6 +179,14 @@ def test_config_env_and_flags_exist_in_the_code(tmp_path: Path) -> None:
     for path in BASE.iterdir():
         assert env_vars_in(path.read_text()) <= env_vars(), path.name
         assert metrics_in(path.read_text()) <= metric_names(), path.name
+
+
+def test_redis_fallback_never_passes_a_keys_limit(tmp_path: Path) -> None:
+    """fallback_instances is the HPA's maxReplicas: all pods together stay within a key's limit."""
+    loaded = load_config(config_file(tmp_path), container_env())
+    assert loaded.redis.url == container_env()["PROXYD_REDIS_URL"]
+    hpa = one("HorizontalPodAutoscaler")["spec"]
+    assert loaded.redis.fallback_instances == hpa["maxReplicas"]
 
 
 def test_secret_holds_placeholders_only() -> None:
