@@ -34,7 +34,9 @@ from proxyd.relay.relay import Relay
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
 from proxyd.routing.sticky import StickyTable
+from proxyd.server import connection
 from proxyd.server.clientip import client_address, parse_networks
+from proxyd.server.connection import ConnectionStats
 from proxyd.server.count import count_routes
 from proxyd.server.handlers import MAX_BODY, ClientHandlers
 from proxyd.server.pipeline import Pipeline
@@ -70,6 +72,7 @@ class Parts:
     workers: int = 1
     scrape: Callable[[], Awaitable[bytes]] | None = None
     fan_out: sync.Publish | None = None
+    connections: ConnectionStats = field(default_factory=ConnectionStats)  # the client listener
 
     def channel_health(self) -> list[dict[str, object]]:
         """Health of the channels in force, for metrics and the control API."""
@@ -214,6 +217,7 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    connection.install(app, parts.metrics, parts.connections, config.server.server_header)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_upstream_ctx)

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import gc
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -56,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.path if args.command == "check-config" else args.config)
         if args.command == "serve" and args.workers is not None:
             config = with_workers(config, args.workers)
+        if args.command == "serve":
+            _tls_context(config)  # a certificate that cannot be used fails here, before any fork
     except ConfigError as exc:
         print(f"proxyd: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -138,7 +141,12 @@ async def serve_forever(config: Config, worker: WorkerContext | None = None) -> 
     app = create_app(config, parts_in)
     parts = app[PARTS]
     grace = config.server.shutdown_grace_seconds
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=grace)
+    runner = _client_runner(app, config, parts, grace)
+    try:
+        ssl_context = _tls_context(config)
+    except ConfigError as exc:
+        print(f"proxyd: configuration error: {exc}", file=sys.stderr)
+        return 2
     try:
         await runner.setup()
     except SnapshotInvalid as exc:
@@ -148,10 +156,12 @@ async def serve_forever(config: Config, worker: WorkerContext | None = None) -> 
     gc.freeze()
     site: web.BaseSite
     if worker is not None:
-        site = web.SockSite(runner, worker.listen_sock, backlog=4096)
+        site = web.SockSite(runner, worker.listen_sock, backlog=4096, ssl_context=ssl_context)
     else:
         host, port = split_host_port(config.server.listen)
-        site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
+        site = web.TCPSite(
+            runner, host, port, reuse_port=True, backlog=4096, ssl_context=ssl_context
+        )
     await site.start()
 
     control_runner: web.AppRunner | None = None
@@ -180,6 +190,8 @@ async def serve_forever(config: Config, worker: WorkerContext | None = None) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if ssl_context is not None and worker is None:  # under a supervisor, SIGHUP replaces workers
+        _reload_tls_on_sighup(loop, ssl_context, config)
     if worker is not None:
         worker.link.on_lost = stop.set  # the supervisor is gone: drain and exit
         worker.ready()
@@ -193,6 +205,46 @@ async def serve_forever(config: Config, worker: WorkerContext | None = None) -> 
     if worker is not None:
         worker.link.close()
     return 0
+
+
+def _client_runner(
+    app: web.Application, config: Config, parts: Parts, grace: float
+) -> web.AppRunner:
+    """The client listener's runner: deadlines, connection cap, JSON errors (server/connection)."""
+    from proxyd.server.connection import ClientRunner, ConnectionSettings
+
+    settings = ConnectionSettings.from_config(config.server)
+    return ClientRunner(
+        app,
+        settings,
+        parts.connections,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=grace,
+    )
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    """The client listener's TLS context, or None without `server.tls_cert`."""
+    from proxyd.server import tls
+
+    s = config.server
+    if s.tls_cert is None or s.tls_key is None:
+        return None
+    try:
+        return tls.server_context(s.tls_cert, s.tls_key, s.tls_min_version)
+    except tls.TLSConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _reload_tls_on_sighup(
+    loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, config: Config
+) -> None:
+    from proxyd.server import tls
+
+    cert, key = config.server.tls_cert, config.server.tls_key
+    if cert is not None and key is not None:
+        loop.add_signal_handler(signal.SIGHUP, tls.reload, context, cert, key)
 
 
 async def _worker_parts(config: Config, worker: WorkerContext) -> Parts:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxyd.state.schemas import Cidr, Snapshot
 
@@ -41,6 +41,25 @@ class ServerSettings(_Section):
     # Worker processes behind one supervisor (`proxyd serve --workers`); "auto" = the cores this
     # process may run on. They share the client port and read-only data (see proxyd/supervisor).
     workers: int | Literal["auto"] = Field(default=1)
+    # Client connection deadlines (proxyd/server/connection.py): a connection past one is closed
+    # and counted in proxyd_client_connections_cut_total{phase}.
+    head_timeout_seconds: float = Field(default=10.0, gt=0)  # first byte to the end of the head
+    body_timeout_seconds: float = Field(default=30.0, gt=0)  # end of the head to the whole body
+    idle_timeout_seconds: float = Field(default=75.0, gt=0)  # keep-alive between requests
+    max_connections: int = Field(default=10_000, ge=1)  # open client connections per process
+    max_head_bytes: int = Field(default=65_536, ge=1024)  # request line and headers (431 past)
+    # The Server header of every client response; none by default (it would name the stack).
+    server_header: str | None = Field(default=None, min_length=1, pattern=r"^[\x20-\x7e]+$")
+    # TLS on the client listener (both or neither); reloaded from the same files on SIGHUP.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_min_version: Literal["1.2", "1.3"] = "1.3"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
 
     @field_validator("workers")
     @classmethod
@@ -164,6 +183,8 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
     "PROXYD_LOG_FORMAT": ("logging", "format"),
     "PROXYD_SNAPSHOT_URL": ("control_plane", "snapshot_url"),
     "PROXYD_WORKERS": ("server", "workers"),
+    "PROXYD_TLS_CERT": ("server", "tls_cert"),
+    "PROXYD_TLS_KEY": ("server", "tls_key"),
 }
 
 

@@ -31,6 +31,12 @@ class ErrorType(StrEnum):
     UPSTREAM_CLIENT_ERROR = "upstream_client_error"
     UPSTREAM_RESET = "upstream_reset"
     CLIENT_DISCONNECT = "client_disconnect"
+    CLIENT_TIMEOUT = "client_timeout"  # the client sent its request too slowly (408)
+    # Errors the server makes before any endpoint is reached (no billing row):
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HEADER_TOO_LARGE = "header_too_large"
+    OVERLOADED = "overloaded"  # the process is at its cap of open client connections
     INTERNAL = "internal_error"
 
 
@@ -87,6 +93,13 @@ class BodyTooLarge(ProxydError):
 
     status = 413
     error_type = ErrorType.BODY_TOO_LARGE
+
+
+class RequestTimeout(ProxydError):
+    """The request body did not arrive within the body deadline (408); the connection closes."""
+
+    status = 408
+    error_type = ErrorType.CLIENT_TIMEOUT
 
 
 class UnknownKey(ProxydError):

@@ -62,6 +62,24 @@ STICKY_SESSIONS = SourceSpec(
     ("result",),
 )
 STICKY_PINNED = _gauge("proxyd_sticky_sessions_pinned", "Sticky sessions held in this process.")
+CLIENT_CONNECTIONS = _gauge("proxyd_client_connections", "Open client connections.")
+CLIENT_CONNECTIONS_CUT = SourceSpec(
+    "counter",
+    "proxyd_client_connections_cut_total",
+    "Client connections closed at a deadline, by phase (head, body, idle).",
+    ("phase",),
+)
+CLIENT_CONNECTIONS_REFUSED = SourceSpec(
+    "counter",
+    "proxyd_client_connections_refused_total",
+    "Client connections answered 503 because the process was at server.max_connections.",
+)
+CLIENT_ERRORS = SourceSpec(
+    "counter",
+    "proxyd_client_errors_total",
+    "Errors the server made before any endpoint (bad HTTP, deadlines, capacity), by status.",
+    ("status",),
+)
 # The state the lead wires with `Metrics.add_source`; the dashboard and alerts rely on them.
 SOURCES = (
     BILLING_QUEUE_DEPTH,

@@ -6,6 +6,8 @@ passed on as the same bytes object.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 _SEP = b"\n\n"
 _CRLF_SEP = b"\r\n\r\n"
 
@@ -13,6 +15,16 @@ _CRLF_SEP = b"\r\n\r\n"
 def chunk_frame(data: bytes) -> bytes:
     """`data` as one HTTP/1.1 chunked-encoding frame (what aiohttp's writer would send)."""
     return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def unframed(data: bytes) -> bytes:
+    """`data` as it is: the body of an HTTP/1.0 response ends when the connection closes."""
+    return data
+
+
+def framing(http11: bool) -> Callable[[bytes], bytes]:
+    """How a streamed body's writes are framed: chunked for HTTP/1.1, as they are for 1.0."""
+    return chunk_frame if http11 else unframed
 
 
 class EventSplitter:

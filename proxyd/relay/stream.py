@@ -17,7 +17,7 @@ from aiohttp.helpers import _EXC_SENTINEL
 from multidict import CIMultiDict
 
 from proxyd.errors import ErrorType
-from proxyd.protocol.sse import EventSplitter, chunk_frame
+from proxyd.protocol.sse import EventSplitter, framing
 from proxyd.relay.exchange import Exchange, StreamTransform, stream_failure
 from proxyd.upstream.attempt import Streaming, as_os_error
 from proxyd.upstream.h1 import H1Error
@@ -75,6 +75,7 @@ class _Pipe:
         "client_gone",
         "ended",
         "error",
+        "frame",
         "loop",
         "outcome",
         "paused",
@@ -95,8 +96,10 @@ class _Pipe:
         transport: asyncio.Transport,
         protocol: Any,
         watch: _IdleWatch,
+        frame: Callable[[bytes], bytes],
     ) -> None:
         self.loop = loop
+        self.frame = frame  # chunked for HTTP/1.1, as is for 1.0 (chosen once per response)
         self.transform = transform
         self.splitter = EventSplitter()
         self.outcome = outcome
@@ -128,7 +131,7 @@ class _Pipe:
             self.client_gone = True
             self.end(_ClientGone("the client left"))
             return
-        transport.write(chunk_frame(events[0] if len(events) == 1 else b"".join(events)))
+        transport.write(self.frame(events[0] if len(events) == 1 else b"".join(events)))
         if self.protocol.writing_paused and not self.paused:  # the client is not reading
             self.paused = True
             if self.upstream is not None:
@@ -304,7 +307,8 @@ async def relay_stream(
         transport, protocol = request.transport, request.protocol
         if transport is None:
             raise ConnectionResetError("the client left")
-        pipe = _Pipe(loop, transform, outcome, transport, protocol, watch)
+        frame = framing(request.version >= (1, 1))  # what aiohttp's writer negotiated
+        pipe = _Pipe(loop, transform, outcome, transport, protocol, watch, frame)
         await _pump(resp, pipe)
         if pipe.splitter.pending():
             raise aiohttp.ClientPayloadError("the stream ended inside an event")

@@ -68,7 +68,8 @@ class WholeResponse(web.StreamResponse):
         body = b"" if request.method == "HEAD" else self._whole_body
         head = head_bytes(
             self.status,
-            self._whole_lines,
+            # the configured Server header line, "" by default (proxyd/server/connection.py)
+            self._whole_lines + getattr(request.protocol, "server_line", ""),
             len(self._whole_body),
             http10=request.version < (1, 1),
             keep_alive=keep_alive,

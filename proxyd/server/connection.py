@@ -1,0 +1,381 @@
+"""Client connections: a deadline per phase, a cap per process, and JSON for bad HTTP.
+
+The one module that reaches into aiohttp's server protocol (`RequestHandler`'s `_waiter`,
+`_messages`, `_request_factory`, `_request_handler`, `_lingering_time`, `_process_keepalive`,
+`handle_error`, `Server._kwargs`). Guarded by tests/test_connection_internals.py, which fails
+loudly when aiohttp changes any of them, and by tests/test_client_deadlines.py and
+tests/test_server_errors.py (black-box, against a real proxyd process). Never reads a body.
+
+Phases of a connection and what bounds each (one timer per connection, moved only when the
+phase changes, never per read):
+
+- head: from accept (or the first byte after a response) to the end of the request head;
+  `head_timeout`; past it the connection is closed (a 408 first if some of a head came).
+- body: from the end of the head to the end of the body; `body_timeout`; past it the handler's
+  read fails with RequestTimeout (408 in the caller's format) and the connection closes.
+- idle: between a response and the next request's first byte; `idle_timeout` (aiohttp's own
+  keep-alive timer, counted here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from proxyd.errors import ErrorType, InvalidRequest, ProxydError, RequestTimeout
+from proxyd.observability import metric_sources
+from proxyd.observability.metrics import Metrics
+from proxyd.server import server_errors
+
+if TYPE_CHECKING:
+    from proxyd.config import ServerSettings
+
+Cut = Literal["head", "body", "idle"]
+PHASES: tuple[Cut, ...] = ("head", "body", "idle")
+
+
+class Phase(enum.Enum):
+    """Where a connection is in its request cycle."""
+
+    FRESH = "fresh"  # accepted, no byte yet
+    HEAD = "head"  # some of a request head came, not all of it
+    BODY = "body"  # the head is in, the body is still coming
+    ACTIVE = "active"  # the request is with its handler, or the connection waits for the next
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """The deadlines and caps of the client listener (`server.*` in the configuration)."""
+
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 75.0
+    max_connections: int = 10_000
+    max_head_bytes: int = 65_536
+    server_header: str | None = None
+
+    @classmethod
+    def from_config(cls, server: ServerSettings) -> ConnectionSettings:
+        """The settings of `server.*`."""
+        return cls(
+            head_timeout=server.head_timeout_seconds,
+            body_timeout=server.body_timeout_seconds,
+            idle_timeout=server.idle_timeout_seconds,
+            max_connections=server.max_connections,
+            max_head_bytes=server.max_head_bytes,
+            server_header=server.server_header,
+        )
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    """Plain numbers of one process's client listener, read by the metrics at scrape time."""
+
+    open: int = 0
+    refused: int = 0  # connections answered 503 because the process was at its cap
+    cut: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    errors: dict[str, int] = field(default_factory=dict)  # server-made errors, by status
+
+    def error(self, status: int) -> None:
+        key = str(status)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def cut_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        return [((phase,), float(n)) for phase, n in self.cut.items()]
+
+    def error_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        return [((status,), float(n)) for status, n in sorted(self.errors.items())]
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's server protocol with phase deadlines, a connection cap and JSON errors."""
+
+    __slots__ = (
+        "_deadline",
+        "_factory",
+        "_head",
+        "_head_size",
+        "_pending",
+        "_phase",
+        "_settings",
+        "_stats",
+        "_timer",
+        "_timer_at",
+        "server_line",
+    )
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        settings: ConnectionSettings,
+        stats: ConnectionStats,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, keepalive_timeout=settings.idle_timeout, **kwargs)
+        self._settings = settings
+        self._stats = stats
+        self._phase = Phase.FRESH
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._head: list[bytes] = []
+        self._head_size = 0
+        self._pending: BaseRequest | None = None  # the request whose body is still coming
+        factory = self._request_factory
+        assert factory is not None
+        self._factory = factory
+        self._request_factory = self._make_request
+        # read by WholeResponse (proxyd/server/respond.py) for the configured Server header
+        value = settings.server_header
+        self.server_line = f"Server: {value}\r\n" if value else ""
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stats = self._stats
+        stats.open += 1
+        if stats.open > self._settings.max_connections:
+            stats.refused += 1
+            self._request_handler = self._over_capacity
+        self._set_deadline(self._loop.time() + self._settings.head_timeout)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._manager is not None:  # aiohttp's own once-only guard
+            self._stats.open -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._pending = None
+        self._head = []
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase is not Phase.HEAD:
+            if phase is not Phase.FRESH:
+                if self._waiter is None:  # body bytes, or a request pipelined behind this one
+                    super().data_received(data)
+                    return
+                self._set_deadline(self._loop.time() + self._settings.head_timeout)
+            self._phase = Phase.HEAD
+            self._head = [data]
+            self._head_size = len(data)
+        elif not self._close:
+            self._head.append(data)
+            self._head_size += len(data)
+        super().data_received(data)
+        limit = self._settings.max_head_bytes
+        if self._phase is Phase.HEAD and self._head_size > limit and not self._close:
+            if not self._messages:  # still incomplete, and already too large
+                self._refuse(_head_too_large())
+            else:  # completed by this read (a big read: body bytes too): how much was head
+                end = data.find(b"\r\n\r\n")
+                if self._head_size - len(data) + (end + 4 if end >= 0 else 0) > limit:
+                    self._refuse(_head_too_large())
+
+    def _make_request(self, message: Any, payload: Any, *args: Any) -> BaseRequest:
+        """aiohttp's request factory, then: the head is in; the body may still be coming."""
+        request = self._factory(message, payload, *args)
+        if message.method != "UNKNOWN":  # aiohttp's stand-in for a head it could not parse
+            self._head = []  # kept for a parse error's handle_error, to guess the wire format
+        if payload.is_eof():
+            self._phase = Phase.ACTIVE
+        else:
+            self._phase = Phase.BODY
+            self._pending = request
+            self._set_deadline(self._loop.time() + self._settings.body_timeout)
+        return request
+
+    def _set_deadline(self, when: float) -> None:
+        self._deadline = when
+        timer = self._timer
+        if timer is None or self._timer_at > when:
+            if timer is not None:
+                timer.cancel()
+            self._timer_at = when
+            self._timer = self._loop.call_at(when, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if self._loop.time() < self._deadline:  # the deadline moved on since this was armed
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._on_deadline)
+            return
+        phase = self._phase
+        if phase is Phase.FRESH:
+            self._cut("head")
+            self.force_close()
+        elif phase is Phase.HEAD and not self._messages:
+            self._cut("head")
+            err = ProxydError(
+                "The request head did not arrive in time.",
+                status=408,
+                error_type=ErrorType.CLIENT_TIMEOUT,
+            )
+            self._refuse(err)
+        elif phase is Phase.BODY:
+            self._body_deadline()
+
+    def _body_deadline(self) -> None:
+        request = self._pending
+        self._pending = None
+        self._phase = Phase.ACTIVE
+        if request is None or request.content.is_eof():
+            return
+        self._cut("body")
+        if not self._request_in_progress:  # answered already; aiohttp is draining the body
+            self.force_close()
+            return
+        # The handler is waiting for the body: its read fails with RequestTimeout, which it
+        # answers (408, in the caller's format) without keep-alive; then aiohttp closes.
+        request._cache["keep_alive"] = False  # BaseRequest.keep_alive is a cached property
+        self._lingering_time = 0.0  # no reading on after the 408
+        request.content.set_exception(
+            RequestTimeout(
+                f"The request body did not arrive within {self._settings.body_timeout:g} seconds."
+            )
+        )
+
+    def _process_keepalive(self) -> None:
+        """aiohttp's idle keep-alive deadline, counted when it closes the connection."""
+        closing = self._force_close
+        super()._process_keepalive()
+        if self._force_close and not closing:
+            self._cut("head" if self._phase is Phase.HEAD else "idle")
+
+    def _cut(self, phase: Cut) -> None:
+        self._stats.cut[phase] += 1
+
+    # -- server-made answers ------------------------------------------------------------------
+
+    def _refuse(self, err: ProxydError) -> None:
+        """Answer `err` straight on the transport (no request object exists yet) and close."""
+        protocol = server_errors.wire_for_head(b"".join(self._head))
+        self._head = []
+        self._messages.clear()  # a head completed by this read is not handled after all
+        self._stats.error(err.status)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(server_errors.error_bytes(protocol, err, self._settings.server_header))
+        self.force_close()
+
+    async def _over_capacity(self, request: BaseRequest) -> web.StreamResponse:
+        self._stats.error(503)
+        err = ProxydError(
+            "The server has too many open connections; retry shortly.",
+            status=503,
+            error_type=ErrorType.OVERLOADED,
+            retry_after=1,
+        )
+        return server_errors.error_response(
+            server_errors.wire_for(request.path, request.headers), err, close=True
+        )
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's error page replaced: bad HTTP (400/431) and handler failures (500/504)."""
+        if request.writer.output_size > 0:  # as aiohttp: too late for another response
+            raise ConnectionError("the response has started; no error page can follow")
+        if isinstance(exc, HttpProcessingError):
+            protocol = server_errors.wire_for_head(b"".join(self._head))
+            self._head = []
+            err = _parse_error(exc)
+        else:
+            if status >= 500:
+                self.log_exception("Error handling request", exc_info=exc)
+            protocol = server_errors.wire_for(request.path, request.headers)
+            err = ProxydError(
+                "The server had an error while processing your request.",
+                status=status,
+                error_type=ErrorType.UPSTREAM_TIMEOUT if status == 504 else ErrorType.INTERNAL,
+            )
+        self._stats.error(err.status)
+        return server_errors.error_response(protocol, err, close=True)
+
+
+def _head_too_large() -> ProxydError:
+    return ProxydError(
+        "The request line and headers are larger than the server accepts.",
+        status=431,
+        error_type=ErrorType.HEADER_TOO_LARGE,
+    )
+
+
+def _parse_error(exc: HttpProcessingError) -> ProxydError:
+    """A parse failure as the client should see it; never echoes what it sent."""
+    if isinstance(exc, LineTooLong) or (
+        isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message
+    ):
+        return _head_too_large()
+    return InvalidRequest("The request is not valid HTTP/1.1.")
+
+
+class GuardedServer(web.Server):
+    """aiohttp's connection factory, making GuardedRequestHandler protocols."""
+
+    settings: ConnectionSettings
+    stats: ConnectionStats
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(
+            self, loop=self._loop, settings=self.settings, stats=self.stats, **self._kwargs
+        )
+
+
+class ClientRunner(web.AppRunner):
+    """The client listener's runner: aiohttp's AppRunner serving through GuardedServer."""
+
+    __slots__ = ("_settings", "_stats")
+
+    def __init__(
+        self,
+        app: web.Application,
+        settings: ConnectionSettings,
+        stats: ConnectionStats,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._settings = settings
+        self._stats = stats
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = GuardedServer  # same object, our protocol factory
+        assert isinstance(server, GuardedServer)
+        server.settings = self._settings
+        server.stats = self._stats
+        return server
+
+
+def install(
+    app: web.Application, metrics: Metrics, stats: ConnectionStats, server_header: str | None
+) -> None:
+    """Wire the client app for this module: JSON 404/405 for unmatched requests, the `Server`
+    header as configured (absent by default), and the connection metrics."""
+
+    async def unmatched_last(app: web.Application) -> None:  # after every factory route
+        server_errors.add_unmatched_route(app)
+
+    app.on_startup.append(unmatched_last)
+    app.on_response_prepare.append(server_errors.server_header_hook(server_header))
+    metrics.add_source(metric_sources.CLIENT_CONNECTIONS, lambda: [((), float(stats.open))])
+    metrics.add_source(metric_sources.CLIENT_CONNECTIONS_CUT, stats.cut_samples)
+    metrics.add_source(
+        metric_sources.CLIENT_CONNECTIONS_REFUSED, lambda: [((), float(stats.refused))]
+    )
+    metrics.add_source(metric_sources.CLIENT_ERRORS, stats.error_samples)
