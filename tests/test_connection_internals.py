@@ -1,0 +1,97 @@
+"""Fails loudly when aiohttp changes an internal that proxyd/server/connection.py relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_protocol import RequestHandler
+
+from proxyd.server.connection import (
+    ClientRunner,
+    ConnectionSettings,
+    ConnectionStats,
+    GuardedRequestHandler,
+    GuardedServer,
+)
+
+
+def test_the_request_handler_internals_are_still_there() -> None:
+    """RequestHandler's slots and methods that GuardedRequestHandler reads or overrides."""
+    slots = set(RequestHandler.__slots__)
+    for name in (
+        "_waiter",
+        "_messages",
+        "_request_factory",
+        "_request_handler",
+        "_lingering_time",
+        "_force_close",
+        "_close",
+        "_request_in_progress",
+        "_keepalive_timeout",
+        "_manager",
+    ):
+        assert name in slots, f"aiohttp's RequestHandler lost {name}"
+    for method in ("_process_keepalive", "handle_error", "data_received", "connection_made"):
+        assert callable(getattr(RequestHandler, method, None)), method
+    params = list(inspect.signature(RequestHandler.handle_error).parameters)
+    assert params == ["self", "request", "status", "exc", "message"]
+    assert "keepalive_timeout" in inspect.signature(RequestHandler.__init__).parameters
+    # the request factory gets (message, payload, protocol, writer, task) and its result
+    source = inspect.getsource(RequestHandler.start)
+    assert "request_handler = self._request_handler" in source
+    assert "self._request_factory(" in source
+    assert "self._lingering_time" in source
+    assert "message = ERROR" in source
+
+
+def test_the_server_and_runner_hooks_are_still_there() -> None:
+    """web.Server keeps its kwargs for the protocol; AppRunner builds it in _make_server."""
+    source = inspect.getsource(web.Server.__call__)
+    assert "RequestHandler(self, loop=self._loop, **self._kwargs)" in source
+    assert inspect.iscoroutinefunction(web.AppRunner._make_server)
+    assert issubclass(GuardedServer, web.Server)
+
+
+def test_keep_alive_is_a_cached_property_of_the_request() -> None:
+    """BaseRequest.keep_alive is read from `_cache`, so the body deadline can turn it off."""
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    assert request.keep_alive is True
+    fresh = make_mocked_request("POST", "/v1/chat/completions")
+    fresh._cache["keep_alive"] = False
+    assert fresh.keep_alive is False
+
+
+async def test_the_guarded_protocol_serves_through_a_real_runner() -> None:
+    """ClientRunner makes GuardedRequestHandler protocols that answer and count connections."""
+    app = web.Application()
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app.router.add_get("/", hello)
+    stats = ConnectionStats()
+    runner = ClientRunner(app, ConnectionSettings(head_timeout=0.3), stats)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        assert isinstance(runner.server, GuardedServer)
+        assert isinstance(runner.server(), GuardedRequestHandler)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 200 ")
+        assert data.endswith(b"hi")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # cut at the head deadline
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert stats.cut["head"] == 1
+        assert stats.open == 0
+    finally:
+        await runner.cleanup()

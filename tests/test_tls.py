@@ -1,0 +1,172 @@
+"""TLS on the client listener, against real proxyd, a throwaway CA, the openai SDK and curl."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import warnings
+from pathlib import Path
+
+import aiohttp
+import httpx2
+import openai
+import pytest
+import trustme
+
+from proxyd.mockprovider import create_mock_app
+from tests.conftest import SECRET, StartServer, server_url
+from tests.served import serve
+
+
+def issue(ca: trustme.CA, directory: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 from `ca`, written as PEM files; (cert path, key path)."""
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    directory.mkdir(exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key_path.write_bytes(cert.private_key_pem.bytes())
+    return str(cert_path), str(key_path)
+
+
+def spoil(path: str) -> None:
+    Path(path).write_text("not a certificate")
+
+
+def client_context(ca: trustme.CA, version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if version is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 on purpose
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+            context.minimum_version = context.maximum_version = version
+    return context
+
+
+async def handshake(port: int, context: ssl.SSLContext) -> tuple[str | None, bytes | None]:
+    """The TLS version and the server certificate (DER) of a new connection."""
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
+    )
+    try:
+        tls = writer.get_extra_info("ssl_object")
+        return tls.version(), tls.getpeercert(binary_form=True)
+    finally:
+        writer.close()
+
+
+async def refused(port: int, context: ssl.SSLContext) -> None:
+    """A handshake the server refuses: it drops the connection after the ClientHello (or sends
+    a protocol_version alert); never the client's own refusal to speak that version."""
+    with pytest.raises((ConnectionResetError, ssl.SSLError)) as caught:
+        await handshake(port, context)
+    if isinstance(caught.value, ssl.SSLError):
+        assert "PROTOCOL_VERSION" in str(caught.value).upper(), caught.value
+
+
+async def test_tls13_with_the_openai_sdk_and_curl(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """PROXYD_TLS_CERT/KEY: the openai SDK streams over TLS 1.3; curl verifies the chain."""
+    mock = await start_server(create_mock_app(chunks=5))
+    ca = trustme.CA()
+    cert, key = issue(ca, tmp_path / "tls")
+    env = {"PROXYD_TLS_CERT": cert, "PROXYD_TLS_KEY": key}
+    async with serve(tmp_path, server_url(mock), env=env) as px:
+        assert px.url.startswith("https://")
+        version, _ = await handshake(px.port, client_context(ca))
+        assert version == "TLSv1.3"
+
+        async with httpx2.AsyncClient(verify=client_context(ca)) as http:
+            sdk = openai.AsyncOpenAI(
+                api_key=SECRET, base_url=px.url + "/v1", http_client=http, max_retries=0
+            )
+            stream = await sdk.chat.completions.create(
+                model="mock-gpt", stream=True, messages=[{"role": "user", "content": "Hi"}]
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert len(text.split()) == 5
+
+        ca_path = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_path))
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-v", "--cacert", str(ca_path), "-H", f"Authorization: Bearer {SECRET}",
+            px.url + "/v1/models",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await curl.communicate()
+        assert curl.returncode == 0, err.decode()
+        assert b'"mock-gpt"' in out
+        assert b"SSL connection using TLSv1.3" in err
+        assert b"\n< server:" not in err.lower()
+        # without the CA, curl refuses the certificate (it is really checked)
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", px.url + "/healthz",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await curl.communicate()
+        assert curl.returncode == 60  # peer certificate cannot be authenticated
+
+
+async def test_tls12_only_by_choice_and_tls11_never(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """Default: TLS 1.2 and 1.1 clients refused; `tls_min_version = "1.2"`: 1.2 in, 1.1 out."""
+    mock = await start_server(create_mock_app())
+    ca = trustme.CA()
+    cert, key = issue(ca, tmp_path / "tls")
+    async with serve(tmp_path, server_url(mock), {"tls_cert": cert, "tls_key": key}) as px:
+        await refused(px.port, client_context(ca, ssl.TLSVersion.TLSv1_2))
+        await refused(px.port, client_context(ca, ssl.TLSVersion.TLSv1_1))
+    settings = {"tls_cert": cert, "tls_key": key, "tls_min_version": "1.2"}
+    async with serve(tmp_path, server_url(mock), settings) as px:
+        version, _ = await handshake(px.port, client_context(ca, ssl.TLSVersion.TLSv1_2))
+        assert version == "TLSv1.2"
+        await refused(px.port, client_context(ca, ssl.TLSVersion.TLSv1_1))
+
+
+async def test_sighup_reloads_the_certificate_without_dropping_connections(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """SIGHUP: new handshakes get the new certificate; a stream already open runs to its end."""
+    mock = await start_server(create_mock_app(chunks=40, chunk_interval=0.05))
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert, key = issue(old_ca, tmp_path / "tls")
+    trust = client_context(old_ca)
+    new_ca.configure_trust(trust)
+    async with serve(tmp_path, server_url(mock), {"tls_cert": cert, "tls_key": key}) as px:
+        _, before = await handshake(px.port, trust)
+        async with aiohttp.ClientSession() as session:
+            body = {
+                "model": "mock-gpt",
+                "stream": True,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            async with session.post(
+                px.url + "/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {SECRET}"},
+                ssl=trust,
+            ) as resp:
+                assert resp.status == 200
+                first = await resp.content.readany()
+                issue(new_ca, tmp_path / "tls")  # the same paths, a new pair
+                px.proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(0.3)
+                _, after = await handshake(px.port, trust)
+                rest = await resp.read()
+        assert before != after
+        with pytest.raises(ssl.SSLError):  # only the new CA vouches for it now
+            await handshake(px.port, client_context(old_ca))
+        stream = first + rest
+        assert stream.endswith(b"data: [DONE]\n\n")
+        assert stream.count(b'"content"') >= 40
+        assert px.proc.returncode is None
+
+        # a broken pair on SIGHUP is refused and the one in force stays
+        spoil(cert)
+        px.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        _, still = await handshake(px.port, trust)
+        assert still == after
