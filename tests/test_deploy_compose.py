@@ -152,6 +152,15 @@ def test_the_load_balancer_reaches_both_instances_on_proxyds_port() -> None:
         assert directive in conf, f"streams would be buffered without {directive}"
 
 
+def test_nginx_closes_idle_upstream_connections_before_proxyd_does() -> None:
+    """nginx's upstream keepalive_timeout is below proxyd's idle timeout: no dying connections."""
+    found = re.search(r"^\s*keepalive_timeout\s+(\d+)s;", NGINX.read_text(), re.MULTILINE)
+    assert found, "upstream keepalive_timeout not set (nginx's default is 60 s)"
+    for svc in proxyd_services().values():
+        idle = load_config(config_path(svc), compose_env(svc)).server.idle_timeout_seconds
+        assert int(found[1]) < idle
+
+
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:
     """`nginx -t` accepts compose/nginx.conf (instance hosts pointed at loopback to resolve)."""
     nginx = tool("nginx", "install Debian's nginx-light (scripts/test-tools.sh does)")

@@ -8,6 +8,7 @@ against a real proxyd instead, and every name the Dockerfile uses is checked aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import os
@@ -18,6 +19,9 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import aiohttp
+import pytest
+import trustme
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -33,7 +37,21 @@ from tests.deploy_facts import (
     run,
     tool,
 )
-from tests.test_serve import _port, _wait_ready
+from tests.test_serve import _port
+
+
+async def _wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
+    """Until `url` answers 200 (certificates not verified: the process's own on loopback)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session:
+        for _ in range(200):
+            assert proc.returncode is None, "proxyd exited during start-up"
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never answered 200")
+
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -179,8 +197,9 @@ def test_image_names_only_what_proxyd_has() -> None:
     assert "/healthz" in " ".join(exec_form("HEALTHCHECK"))
 
 
-async def test_healthcheck_command_answers_for_a_live_proxyd(tmp_path: Path) -> None:
-    """The image's HEALTHCHECK command exits 0 against a serving proxyd, non-zero without one."""
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
+async def test_healthcheck_command_answers_for_a_live_proxyd(tmp_path: Path, tls: bool) -> None:
+    """The image's HEALTHCHECK exits 0 against a serving proxyd (TLS or not), non-zero without."""
     check = exec_form("HEALTHCHECK")
     assert check[0] == "python"
     port = _port()
@@ -191,8 +210,14 @@ async def test_healthcheck_command_answers_for_a_live_proxyd(tmp_path: Path) -> 
         "PROXYD_DATABASE_URL": f"sqlite:///{tmp_path}/usage.sqlite3",
         "PROXYD_LOG_LEVEL": "warning",
     }
-    env.pop("PROXYD_CONFIG", None)
-    env.pop("PROXYD_ADMIN_TOKEN", None)
+    for var in ("PROXYD_CONFIG", "PROXYD_ADMIN_TOKEN", "PROXYD_TLS_CERT", "PROXYD_TLS_KEY"):
+        env.pop(var, None)
+    if tls:
+        cert = trustme.CA().issue_cert("127.0.0.1")
+        (tmp_path / "cert.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+        (tmp_path / "key.pem").write_bytes(cert.private_key_pem.bytes())
+        env["PROXYD_TLS_CERT"] = str(tmp_path / "cert.pem")
+        env["PROXYD_TLS_KEY"] = str(tmp_path / "key.pem")
 
     async def healthcheck() -> int:
         probe = await asyncio.create_subprocess_exec(sys.executable, *check[1:], env=env)
@@ -210,7 +235,7 @@ async def test_healthcheck_command_answers_for_a_live_proxyd(tmp_path: Path) -> 
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await _wait_ready(f"http://127.0.0.1:{port}/healthz", proc)
+        await _wait_ready(f"{'https' if tls else 'http'}://127.0.0.1:{port}/healthz", proc)
         assert await healthcheck() == 0
     finally:
         proc.terminate()
