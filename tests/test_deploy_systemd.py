@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxyd.config import ServerSettings
+from proxyd.supervisor.process import KILL_MARGIN_SECONDS
 from tests.deploy_facts import DEPLOY, cli_flags, env_vars, env_vars_in, flags_in, run, tool
 
 UNIT = DEPLOY / "systemd" / "proxyd.service"
@@ -90,10 +91,10 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
 
 
 def test_stop_waits_longer_than_the_grace_period() -> None:
-    """TimeoutStopSec leaves room for the default shutdown grace plus the billing flush."""
+    """TimeoutStopSec covers the shutdown grace, the supervisor's 10 s kill delay and a flush."""
     (timeout,) = directives()["TimeoutStopSec"]
     grace = ServerSettings().shutdown_grace_seconds
-    assert float(timeout.removesuffix("s")) >= grace + 15
+    assert float(timeout.removesuffix("s")) >= grace + KILL_MARGIN_SECONDS + 15
     assert directives()["KillMode"] == ["mixed"]  # SIGTERM to the supervisor, which drains
 
 
