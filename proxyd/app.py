@@ -155,6 +155,7 @@ def build_parts(
         base_cooldown=u.base_cooldown_seconds,
         max_cooldown=u.max_cooldown_seconds,
         failure_threshold=u.failure_threshold,
+        credential_cooldown=u.credential_cooldown_seconds,
     )
     router = Router()
     st = config.sticky

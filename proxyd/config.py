@@ -86,6 +86,12 @@ class UpstreamSettings(_Section):
     failure_threshold: int = Field(default=3, ge=1, description="Failures before a cooldown.")
     base_cooldown_seconds: float = Field(default=1.0, gt=0)
     max_cooldown_seconds: float = Field(default=300.0, gt=0)
+    credential_cooldown_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="First cooldown of a channel whose upstream key or account was refused "
+        "(401/403, out of credit); doubles per failed trial up to max_cooldown_seconds.",
+    )
 
 
 class BillingSettings(_Section):

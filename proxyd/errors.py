@@ -29,6 +29,7 @@ class ErrorType(StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_CLIENT_ERROR = "upstream_client_error"
+    UPSTREAM_CREDENTIAL = "upstream_credential"  # the operator's upstream key or account refused
     UPSTREAM_RESET = "upstream_reset"
     CLIENT_DISCONNECT = "client_disconnect"
     CLIENT_TIMEOUT = "client_timeout"  # the client sent its request too slowly (408)

@@ -87,13 +87,16 @@ async def test_connect_failure_fails_over(
 async def test_all_fail_gives_last_upstream_error(
     tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
 ) -> None:
-    """When every candidate fails, the client sees the last upstream error, not a generic one."""
+    """When every candidate fails, the client sees the last upstream error's status, in proxyd's
+    words: a provider's 5xx body may name the operator's account."""
     primary = FakeProvider(Step(status=503, body=b'{"error": {"message": "first"}}'))
     backup = FakeProvider(Step(status=502, body=b'{"error": {"message": "second"}}'))
     client, _ = await _two(tmp_path, start_server, start_proxy, primary, backup)
     resp = await client.post("/v1/chat/completions", headers=AUTH, json=CHAT)
     assert resp.status == 502
-    assert (await resp.json())["error"]["message"] == "second"
+    error = (await resp.json())["error"]
+    assert error["message"] == "The upstream provider returned an error."
+    assert error["code"] == "upstream_error"
 
 
 async def test_timeouts_give_504(

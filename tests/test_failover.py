@@ -16,6 +16,7 @@ from proxyd.relay.failover import (
     decide,
     final_failure,
 )
+from proxyd.relay.provider_errors import MESSAGES, Fault
 from proxyd.upstream.attempt import retry_after_seconds
 
 K = AttemptKind
@@ -44,8 +45,14 @@ def status(code: int, *, sent: bool = False) -> Attempt:
         (status(201), Verdict.DELIVER),
         (status(304), Verdict.DELIVER),
         (status(400), Verdict.DELIVER),
-        (status(401), Verdict.DELIVER),
-        (status(403), Verdict.DELIVER),
+        # the operator's credential or account refused: another channel is tried
+        (status(401), Verdict.RETRY),
+        (status(402), Verdict.RETRY),
+        (status(403), Verdict.RETRY),
+        (Attempt(K.RESPONSE, 400, fault=Fault.CREDENTIAL), Verdict.RETRY),
+        (Attempt(K.RESPONSE, 403, fault=Fault.CLIENT), Verdict.DELIVER),
+        (Attempt(K.RESPONSE, 429, fault=Fault.CREDENTIAL), Verdict.RETRY),
+        (status(405), Verdict.DELIVER),
         (status(404), Verdict.DELIVER),
         (status(413), Verdict.DELIVER),
         (status(422), Verdict.DELIVER),
@@ -118,7 +125,9 @@ def test_never_retries_outside_the_rules(
         assert attempts < max_attempts
         assert time_left > 0
         assert kind in (K.CONNECT_ERROR, K.TIMEOUT) or (
-            kind is K.RESPONSE and code is not None and (code == 429 or code >= 500)
+            kind is K.RESPONSE
+            and code is not None
+            and (code in (401, 402, 403, 429) or code >= 500)
         )
 
 
@@ -134,6 +143,10 @@ def test_never_retries_outside_the_rules(
         (status(503), ErrorType.UPSTREAM_ERROR),
         (status(400), ErrorType.UPSTREAM_CLIENT_ERROR),
         (status(404), ErrorType.UPSTREAM_CLIENT_ERROR),
+        (status(401), ErrorType.UPSTREAM_CREDENTIAL),
+        (status(403), ErrorType.UPSTREAM_CREDENTIAL),
+        (Attempt(K.RESPONSE, 429, fault=Fault.CREDENTIAL), ErrorType.UPSTREAM_CREDENTIAL),
+        (Attempt(K.RESPONSE, 400, fault=Fault.CREDENTIAL), ErrorType.UPSTREAM_CREDENTIAL),
         (status(200), None),
         (status(302), None),
     ],
@@ -185,16 +198,40 @@ def test_final_status_by_cause_without_a_response(
         ([status(503), CONNECT], 0, 503),
         ([TIMEOUT, status(429), TIMEOUT], 1, 429),
         ([status(502), status(429), CONNECT], 1, 429),
+        ([status(401), status(500)], 1, 500),
+        ([status(500), status(403), CONNECT], 0, 500),
     ],
 )
 def test_last_upstream_response_is_passed_through(
     attempts: list[Attempt], index: int, status_: int
 ) -> None:
-    """When some upstream answered, the client gets the LAST answer's status (and its body)."""
+    """When some upstream answered 429 or 5xx, the client gets the LAST such answer's status
+    with proxyd's message (a refused credential is never the one passed on)."""
     final = final_failure(attempts)
     assert final.upstream_index == index
     assert final.status == status_
     assert final.error_type is ErrorType.UPSTREAM_ERROR
+    assert final.message in MESSAGES.values()
+
+
+@pytest.mark.parametrize(
+    "attempts",
+    [
+        [status(401)],
+        [status(403), CONNECT],
+        [TIMEOUT, Attempt(K.RESPONSE, 429, fault=Fault.CREDENTIAL)],
+        [status(401), status(402), status(403)],
+    ],
+)
+def test_refused_credentials_end_in_503_upstream_credential(attempts: list[Attempt]) -> None:
+    """Only refused credentials (with timeouts or connect errors): 503 with proxyd's words."""
+    final = final_failure(attempts)
+    assert (final.status, final.error_type, final.upstream_index) == (
+        503,
+        ErrorType.UPSTREAM_CREDENTIAL,
+        None,
+    )
+    assert "not a problem with your API key" in final.message
 
 
 @pytest.mark.parametrize(

@@ -454,3 +454,36 @@ class PermitMachine(RuleBasedStateMachine):
 
 TestPermitMachine = PermitMachine.TestCase
 TestPermitMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_refused_credential_trips_at_once_with_its_own_backoff(clock: FakeClock) -> None:
+    """One refused credential cools the channel for credential_cooldown (not after 3 failures,
+    not for a Retry-After's few seconds); failed trials double it up to max_cooldown; a good
+    trial makes it healthy."""
+    health = ChannelHealth(
+        clock, base_cooldown=1.0, max_cooldown=100.0, credential_cooldown=20.0, jitter=0.0
+    )
+    ch = make_channel()
+    permit = health.acquire(ch, clock.now)
+    assert permit is not None
+    permit.failure(ErrorType.UPSTREAM_CREDENTIAL, retry_after=2.0)
+    permit.release()
+    snap = state_of(health)
+    assert (snap["state"], snap["cooldown_remaining_seconds"]) == ("cooling_down", 20.0)
+    assert snap["last_error_type"] == "upstream_credential"
+    assert snap["healthy"] is False
+    for expected in (40.0, 80.0, 100.0, 100.0):
+        clock.now += 1000
+        assert state_of(health)["healthy"] is True  # cooldown over: its trial is offered
+        trial = health.acquire(ch, clock.now)
+        assert trial is not None
+        assert trial.trial
+        trial.failure(ErrorType.UPSTREAM_CREDENTIAL)
+        trial.release()
+        assert state_of(health)["cooldown_remaining_seconds"] == expected
+    clock.now += 1000
+    trial = health.acquire(ch, clock.now)
+    assert trial is not None
+    trial.success()
+    trial.release()
+    assert state_of(health)["state"] == "healthy"

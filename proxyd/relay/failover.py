@@ -1,7 +1,9 @@
 """Failover: the one place deciding, after each upstream attempt, whether to try another channel.
 
 Pure module: plain data in, a decision out; no aiohttp, no clock of its own, no I/O. It never
-retries once a byte reached the client, and it never looks at a body.
+retries once a byte reached the client. It never looks at a body: an upstream error answer comes
+with its `Fault` (whose problem it is, read by `provider_errors`), and `ON_RESPONSE` maps that to
+"move on" or not.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from proxyd.errors import ErrorType, UpstreamFailure
+from proxyd.relay.provider_errors import MESSAGES, Fault, fault_of
 
 
 class AttemptKind(StrEnum):
@@ -34,11 +37,35 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """One attempt's outcome: `status` for RESPONSE; `client_started` once any byte was sent."""
+    """One attempt's outcome: `status` for RESPONSE; `client_started` once any byte was sent.
+
+    `fault` says whose problem an error answer (400 and above) is; without one it is judged
+    from the status alone.
+    """
 
     kind: AttemptKind
     status: int | None = None
     client_started: bool = False
+    fault: Fault | None = None
+
+    @property
+    def judged(self) -> Fault | None:
+        """The fault of an error answer (None below 400 or without an answer)."""
+        if self.kind is not AttemptKind.RESPONSE or (self.status or 0) < 400:
+            return None
+        return self.fault if self.fault is not None else fault_of(self.status or 0, b"")
+
+
+# An upstream error answer, by whose problem it is: whether another channel is tried before
+# anything reached the client, and the error type it is recorded under. A rejected or empty
+# operator account moves on like a provider failure; the client's own mistake does not.
+ON_RESPONSE: dict[Fault, tuple[bool, ErrorType]] = {
+    Fault.CREDENTIAL: (True, ErrorType.UPSTREAM_CREDENTIAL),
+    Fault.BUSY: (True, ErrorType.UPSTREAM_ERROR),
+    Fault.SERVER: (True, ErrorType.UPSTREAM_ERROR),
+    Fault.CLIENT: (False, ErrorType.UPSTREAM_CLIENT_ERROR),
+    Fault.OTHER: (False, ErrorType.UPSTREAM_CLIENT_ERROR),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +85,8 @@ def retryable(attempt: Attempt) -> bool:
         return False
     kind = attempt.kind
     if kind is AttemptKind.RESPONSE:
-        status = attempt.status or 0
-        return status == 429 or status >= 500
+        fault = attempt.judged
+        return fault is not None and ON_RESPONSE[fault][0]
     return kind is AttemptKind.CONNECT_ERROR or kind is AttemptKind.TIMEOUT
 
 
@@ -71,10 +98,12 @@ def decide(
     - any byte reached the client: DELIVER if it was a response being relayed, else ABORT;
     - RESET or STALLED (after the headers): ABORT, even with nothing sent yet, because the
       provider accepted and may bill the call;
-    - a response below 400, or a 4xx other than 429: DELIVER (passed through, not retried);
-    - connect error, timeout before headers, 429 or 5xx: RETRY while `attempts` is below
-      `budget.max_attempts` and `time_left` (seconds to the overall deadline) is above
-      `budget.min_time_left`; otherwise GIVE_UP.
+    - a response below 400, or an error answer about the client's request (or another 4xx that
+      is no channel's fault): DELIVER;
+    - connect error, timeout before headers, or an error answer that is the channel's trouble
+      (429, 5xx, the operator's credential or account: `ON_RESPONSE`): RETRY while `attempts`
+      is below `budget.max_attempts` and `time_left` (seconds to the overall deadline) is
+      above `budget.min_time_left`; otherwise GIVE_UP.
     """
     kind = attempt.kind
     if kind is AttemptKind.RESET or kind is AttemptKind.STALLED:
@@ -97,21 +126,16 @@ def classify(attempt: Attempt) -> ErrorType | None:
         return ErrorType.UPSTREAM_TIMEOUT
     if kind is AttemptKind.RESET:
         return ErrorType.UPSTREAM_RESET
-    status = attempt.status or 0
-    if status == 429 or status >= 500:
-        return ErrorType.UPSTREAM_ERROR
-    if status >= 400:
-        return ErrorType.UPSTREAM_CLIENT_ERROR
-    return None
+    fault = attempt.judged
+    return None if fault is None else ON_RESPONSE[fault][1]
 
 
 @dataclass(frozen=True, slots=True)
 class FinalFailure:
-    """What the client gets when no attempt was delivered.
+    """What the client gets when no attempt was delivered: always `error()`, proxyd's own error.
 
-    With `upstream_index` set, the client gets that attempt's upstream status, headers that
-    matter (Retry-After) and body, unchanged but for the wire format; `status` is that status.
-    Otherwise the client gets `error()`, a proxyd error with `status` and `error_type`.
+    With `upstream_index` set, it keeps that attempt's upstream status (and its Retry-After);
+    the provider's message never reaches the client.
     """
 
     status: int
@@ -128,9 +152,10 @@ def final_failure(attempts: Sequence[Attempt]) -> FinalFailure:
     """The client's answer once every candidate failed or none could be tried.
 
     - no attempt at all (no channel, or every one cooling down or over its caps): 503 no_channel;
-    - some attempt got an upstream response (429 or 5xx): the LAST such response is passed
-      through, its status kept, error type upstream_error, even when later attempts failed to
-      connect or timed out;
+    - some attempt got a 429 or 5xx answer: the LAST such answer's status is kept, error type
+      upstream_error, even when later attempts failed to connect or timed out;
+    - otherwise, some answer rejected the operator's credential or account: 503
+      upstream_credential (the client's own key is not at fault, and the status says so);
     - otherwise, every attempt timed out: 504 upstream_timeout; every attempt failed to
       connect: 503 upstream_connect_failure; a mix of both: 502 upstream_error.
     """
@@ -138,21 +163,23 @@ def final_failure(attempts: Sequence[Attempt]) -> FinalFailure:
         return FinalFailure(
             503, ErrorType.NO_CHANNEL, "No channel is available for this model right now."
         )
-    timeouts = connects = 0
+    timeouts = connects = credentials = 0
     for i in range(len(attempts) - 1, -1, -1):
         attempt = attempts[i]
         kind = attempt.kind
-        if kind is AttemptKind.RESPONSE and attempt.status is not None:
+        fault = attempt.judged
+        if fault is Fault.CREDENTIAL:
+            credentials += 1
+        elif fault is not None and attempt.status is not None:
             return FinalFailure(
-                attempt.status,
-                ErrorType.UPSTREAM_ERROR,
-                "The upstream provider returned an error.",
-                upstream_index=i,
+                attempt.status, ErrorType.UPSTREAM_ERROR, MESSAGES[fault], upstream_index=i
             )
-        if kind is AttemptKind.TIMEOUT or kind is AttemptKind.STALLED:
+        elif kind is AttemptKind.TIMEOUT or kind is AttemptKind.STALLED:
             timeouts += 1
         elif kind is AttemptKind.CONNECT_ERROR:
             connects += 1
+    if credentials:
+        return FinalFailure(503, ErrorType.UPSTREAM_CREDENTIAL, MESSAGES[Fault.CREDENTIAL])
     if timeouts == len(attempts):
         return FinalFailure(
             504, ErrorType.UPSTREAM_TIMEOUT, "The upstream provider did not respond in time."

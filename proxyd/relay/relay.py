@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxyd.errors import ErrorType
+from proxyd.errors import ErrorType, UpstreamFailure
 from proxyd.protocol.call import Call
 from proxyd.protocol.usage import StreamUsage, Usage, completion_text
 from proxyd.relay.exchange import Exchange, stream_failure
@@ -29,6 +29,7 @@ from proxyd.relay.failover import (
     decide,
     final_failure,
 )
+from proxyd.relay.provider_errors import MESSAGES, Fault, fault_of, shows_provider_message
 from proxyd.relay.stream import relay_stream
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
@@ -121,19 +122,26 @@ def whole_response(
     return WholeResponse(status, body, headers.items())
 
 
-def passthrough_error(
-    last: AttemptFailed, request_id: str, extra_headers: Mapping[str, str]
+def refused(
+    exchange: Exchange,
+    failed: AttemptFailed,
+    fault: Fault,
+    outcome: Outcome,
+    request_id: str,
+    extra_headers: Mapping[str, str],
 ) -> WholeResponse:
-    """The last upstream error response, as the provider sent it (in the client's format)."""
-    assert last.status is not None
-    content_type = "application/json"
-    if last.headers is not None:
-        content_type = last.headers.get("Content-Type", content_type)
-    headers: dict[str, str] = {"Content-Type": content_type, "x-request-id": request_id}
+    """An upstream error answer that is the client's: the provider's own body (in the client's
+    format) only when it is about the client's request; otherwise proxyd's message, same status.
+    """
+    status = failed.status or 502
+    if not shows_provider_message(fault):
+        raise UpstreamFailure(
+            MESSAGES[fault], status=status, error_type=ErrorType.UPSTREAM_CLIENT_ERROR
+        )
+    headers = client_headers_for(failed.headers or {}, request_id)
     headers.update(extra_headers)
-    if last.retry_after is not None:
-        headers["Retry-After"] = str(int(last.retry_after + 0.999))
-    return WholeResponse(last.status, last.body or b"", headers.items())
+    outcome.status = status
+    return whole_response(exchange, status, failed.body or b"", headers, outcome)
 
 
 ATTEMPTS_HEADER = "x-proxyd-attempts"
@@ -159,7 +167,8 @@ class Relay:
 
 def _attempt_of(failed: AttemptFailed) -> Attempt:
     if failed.status is not None:
-        return Attempt(AttemptKind.RESPONSE, failed.status)
+        fault = fault_of(failed.status, failed.body or b"")
+        return Attempt(AttemptKind.RESPONSE, failed.status, fault=fault)
     if failed.error_type is ErrorType.UPSTREAM_TIMEOUT:
         return Attempt(AttemptKind.TIMEOUT)
     return Attempt(AttemptKind.CONNECT_ERROR)
@@ -224,6 +233,10 @@ async def relay(
                 if verdict is Verdict.RETRY:
                     parts.observer.failover(channel.id, kind.value)
                     continue
+                if verdict is Verdict.DELIVER and attempt.judged is not None:
+                    return refused(
+                        exchange, failed, attempt.judged, outcome, request_id, extra_headers
+                    )
                 break
             permit.success()
             if session is not None:
@@ -239,13 +252,10 @@ async def relay(
             permit.release()
     final = final_failure(attempts)
     tried = {ATTEMPTS_HEADER: str(len(attempts))} if attempts else {}
-    if final.upstream_index is not None:
-        last = failures[final.upstream_index]
-        outcome.status = last.status or 502
-        outcome.error_type = ErrorType.UPSTREAM_ERROR
-        return passthrough_error(last, request_id, {**extra_headers, **tried})
     err = final.error()
     err.headers.update(tried)
+    if final.upstream_index is not None:  # its status and Retry-After, never its message
+        err.retry_after = failures[final.upstream_index].retry_after
     if final.error_type is ErrorType.NO_CHANNEL:
         err.retry_after = health.soonest(route, health.clock())
     raise err

@@ -22,8 +22,13 @@ FAILURE_KINDS = frozenset(
         ErrorType.UPSTREAM_TIMEOUT,
         ErrorType.UPSTREAM_ERROR,
         ErrorType.UPSTREAM_RESET,
+        ErrorType.UPSTREAM_CREDENTIAL,
     }
 )
+# The operator's upstream key or account was refused (401/403, out of credit): no point waiting
+# for more failures, and no point trying again soon. One such answer cools the channel for
+# `credential_cooldown * 2**n`, a Retry-After notwithstanding.
+CREDENTIAL_KINDS = frozenset({ErrorType.UPSTREAM_CREDENTIAL})
 # Outcomes where the channel answered properly (a 4xx other than 429 is the caller's fault): they
 # count as a success. Every other kind (client_disconnect, internal_error, ...) is neutral.
 ANSWERED_KINDS = frozenset({ErrorType.UPSTREAM_CLIENT_ERROR})
@@ -127,7 +132,8 @@ class ChannelHealth:
     upstream 429's Retry-After) cools the channel for exactly that long (capped by
     `max_cooldown`), then a trial decides as above. Outcomes of permits issued before the current
     cooldown began are not counted again (one outage is one trip), except that a Retry-After is
-    always honoured.
+    always honoured. A rejected credential (`CREDENTIAL_KINDS`) trips the channel at once, for
+    `credential_cooldown * 2**n` seconds (capped by `max_cooldown`), with a trial as above.
 
     Per-channel caps: `channel.max_concurrency` permits at once, and `channel.rpm` permits per
     minute from a token bucket holding one minute's worth; every permit takes a token, failed
@@ -141,6 +147,7 @@ class ChannelHealth:
         max_cooldown: float = 300.0,
         failure_threshold: int = 3,
         *,
+        credential_cooldown: float = 60.0,
         jitter: float = 0.1,
         rng: random.Random | None = None,
     ) -> None:
@@ -154,6 +161,7 @@ class ChannelHealth:
         self.base_cooldown = base_cooldown
         self.max_cooldown = max_cooldown
         self.failure_threshold = failure_threshold
+        self.credential_cooldown = min(max(credential_cooldown, base_cooldown), max_cooldown)
         self.jitter = jitter
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not secrets
         self._entries: dict[str, _Entry] = {}
@@ -237,13 +245,17 @@ class ChannelHealth:
         current = permit.generation == entry.generation
         if current:
             entry.consecutive_failures += 1
-        if retry_after is not None and retry_after > 0:
+        credential = kind in CREDENTIAL_KINDS
+        if retry_after is not None and retry_after > 0 and not credential:
             until = now + min(retry_after, self.max_cooldown)
             if entry.tripped and entry.cooldown_until > until:
                 until = entry.cooldown_until
             self._cool(entry, until)
-        elif current and (entry.tripped or entry.consecutive_failures >= self.failure_threshold):
-            delay = self.base_cooldown * 2.0 ** min(entry.trips, 64)
+        elif current and (
+            credential or entry.tripped or entry.consecutive_failures >= self.failure_threshold
+        ):
+            base = self.credential_cooldown if credential else self.base_cooldown
+            delay = base * 2.0 ** min(entry.trips, 64)
             delay = min(delay, self.max_cooldown)
             if self.jitter:
                 delay *= 1.0 - self.jitter * self._rng.random()

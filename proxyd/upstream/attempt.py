@@ -194,7 +194,8 @@ Answered = aiohttp.ClientResponse | Whole | Streaming
 async def open_attempt(
     upstream: Upstream, exchange: Exchange, credential: str, client_headers: Mapping[str, str]
 ) -> Answered:
-    """Send the request and wait for the response headers; raise AttemptFailed when retryable.
+    """Send the request and wait for the response headers; raise AttemptFailed on no answer or
+    an error answer (400 and above, its body read).
 
     On a channel without an HTTP proxy the h1 client carries the call: a whole answer comes back
     complete, a stream with its head in. Otherwise the aiohttp session does.
@@ -230,7 +231,7 @@ async def open_attempt(
         raise AttemptFailed(ErrorType.UPSTREAM_TIMEOUT) from None
     except (aiohttp.ClientError, OSError):
         raise AttemptFailed(ErrorType.UPSTREAM_CONNECT) from None
-    if resp.status == 429 or resp.status >= 500:
+    if resp.status >= 400:
         try:
             data = await resp.content.read(MAX_ERROR_BODY)
         except (aiohttp.ClientError, OSError, TimeoutError):
@@ -244,11 +245,12 @@ async def open_attempt(
 def _refused(
     exchange: Exchange, status: int, headers: CIMultiDictProxy[str], data: bytes
 ) -> AttemptFailed:
-    """The retryable failure for an upstream 429 or 5xx answer."""
+    """An upstream error answer (400 and above), its body as the provider sent it: failover
+    decides from it whether another channel is tried, the relay what the client sees."""
     return AttemptFailed(
         ErrorType.UPSTREAM_ERROR,
         status,
-        exchange.error_body(status, data),
+        data,
         headers,
         retry_after_seconds(headers, time.time()),
     )
@@ -268,7 +270,7 @@ async def open_stream(
         answer = Streaming(await pool.open(url, headers, body, **_h1_limits(upstream, channel)))
     except (BadTarget, H1Error) as exc:
         raise _h1_failed(exc) from None
-    if answer.status == 429 or answer.status >= 500:
+    if answer.status >= 400:
         try:
             async with asyncio.timeout(channel.first_byte_timeout):
                 data = await answer.body.read_all(MAX_ERROR_BODY)
@@ -297,11 +299,11 @@ async def fetch_whole(
     except (BadTarget, H1Error) as exc:
         if not isinstance(exc, H1Error) or not exc.status:
             raise _h1_failed(exc) from None
-        if exc.status == 429 or exc.status >= 500:
+        if exc.status >= 400:
             raise _refused(exchange, exc.status, _NO_HEADERS, b"") from None
         return Whole(exc.status, _NO_HEADERS, b"", broken=exc)
     answer_headers = CIMultiDictProxy(CIMultiDict(answer.headers))
-    if answer.status == 429 or answer.status >= 500:
+    if answer.status >= 400:
         raise _refused(exchange, answer.status, answer_headers, answer.body[:MAX_ERROR_BODY])
     return Whole(answer.status, answer_headers, answer.body)
 
