@@ -115,7 +115,17 @@ def build_parts(
     """
     store = store or StateStore()
     metrics = Metrics(enabled=config.metrics_enabled)
-    redis = RedisStore(config.redis.url, prefix=config.redis.prefix) if config.redis.url else None
+    r = config.redis
+    redis = (
+        RedisStore(
+            r.url,
+            prefix=r.prefix,
+            retry_interval=r.retry_interval_seconds,
+            retry_max_interval=r.retry_max_interval_seconds,
+        )
+        if r.url
+        else None
+    )
     share = config.redis.fallback_instances * workers
     limits: Limits
     ledger: Ledger
@@ -294,6 +304,8 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
         token=cp.snapshot_token,
         poll_interval=cp.poll_interval_seconds,
     )
+    if cp.snapshot_url is not None and isinstance(parts.ledger, RedisLedger):
+        parts.ledger.snapshot_balance = boot.balance_of  # for balances Redis forgot
     await boot.start()  # with a URL: fetched in the background; /readyz waits for it
     yield
     await boot.close()

@@ -119,6 +119,12 @@ class RedisSettings(_Section):
     # The most one worker may spend per account while Redis is away; unset means its fair share
     # of the available balance it last saw in Redis.
     fallback_balance_nanos: int | None = Field(default=None, ge=0)
+    retry_interval_seconds: float = Field(
+        default=1.0, gt=0, description="First wait before checking a Redis that went away."
+    )
+    retry_max_interval_seconds: float = Field(
+        default=10.0, gt=0, description="Longest wait between checks (the wait doubles)."
+    )
 
 
 class AdmissionConfig(_Section):

@@ -127,6 +127,9 @@ class Bootstrap:
         self._loaded = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self.balance_cache_seconds = 5.0
+        self._fetching: asyncio.Future[Snapshot] | None = None
+        self._fetched_at = 0.0
 
     @property
     def loaded(self) -> bool:
@@ -187,6 +190,26 @@ class Bootstrap:
         if len(body) > self.max_bytes:
             raise SnapshotUnavailable(f"snapshot over {self.max_bytes} bytes")
         return parse_snapshot(body)
+
+    async def balance_of(self, account_id: str) -> tuple[int, int] | None:
+        """(version, balance_nanos) of one account in the control plane's snapshot, or None.
+
+        For putting back a balance Redis forgot. One fetch serves every account asking within
+        `balance_cache_seconds`; an unreachable URL answers None.
+        """
+        if self.url is None or self._session is None:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._fetching is None or loop.time() - self._fetched_at > self.balance_cache_seconds:
+            self._fetched_at = loop.time()
+            self._fetching = asyncio.ensure_future(self.fetch())
+        try:
+            snapshot = await asyncio.shield(self._fetching)
+        except (SnapshotUnavailable, SnapshotInvalid) as exc:
+            log.warning("snapshot_balance_unavailable", error=str(exc))
+            return None
+        push = snapshot.balances.get(account_id)
+        return None if push is None else (push.version, push.balance_nanos)
 
     async def load_once(self) -> int:
         """Fetch and apply the snapshot once; returns how many parts changed."""

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
+
 from proxyd.admission.balances import BalanceView, LocalLedger, Reservation, insufficient_quota
+from proxyd.redis_store.scripts import MISSING
 from proxyd.redis_store.store import FAILURES, RedisStore, RedisUnavailable
 from proxyd.state.store import VersionConflict
+
+log = structlog.get_logger("proxyd.redis")
+
+# Where a forgotten balance comes from when this instance never saw the account: the control
+# plane's snapshot, as (version, balance_nanos), or None when it does not know the account.
+BalanceSource = Callable[[str], Awaitable[tuple[int, int] | None]]
 
 
 class RedisLedger:
@@ -16,6 +26,12 @@ class RedisLedger:
     the available balance this instance saw. Work done locally (charges, credits, sets) is
     replayed into Redis on recovery; Redis clamps replayed charges at zero and the shortfall is
     counted, so no interleaving drives a shared balance negative.
+
+    A balance Redis no longer holds (it restarted empty) is never read as zero: it is put back
+    from this instance's last confirmed view (the balance in the latest Redis answer, ordered by
+    Redis's change counter; the charges that had not landed are replayed on top), or, for an
+    account this instance never saw, from `snapshot_balance` (the control plane's snapshot URL)
+    when one is wired in.
     """
 
     shared = True
@@ -27,19 +43,18 @@ class RedisLedger:
         *,
         share: int = 1,
         allowance: int | None = None,
+        snapshot_balance: BalanceSource | None = None,
     ) -> None:
         self.store = store
         self.local = local or LocalLedger()
         self.share = share  # the processes that split an account's balance while Redis is away
         self.allowance = allowance  # the most this process may spend per account meanwhile
-
-    def _mirror(self, account_id: str, available: int, version: int) -> None:
-        """Keep this process's fallback: its share of what Redis said, within the allowance."""
-        if self.share > 1:
-            available //= self.share
-        if self.allowance is not None and available > self.allowance:
-            available = self.allowance
-        self.local.mirror(account_id, available, version)
+        self.snapshot_balance = snapshot_balance
+        self.reseeded = 0  # balances put back after Redis forgot them
+        self._seq: dict[str, int] = {}  # account -> the latest Redis change counter adopted
+        # account -> (version, balance) in the latest Redis answer adopted: the balance before
+        # reservations, which a fresh Redis does not have; charges still to land are replayed
+        self._confirmed: dict[str, tuple[int, int]] = {}
 
     def _keys(self, account_id: str) -> list[str]:
         base = f"{self.store.prefix}acct:{{{account_id}}}:"
@@ -55,22 +70,92 @@ class RedisLedger:
         lease = self.store.new_lease()
         try:
             result = await self.store.call("reserve", keys, [amount, lease, self.store.lease_ms])
+            if int(result[0]) == MISSING and await self._reseed(account_id):
+                result = await self.store.call(
+                    "reserve", keys, [amount, lease, self.store.lease_ms]
+                )
         except RedisUnavailable:
             return self.local.reserve_now(account_id, amount)
         except BaseException:  # cancelled mid-call: the reservation may exist; release it
             self.store.submit("settle", keys, [lease, 0])
             raise
-        ok, balance, reserved, version = (int(x) for x in result)
-        self._mirror(account_id, balance - reserved, version)
+        ok, balance, reserved, version, seq = (int(x) for x in result)
+        if ok == MISSING:  # known nowhere: no balance to spend
+            raise insufficient_quota()
+        self._mirror(account_id, balance, reserved, version, seq)
         if not ok:
             raise insufficient_quota()
         self.store.leases[lease] = (keys[2], False)
         return Reservation(account_id, amount, lease=lease, remote=True)
 
+    def _mirror(self, account_id: str, balance: int, reserved: int, version: int, seq: int) -> None:
+        """Adopt a Redis answer as the confirmed view, unless a later one was adopted already.
+
+        Answers come back over several connections, not in the order Redis ran them; `seq`
+        (the balance's change counter in Redis) keeps an older one from undoing a newer one.
+        """
+        if seq <= self._seq.get(account_id, -1):
+            return
+        self._seq[account_id] = seq
+        self._confirmed[account_id] = (version, balance)
+        self._fallback(account_id, balance - reserved, version)
+
+    def _fallback(self, account_id: str, available: int, version: int) -> None:
+        """Keep this process's fallback: its share of what Redis said, within the allowance."""
+        if self.share > 1:
+            available //= self.share
+        if self.allowance is not None and available > self.allowance:
+            available = self.allowance
+        self.local.mirror(account_id, available, version)
+
+    def _seed_view(self, account_id: str) -> tuple[int, int]:
+        """(version, balance) Redis should hold again: the balance in its latest answer adopted
+        (charges that had not landed yet are replayed on top; reservations of the Redis that
+        forgot are gone with it), else the local ledger's (seeded at start, or pushed)."""
+        confirmed = self._confirmed.get(account_id)
+        if confirmed is not None:
+            return confirmed
+        view = self.local.view_now(account_id)
+        return view.version, view.balance_nanos
+
+    async def _seed(self, account_id: str) -> tuple[int, int] | None:
+        """The balance to put back, or None when neither this instance nor the control plane's
+        snapshot knows the account."""
+        version, balance = self._seed_view(account_id)
+        if version < 0:
+            found = await self.snapshot_balance(account_id) if self.snapshot_balance else None
+            if found is None:
+                return None
+            version, balance = found
+        return version, max(0, balance)
+
+    async def _reseed(self, account_id: str) -> bool:
+        """Put back a balance Redis forgot (RedisUnavailable if it is away); False if unknown."""
+        seed = await self._seed(account_id)
+        if seed is None:
+            return False
+        self._reseeded(
+            account_id,
+            await self.store.call("seed_missing", self._keys(account_id)[:1], list(seed)),
+            seed,
+        )
+        return True
+
+    def _reseeded(self, account_id: str, applied: Any, seed: tuple[int, int]) -> None:
+        self._seq.pop(account_id, None)  # the new Redis counts changes from zero again
+        if int(applied):
+            self.reseeded += 1
+            log.warning(
+                "redis_balance_reseeded",
+                account_id=account_id,
+                version=seed[0],
+            )
+
     def settle(self, reservation: Reservation, cost_nanos: int) -> int:
         """Release and charge in the background; the shortfall is counted when Redis answers."""
         if reservation.settled:
             return 0
+        account_id = reservation.account_id
         if not reservation.remote:  # admitted during a fallback: charge Redis too, clamped there
             self.local.settle(reservation, cost_nanos, record=False)
             lease = ""
@@ -78,14 +163,25 @@ class RedisLedger:
             reservation.settled = True
             lease = reservation.lease or ""
             self.store.leases.pop(lease, None)
-        account_id = reservation.account_id
+        keys = self._keys(account_id)[:3]
+        scripts = self.store.scripts
 
-        def done(charge: Any) -> None:
-            shortfall = cost_nanos - int(charge)
-            if shortfall > 0:
-                self.local.record_shortfall(account_id, shortfall)
+        async def op() -> None:
+            result = await scripts["settle"](keys=keys, args=[lease, cost_nanos])
+            if int(result[0]) == MISSING:  # Redis forgot the balance: put it back, then charge
+                seed = await self._seed(account_id)
+                if seed is None:
+                    self.local.record_shortfall(account_id, cost_nanos)
+                    return
+                applied = await scripts["seed_missing"](keys=keys[:1], args=list(seed))
+                self._reseeded(account_id, applied, seed)
+                result = await scripts["settle"](keys=keys, args=["", cost_nanos])
+            charge, balance, reserved, version, seq = (int(x) for x in result)
+            self._mirror(account_id, balance, reserved, version, seq)
+            if cost_nanos > charge:
+                self.local.record_shortfall(account_id, cost_nanos - charge)
 
-        self.store.submit("settle", self._keys(account_id)[:3], [lease, cost_nanos], done)
+        self.store.run(op)
         return 0
 
     async def set_balance(self, account_id: str, version: int, balance_nanos: int) -> None:
@@ -118,7 +214,8 @@ class RedisLedger:
             self.store.submit("set", keys, args)
             return fresh
         applied, current, balance, reserved = (int(x) for x in result)
-        self._mirror(account_id, balance - reserved, current)
+        self._confirmed[account_id] = (current, balance)
+        self._fallback(account_id, balance - reserved, current)
         return applied == 1
 
     async def credit(self, account_id: str, credit_id: str, amount_nanos: int) -> bool:
@@ -128,12 +225,18 @@ class RedisLedger:
         keys = [self._keys(account_id)[0], self._keys(account_id)[3]]
         try:
             result = await self.store.call("credit", keys, [credit_id, amount_nanos])
+            if int(result[0]) == MISSING:  # unknown anywhere: the credit starts the balance
+                await self._reseed(account_id) or await self.store.call(
+                    "seed_missing", keys[:1], [self.local.view_now(account_id).version, 0]
+                )
+                result = await self.store.call("credit", keys, [credit_id, amount_nanos])
         except RedisUnavailable:
             fresh = await self.local.credit(account_id, credit_id, amount_nanos)
             self.store.submit("credit", keys, [credit_id, amount_nanos])
             return fresh
         applied, balance, reserved, version = (int(x) for x in result)
-        self._mirror(account_id, balance - reserved, version)
+        self._confirmed[account_id] = (version, balance)
+        self._fallback(account_id, balance - reserved, version)
         return applied == 1
 
     async def view(self, account_id: str) -> BalanceView:

@@ -79,32 +79,44 @@ _PAIRS = (
     + "    if a ~= '0' then redis.call('HINCRBY', KEYS[1], 'res', '-' .. a) end end "
     + "  redis.call('ZREM', KEYS[3], m) end "
 )
+# A balance Redis does not hold (a restart that came back empty, an eviction) is never read as
+# zero: RESERVE, SETTLE and CREDIT answer MISSING (-1) and change nothing, and the ledger puts the
+# balance back with SEED_MISSING before it asks again.
+MISSING = -1
 RESERVE = (  # KEYS bal hash, lease amounts, lease expiries; ARGV amount, lease, ttl ms
     _NOW
     + _PAIRS
-    + "for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do unreserve(m) end "
     + "local v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
+    + "if not v[1] then return {-1, '0', '0', '-1', 0} end "
+    + "for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do unreserve(m) end "
+    + "v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
     + "local bal, res, ver = v[1] or '0', v[2] or '0', v[3] or '-1' "
     + "local bh, bl = P(bal) local rh, rl = P(res) local ah, al = P(ARGV[1]) "
-    + "if not lt(rh, rl, bh, bl) then return {0, bal, res, ver} end "
+    + "local n = redis.call('HINCRBY', KEYS[1], 'n', 1) "
+    + "if not lt(rh, rl, bh, bl) then return {0, bal, res, ver, n} end "
     + "local fh, fl = sub(bh, bl, rh, rl) "
-    + "if lt(fh, fl, ah, al) then return {0, bal, res, ver} end "
+    + "if lt(fh, fl, ah, al) then return {0, bal, res, ver, n} end "
     + "redis.call('HINCRBY', KEYS[1], 'res', ARGV[1]) res = redis.call('HGET', KEYS[1], 'res') "
     + "redis.call('HSET', KEYS[2], ARGV[2], ARGV[1]) "
     + "redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2]) "
-    + "return {1, bal, res, ver}"
+    + "return {1, bal, res, ver, n}"
 )
-SETTLE = (  # ARGV lease ('' for a request admitted locally), cost; returns the charge
+SETTLE = (  # ARGV lease ('' for a request admitted locally), cost
+    # returns {charge, balance, reserved, version, n} after it, or {-1, ...} (MISSING)
     _PAIRS
+    + "if redis.call('HEXISTS', KEYS[1], 'bal') == 0 then return {'-1', '0', '0', '-1', 0} end "
     + "if ARGV[1] ~= '' then unreserve(ARGV[1]) end "
+    + "local function after(c) local n = redis.call('HINCRBY', KEYS[1], 'n', 1) "
+    + "  local w = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
+    + "  return {c, w[1], w[2] or '0', w[3] or '-1', n} end "
     + "local v = redis.call('HMGET', KEYS[1], 'bal', 'res') "
     + "local bh, bl = P(v[1]) local rh, rl = P(v[2]) local ch, cl = P(ARGV[2]) "
-    + "if not lt(rh, rl, bh, bl) then return '0' end "
+    + "if not lt(rh, rl, bh, bl) then return after('0') end "
     + "local fh, fl = sub(bh, bl, rh, rl) "
     + "if lt(fh, fl, ch, cl) then ch, cl = fh, fl end "
     + "local charge = S(ch, cl) "
     + "if charge ~= '0' then redis.call('HINCRBY', KEYS[1], 'bal', '-' .. charge) end "
-    + "return charge"
+    + "return after(charge)"
 )
 SET = (  # KEYS bal hash; ARGV version, balance, strict (seed); returns {applied, ver, bal, res}
     "local v = redis.call('HMGET', KEYS[1], 'ver', 'res') "
@@ -115,10 +127,15 @@ SET = (  # KEYS bal hash; ARGV version, balance, strict (seed); returns {applied
     + "return {1, ARGV[1], ARGV[2], v[2] or '0'}"
 )
 CREDIT = (  # KEYS bal hash, applied credit ids; ARGV credit id, amount
-    "local applied = redis.call('SADD', KEYS[2], ARGV[1]) "
+    "if redis.call('HEXISTS', KEYS[1], 'bal') == 0 then return {-1, '0', '0', '-1'} end "
+    + "local applied = redis.call('SADD', KEYS[2], ARGV[1]) "
     + "if applied == 1 then redis.call('HINCRBY', KEYS[1], 'bal', ARGV[2]) end "
     + "local v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
     + "return {applied, v[1] or '0', v[2] or '0', v[3] or '-1'}"
+)
+SEED_MISSING = (  # KEYS bal hash; ARGV version, balance: only where Redis holds no balance
+    "if redis.call('HEXISTS', KEYS[1], 'bal') == 1 then return 0 end "
+    + "redis.call('HSET', KEYS[1], 'bal', ARGV[2], 'ver', ARGV[1]) return 1"
 )
 KEEP_LATEST = (  # KEYS 1 a kind's latest pushed state; ARGV 1 its version, 2 its body
     # versions go up to 2**62, past what a Lua double holds exactly: compare their digits
@@ -137,5 +154,6 @@ SCRIPTS = {
     "settle": SETTLE,
     "set": SET,
     "credit": CREDIT,
+    "seed_missing": SEED_MISSING,
     "keep_latest": KEEP_LATEST,
 }

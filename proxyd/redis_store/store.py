@@ -16,9 +16,11 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxyd.redis_store.scripts import SCRIPTS
 
@@ -48,14 +50,21 @@ class RedisStore:
         prefix: str = "proxyd:",
         timeout: float = 0.5,
         retry_interval: float = 1.0,
+        retry_max_interval: float = 10.0,
         lease_seconds: float = 300.0,
         replay_max: int = 100_000,
+        retries: int = 2,
+        healthy_checks: int = 3,
+        pool_probe: int = 4,
     ) -> None:
+        # A connection broken by a Redis restart fails once and is reconnected: each command is
+        # retried `retries` times (10 ms, 20 ms, ... with jitter) before the store falls back.
         self.client: Redis = Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
         )
         self.prefix = prefix
         self.fallback_active = False
@@ -67,6 +76,10 @@ class RedisStore:
         self.leases: dict[str, tuple[str, bool]] = {}  # live lease -> (its zset, pexpire it)
         self.on_recover: list[Callable[[], None]] = []
         self.retry_interval = retry_interval
+        self.retry_max_interval = max(retry_interval, retry_max_interval)
+        self.healthy_checks = healthy_checks
+        self.pool_probe = pool_probe
+        self.fallbacks = 0  # times the store switched to the local fallback
         self._lease_ids = itertools.count()
         self._pending: deque[Op] = deque()
         self._replay_max = replay_max
@@ -127,6 +140,7 @@ class RedisStore:
         if self.fallback_active or self.closed:
             return
         self.fallback_active = True
+        self.fallbacks += 1
         log.warning("redis_fallback", reason=f"{type(exc).__name__}: {exc}"[:200])
         self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
@@ -148,6 +162,11 @@ class RedisStore:
                 done(result)
             return result
 
+        self.run(op)
+
+    def run(self, op: Op) -> None:
+        """Run `op` (script calls through `scripts`) in the background, or queue it for replay
+        while Redis is away; an op that fails on Redis is queued and run again on recovery."""
         if self.fallback_active:
             self.defer(op)
             return
@@ -172,10 +191,31 @@ class RedisStore:
             return self.closed
         return True
 
-    async def _reconnect_loop(self) -> None:
-        while not await self.pause(self.retry_interval):
+    async def healthy(self) -> bool:
+        """Whether Redis answers on fresh connections, `healthy_checks` times in a row.
+
+        Stale connections (a restart broke them) are dropped first; each check pings on
+        `pool_probe` connections at once, so one lucky ping does not declare a recovery.
+        """
+        await self.client.connection_pool.disconnect(inuse_connections=False)
+        for check in range(self.healthy_checks):
+            if check and await self.pause(min(0.1, self.retry_interval)):
+                return False
             try:
-                await self.client.ping()
+                await asyncio.gather(*(self.client.ping() for _ in range(self.pool_probe)))
+            except FAILURES:
+                return False
+        return True
+
+    async def _reconnect_loop(self) -> None:
+        """Back off (doubling up to `retry_max_interval`) until the pool is healthy, replay, and
+        only then leave the fallback."""
+        delay = self.retry_interval
+        while not await self.pause(delay):
+            delay = min(delay * 2, self.retry_max_interval)
+            try:
+                if not await self.healthy():
+                    continue
                 replayed = 0
                 while self._pending:
                     await self._pending[0]()

@@ -80,19 +80,19 @@ def fault_of(status: int, body: bytes) -> Fault:
     """Whose problem the upstream answer `status` (400 or above) with `body` is.
 
     - out of credit or a deactivated account (any status, 429 included): CREDENTIAL;
-    - a refusal of the content (policy, moderation): CLIENT;
     - any other answer naming the operator's key or organisation, unless it is a 429 (a rate
-      limit per organisation is still only a rate limit): CREDENTIAL;
+      limit per organisation is still only a rate limit): CREDENTIAL, whatever else it says;
+    - a 4xx (but 429) refusing the content (policy, moderation): CLIENT;
     - otherwise by status: 401, 402, 403 CREDENTIAL; 400, 404, 413, 422 CLIENT; 429 BUSY;
       5xx (and 529) SERVER; any other 4xx OTHER.
     """
     text = body[:_SCAN].lower()
     if any(p in text for p in _OUT_OF_CREDIT):
         return Fault.CREDENTIAL
-    if any(p in text for p in _CONTENT_POLICY):
-        return Fault.CLIENT
     if status != 429 and (any(p in text for p in _ACCOUNT) or _ORG_ID.search(text)):
         return Fault.CREDENTIAL
+    if status < 500 and status != 429 and any(p in text for p in _CONTENT_POLICY):
+        return Fault.CLIENT
     if status >= 500:
         return Fault.SERVER
     return _BY_STATUS.get(status, Fault.OTHER)
