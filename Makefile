@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock run test lint bench services tools clean
+.PHONY: install lock run test lint bench soak services tools clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ lint: install
 bench: install services
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run --profile $(if $(BASELINE),--baseline $(BASELINE))
+
+## soak: ten minutes of mixed traffic through a real proxyd on loopback; RSS, fds, rows = admitted
+soak: install
+	$(BIN)/python -m benchmarks.soak --seconds 600
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis
