@@ -14,8 +14,11 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -180,6 +183,29 @@ def test_dockerignore_keeps_only_what_the_build_copies() -> None:
     for out in (".venv/bin/python", "tests/conftest.py", "var/proxyd.sqlite3", ".git/HEAD"):
         assert not included(out), f"{out} would be sent to the build"
     assert not included("proxyd/__pycache__/app.cpython-311.pyc")
+
+
+def test_build_context_makes_a_complete_package(tmp_path: Path) -> None:
+    """Built from only what .dockerignore sends, with the locked backend, proxyd/ is all there."""
+    context = tmp_path / "context"
+    for name in ("constraints.txt", "pyproject.toml", "README.md"):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, context / name)
+    shutil.copytree(
+        ROOT / "proxyd", context / "proxyd", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    env = {**os.environ, "PIP_CONSTRAINT": str(context / "constraints.txt")}
+    # sys.executable's pip builds the wheel in an isolated environment, as in the image.
+    built = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."],
+        cwd=context, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("proxyd-*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    for file in (ROOT / "proxyd").rglob("*"):
+        if file.is_file() and "__pycache__" not in file.parts:
+            assert str(file.relative_to(ROOT)) in packed, f"{file} is missing from the image"
 
 
 def test_image_names_only_what_proxyd_has() -> None:
