@@ -151,30 +151,36 @@ def test_image_installs_from_the_lock_file() -> None:
     assert "pip install --quiet -c constraints.txt -e '.[dev]'" in makefile
 
 
-def test_dockerignore_keeps_only_what_the_build_copies() -> None:
-    """What the Dockerfile copies is in the build context; the venv, tests, var/, .git are not."""
+def included(path: str) -> bool:
+    """Whether .dockerignore sends `path` (relative to the root) to the build: last match wins."""
+    keep = True
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        rule = raw.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/").replace("**/", "*")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatch(p, pattern) for p in prefixes):
+            keep = negate
+    return keep
 
-    def included(path: str) -> bool:
-        keep = True
-        for raw in DOCKERIGNORE.read_text().splitlines():
-            rule = raw.strip()
-            if not rule or rule.startswith("#"):
-                continue
-            negate = rule.startswith("!")
-            pattern = rule.lstrip("!").rstrip("/").replace("**/", "*")
-            parts = path.split("/")
-            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-            if any(fnmatch.fnmatch(p, pattern) for p in prefixes):
-                keep = negate
-        return keep
 
-    sources = {
+def copied_sources() -> set[str]:
+    """The build-context paths the Dockerfile's COPY instructions name."""
+    return {
         source
         for stage in stages()
         for w, a in stage
         if w == "COPY" and not a.startswith("--from")
         for source in a.split()[:-1]
     }
+
+
+def test_dockerignore_keeps_only_what_the_build_copies() -> None:
+    """What the Dockerfile copies is in the build context; the venv, tests, var/, .git are not."""
+    sources = copied_sources()
     assert {"constraints.txt", "pyproject.toml", "README.md", "proxyd"} <= sources
     for source in sources:
         assert included(source), f"{source} is copied but .dockerignore leaves it out"
@@ -188,12 +194,13 @@ def test_dockerignore_keeps_only_what_the_build_copies() -> None:
 def test_build_context_makes_a_complete_package(tmp_path: Path) -> None:
     """Built from only what .dockerignore sends, with the locked backend, proxyd/ is all there."""
     context = tmp_path / "context"
-    for name in ("constraints.txt", "pyproject.toml", "README.md"):
-        (context / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, context / name)
-    shutil.copytree(
-        ROOT / "proxyd", context / "proxyd", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for source in copied_sources():
+        paths = [ROOT / source] if (ROOT / source).is_file() else (ROOT / source).rglob("*")
+        for path in paths:
+            relative = str(path.relative_to(ROOT))
+            if path.is_file() and included(relative):
+                (context / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, context / relative)
     env = {**os.environ, "PIP_CONSTRAINT": str(context / "constraints.txt")}
     # sys.executable's pip builds the wheel in an isolated environment, as in the image.
     built = subprocess.run(  # noqa: S603
