@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 
+import orjson
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from aiohttp.web_protocol import RequestHandler
@@ -93,5 +94,39 @@ async def test_the_guarded_protocol_serves_through_a_real_runner() -> None:
         await asyncio.sleep(0.05)
         assert stats.cut["head"] == 1
         assert stats.open == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_failing_handler_gets_a_json_500_not_aiohttps_page() -> None:
+    """handle_error replaced: a handler's exception is a JSON 500 in the caller's format."""
+    app = web.Application()
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app.router.add_post("/v1/messages", broken)
+    app.router.add_post("/v1/chat/completions", broken)
+    runner = ClientRunner(app, ConnectionSettings(), ConnectionStats())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        for path, anthropic in ((b"/v1/messages", True), (b"/v1/chat/completions", False)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n" % path)
+            data = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500 ")
+            assert b"\r\nx-request-id: req_" in head
+            assert b"\r\nContent-Type: application/json" in head
+            assert b"a bug" not in body
+            doc = orjson.loads(body)
+            if anthropic:
+                assert doc["error"]["type"] == "api_error"
+            else:
+                assert doc["error"]["type"] == "server_error"
     finally:
         await runner.cleanup()
