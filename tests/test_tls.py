@@ -170,3 +170,36 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
         await asyncio.sleep(0.3)
         _, still = await handshake(px.port, trust)
         assert still == after
+
+
+@pytest.mark.slow
+async def test_tls_under_workers_and_sighup_brings_the_new_certificate(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """--workers 2: every worker serves TLS 1.3; SIGHUP's new workers load the new pair."""
+    mock = await start_server(create_mock_app())
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert, key = issue(old_ca, tmp_path / "tls")
+    trust = client_context(old_ca)
+    new_ca.configure_trust(trust)
+    settings = {"workers": 2, "tls_cert": cert, "tls_key": key}
+    async with serve(tmp_path, server_url(mock), settings) as px:
+        seen = {await handshake(px.port, trust) for _ in range(8)}
+        assert len(seen) == 1
+        ((version, before),) = seen
+        assert version == "TLSv1.3"
+        issue(new_ca, tmp_path / "tls")
+        px.proc.send_signal(signal.SIGHUP)
+        after: set[bytes | None] = set()
+        for _ in range(200):  # the workers are replaced one at a time
+            after = {(await handshake(px.port, trust))[1] for _ in range(6)}
+            if before not in after:
+                break
+            await asyncio.sleep(0.1)
+        assert before not in after
+        assert len(after) == 1
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(px.url + "/healthz", ssl=trust) as resp,
+        ):
+            assert resp.status == 200
