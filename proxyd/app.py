@@ -40,6 +40,7 @@ from proxyd.server.connection import ConnectionStats
 from proxyd.server.count import count_routes
 from proxyd.server.handlers import MAX_BODY, ClientHandlers
 from proxyd.server.pipeline import Pipeline
+from proxyd.server.server_errors import server_header_hook
 from proxyd.state import sync
 from proxyd.state.store import StateStore
 from proxyd.upstream.attempt import Upstream
@@ -243,6 +244,7 @@ def create_ops_app(parts: Parts) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", own_metrics_handler)
+    app.on_response_prepare.append(server_header_hook(parts.config.server.server_header))
     return app
 
 
@@ -267,7 +269,7 @@ def create_control(parts: Parts) -> web.Application:
         raise ValueError("server.admin_token: the control API needs an admin token")
     broadcast = parts.broadcast
     publish = _publisher(parts.fan_out, broadcast.publish if broadcast else None)
-    return create_control_app(
+    app = create_control_app(
         store=parts.store,
         ledger=parts.ledger,
         limits=parts.limits,
@@ -277,6 +279,8 @@ def create_control(parts: Parts) -> web.Application:
         max_body_bytes=parts.config.server.max_body_bytes,
         on_change=sync.Publisher(parts.store, publish) if publish else None,
     )
+    app.on_response_prepare.append(server_header_hook(parts.config.server.server_header))
+    return app
 
 
 def _publisher(*publishers: sync.Publish | None) -> sync.Publish | None:

@@ -6,12 +6,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from proxyd.mockprovider import create_mock_app
 from proxyd.protocol.sse import EventSplitter
 from tests.conftest import SECRET, StartServer, server_url
-from tests.served import serve
+from tests.served import free_port, serve
 
 
 async def exchange(port: int, data: bytes, *, limit: float = 10.0) -> bytes:
@@ -114,6 +115,11 @@ async def test_every_server_made_error_is_json_in_the_callers_format(
         raw = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         assert_anthropic_error(raw, 431)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(px.metrics_url + "/healthz") as resp,
+        ):
+            assert "Server" not in resp.headers  # the metrics listener too
         assert await px.value("proxyd_client_errors_total", status="431") == 4
         assert await px.value("proxyd_client_errors_total", status="400") == 2
 
@@ -194,7 +200,21 @@ async def test_no_server_header_unless_configured(
 ) -> None:
     """server.server_header: absent by default (checked above); when set, on every response."""
     mock = await start_server(create_mock_app(chunks=3))
-    async with serve(tmp_path, server_url(mock), {"server_header": "relay"}) as px:
+    control = free_port()
+    settings = {
+        "server_header": "relay",
+        "admin_token": "server-header-admin-token",
+        "control_listen": f"127.0.0.1:{control}",
+    }
+    async with serve(tmp_path, server_url(mock), settings) as px:
+        # the control API and the per-process metrics listener follow the same setting
+        async with aiohttp.ClientSession() as session:
+            for url in (
+                f"http://127.0.0.1:{control}/control/v1/state",
+                px.metrics_url + "/healthz",
+            ):
+                async with session.get(url) as resp:
+                    assert resp.headers.getall("Server") == ["relay"], url
         body = {"model": "mock-gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]}
         for request in (
             stream_request(
