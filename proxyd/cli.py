@@ -96,6 +96,11 @@ def _check(config: Config, path: str) -> int:
     except StateError as exc:
         print(f"proxyd: configuration error: {path}: state.{exc}", file=sys.stderr)
         return 2
+    try:
+        _tls_context(config)  # the certificate and key load, as `serve` will load them
+    except ConfigError as exc:
+        print(f"proxyd: configuration error: {path}: {exc}", file=sys.stderr)
+        return 2
     print(f"{path}: ok")
     return 0
 

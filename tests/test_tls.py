@@ -203,3 +203,29 @@ async def test_tls_under_workers_and_sighup_brings_the_new_certificate(
             session.get(px.url + "/healthz", ssl=trust) as resp,
         ):
             assert resp.status == 200
+
+
+def test_check_config_and_serve_refuse_a_certificate_that_cannot_be_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config and serve exit 2 naming the file: missing, not a certificate, key alone."""
+    from proxyd.cli import main
+
+    ca = trustme.CA()
+    cert, key = issue(ca, tmp_path / "tls")
+    config = tmp_path / "proxyd.toml"
+    config.write_text(f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    assert main(["check-config", str(config)]) == 0
+    missing = tmp_path / "nope.pem"
+    config.write_text(f'[server]\ntls_cert = "{missing}"\ntls_key = "{key}"\n')
+    assert main(["check-config", str(config)]) == 2
+    assert f"{missing}: no such file" in capsys.readouterr().err
+    assert main(["serve", "--config", str(config)]) == 2
+    assert f"{missing}: no such file" in capsys.readouterr().err
+    spoil(cert)
+    config.write_text(f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    assert main(["check-config", str(config)]) == 2
+    assert "server.tls_cert" in capsys.readouterr().err
+    config.write_text(f'[server]\ntls_key = "{key}"\n')
+    assert main(["check-config", str(config)]) == 2
+    assert "tls_cert and tls_key go together" in capsys.readouterr().err

@@ -7,6 +7,7 @@ connections already open keep their session, new handshakes get the new certific
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import Literal
 
@@ -22,10 +23,11 @@ class TLSConfigError(Exception):
 
 
 def _load(context: ssl.SSLContext, cert: str, key: str) -> None:
+    for name, path in (("server.tls_cert", cert), ("server.tls_key", key)):
+        if not os.path.isfile(path):
+            raise TLSConfigError(f"{name} {path}: no such file")
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise TLSConfigError(f"{exc.filename}: no such file") from exc
     except (ssl.SSLError, OSError) as exc:
         raise TLSConfigError(
             f"server.tls_cert {cert} / server.tls_key {key}: cannot be loaded ({exc})"
