@@ -6,6 +6,7 @@ pass their own tools. Docker is not run (no image registry here); every check is
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -229,7 +230,12 @@ def test_grafana_provisions_the_dashboard() -> None:
         assert (DEPLOY / source).exists(), source
     providers = yaml.safe_load((FILES / "grafana" / "dashboards.yml").read_text())["providers"]
     assert mounts["./grafana"] == providers[0]["options"]["path"]
-    assert list((DEPLOY / "grafana").glob("*.json"))
+    boards = list((DEPLOY / "grafana").glob("*.json"))
+    assert boards
+    for board in boards:
+        # Provisioning fills no import inputs: data sources come from the datasource variable.
+        assert not json.loads(board.read_text()).get("__inputs"), board.name
+        assert "${DS_" not in board.read_text(), board.name
     sources = yaml.safe_load((FILES / "grafana" / "datasources.yml").read_text())["datasources"]
     (prometheus,) = sources
     assert prometheus["isDefault"] is True  # the dashboard's datasource variable picks it
