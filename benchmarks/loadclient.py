@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -184,6 +185,7 @@ class Spec:
     seed: int = 1
     watch_pids: list[int] = field(default_factory=list)  # the proxy's processes: CPU and RSS
     rig_pids: list[int] = field(default_factory=list)  # the mock provider's processes: CPU
+    tls_ca: str | None = None  # HTTPS to the target, trusting this CA file (proxyd-tls)
 
 
 class _Run:
@@ -199,6 +201,7 @@ class _Run:
         lines += [f"{k}: {v}" for k, v in spec.headers.items()]
         self.request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
         self.loop = asyncio.get_running_loop()
+        self.tls = ssl.create_default_context(cafile=spec.tls_ca) if spec.tls_ca else None
         self.pool: list[_Conn] = []
         self.latency: list[float] = []
         self.ttfb: list[float] = []  # request written -> first body byte
@@ -209,7 +212,12 @@ class _Run:
         self.measuring = spec.warmup <= 0
 
     async def connect(self) -> _Conn:
-        _, conn = await self.loop.create_connection(_Conn, self.spec.host, self.spec.port)
+        if self.tls is None:
+            _, conn = await self.loop.create_connection(_Conn, self.spec.host, self.spec.port)
+        else:
+            _, conn = await self.loop.create_connection(
+                _Conn, self.spec.host, self.spec.port, ssl=self.tls, server_hostname=self.spec.host
+            )
         return conn
 
     async def one(self, conn: _Conn | None, t0: float) -> _Conn | None:

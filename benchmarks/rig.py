@@ -246,6 +246,7 @@ def start_proxyd(
     metrics: bool = True,
     name: str = "proxyd",
     tree: Path = CHECKOUT,
+    tls: tuple[str, str] | None = None,
 ) -> Service:
     """proxyd on the proxy core with billing into `database_url`, metrics on unless told.
 
@@ -264,6 +265,8 @@ def start_proxyd(
         "PROXYD_ADMIN_TOKEN": ADMIN_TOKEN,
         "PROXYD_DATABASE_URL": database_url,
     }
+    if tls is not None:  # HTTPS on the client listener: (certificate chain, key) files
+        env["PROXYD_TLS_CERT"], env["PROXYD_TLS_KEY"] = tls
     if tree != CHECKOUT:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     try:

@@ -13,6 +13,7 @@ import importlib
 import json
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -39,12 +40,14 @@ def _postgres_up() -> bool:
     return False
 
 
-def _wait_ready(port: int, timeout: float = 30.0) -> None:
+def _wait_ready(port: int, timeout: float = 30.0, ca: str | None = None) -> None:
     deadline = time.monotonic() + timeout
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}/readyz"
+    context = ssl.create_default_context(cafile=ca) if ca else None
     while time.monotonic() < deadline:
         with (
             contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r,
+            urllib.request.urlopen(url, timeout=1, context=context) as r,  # noqa: S310 - loopback
         ):
             if r.status == 200:
                 return
@@ -80,6 +83,7 @@ def session(
     install_nginx: bool,
     want_proxyd: bool,
     baseline: str | None = None,
+    tls: bool = False,
 ) -> Iterator[tuple[list[Target], str | None]]:
     """Everything the runs need, started pinned and stopped afterwards, as a list of targets.
 
@@ -131,6 +135,21 @@ def session(
                     targets.append(
                         Target(NO_METRICS, off.port, off.port, pids, mocks, own_auth=True)
                     )
+                if tls:  # the same proxyd with HTTPS on its client listener
+                    ca, pair = _tls_files(logdir)
+                    try:
+                        svc = rig.start_proxyd(
+                            logdir, instant.port, paced.port, db, name=TLS, tls=pair
+                        )
+                    except RuntimeError as exc:
+                        notes.append(f"proxyd with TLS did not start ({exc})")
+                    else:
+                        started.append(svc)
+                        _wait_ready(svc.port, ca=ca)
+                        pids = [svc.pid, *procstat.children(svc.pid)]
+                        targets.append(
+                            Target(TLS, svc.port, svc.port, pids, mocks, own_auth=True, tls_ca=ca)
+                        )
                 if baseline:
                     base = _start_baseline(baseline, logdir, instant.port, paced.port, db, notes)
                     if base is not None:
@@ -166,6 +185,20 @@ def _start_baseline(
 
 
 NO_METRICS = "proxyd-nometrics"  # the same proxyd with metrics off, in W2 and W4 only
+TLS = "proxyd-tls"  # the same proxyd with TLS 1.3 on its client listener (--tls)
+
+
+def _tls_files(logdir: Path) -> tuple[str, tuple[str, str]]:
+    """A throwaway CA (trustme) and a certificate for 127.0.0.1: (CA file, (chain, key))."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = [logdir / "tls-ca.pem", logdir / "tls-cert.pem", logdir / "tls-key.pem"]
+    ca.cert_pem.write_to_path(str(paths[0]))
+    paths[1].write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(paths[2]))
+    return str(paths[0]), (str(paths[1]), str(paths[2]))
 
 
 class Recorder:
@@ -393,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-nginx", action="store_true")
     p.add_argument("--no-proxyd", action="store_true")
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run proxyd with TLS 1.3 on its client listener, as target proxyd-tls",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="extra W1/W2/W7/W5 runs of proxyd under py-spy"
     )
     p.add_argument("--profile-streams", type=int, default=400, help="W5 level to profile")
@@ -427,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.smoke,
         not args.no_proxyd,
         args.baseline,
+        args.tls,
     ) as (targets, nginx_bin):
         best = run_all(scale, targets, rec, only)
         spied = profiles(scale, targets, out, args.profile_streams) if args.profile else {}

@@ -76,6 +76,7 @@ class Target:
         default_factory=lambda: {"Authorization": f"Bearer {rig.BENCH_SECRET}"}
     )
     own_auth: bool = False  # True when the target checks keys itself (proxyd)
+    tls_ca: str | None = None  # the target speaks HTTPS with a certificate from this CA
 
 
 def _body(model: str, stream: bool) -> dict[str, Any]:
@@ -122,6 +123,7 @@ def _spec(t: Target, stream: bool, headers: dict[str, str], s: Scale) -> dict[st
         "warmup": s.warmup,
         "watch_pids": t.proxy_pids,
         "rig_pids": t.rig_pids,
+        "tls_ca": t.tls_ca,
     }
 
 
