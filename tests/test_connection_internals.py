@@ -130,3 +130,32 @@ async def test_a_failing_handler_gets_a_json_500_not_aiohttps_page() -> None:
                 assert doc["error"]["type"] == "server_error"
     finally:
         await runner.cleanup()
+
+
+async def test_a_body_deadline_reaches_any_handler_as_a_json_408() -> None:
+    """A handler that lets RequestTimeout escape its body read still answers 408 JSON, closed."""
+    app = web.Application()
+
+    async def reads(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="read it all")
+
+    app.router.add_post("/v1/messages/count_tokens", reads)
+    stats = ConnectionStats()
+    runner = ClientRunner(app, ConnectionSettings(body_timeout=0.3), stats)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"POST /v1/messages/count_tokens HTTP/1.1\r\nHost: t\r\n")
+        writer.write(b"Content-Length: 100\r\n\r\n{")
+        data = await asyncio.wait_for(reader.read(), 5)  # read to the close
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ")
+        assert b"\r\nConnection: close" in head
+        assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
+        assert stats.cut["body"] == 1
+    finally:
+        await runner.cleanup()

@@ -224,10 +224,10 @@ class GuardedRequestHandler(RequestHandler):
             self._timer = self._loop.call_at(self._deadline, self._on_deadline)
             return
         phase = self._phase
-        if phase is FRESH:
+        if phase == FRESH:
             self._cut("head")
             self.force_close()
-        elif phase is HEAD and not self._messages:
+        elif phase == HEAD and not self._messages:
             self._cut("head")
             err = ProxydError(
                 "The request head did not arrive in time.",
@@ -235,7 +235,7 @@ class GuardedRequestHandler(RequestHandler):
                 error_type=ErrorType.CLIENT_TIMEOUT,
             )
             self._refuse(err)
-        elif phase is BODY:
+        elif phase == BODY:
             self._body_deadline()
 
     def _body_deadline(self) -> None:
@@ -263,7 +263,7 @@ class GuardedRequestHandler(RequestHandler):
         closing = self._force_close
         super()._process_keepalive()
         if self._force_close and not closing:
-            self._cut("head" if self._phase is HEAD else "idle")
+            self._cut("head" if self._phase == HEAD else "idle")
 
     def _cut(self, phase: Cut) -> None:
         self._stats.cut[phase] += 1
@@ -307,6 +307,9 @@ class GuardedRequestHandler(RequestHandler):
             protocol = server_errors.wire_for_head(b"".join(self._head))
             self._head = []
             err = _parse_error(exc)
+        elif isinstance(exc, ProxydError):  # e.g. RequestTimeout from a handler's body read
+            protocol = server_errors.wire_for(request.path, request.headers)
+            err = exc
         else:
             if status >= 500:
                 self.log_exception("Error handling request", exc_info=exc)
