@@ -309,3 +309,23 @@ async def test_redis_flapping_mid_load_refuses_no_one_and_settles_exactly(
     )
     assert left is not None
     assert expected <= left <= expected + 8 * COST, (served, left, expected)
+
+
+async def test_control_api_shows_the_put_back_balance_not_zero(
+    tmp_path: Path,
+    start_server: StartServer,
+    start_proxy: StartProxy,
+    private_redis: PrivateRedis,
+) -> None:
+    """After an empty restart the balance view (what `GET /control/v1/keys/{id}` shows) is the
+    re-seeded balance, not 0: an operator looking would otherwise top up an account with money."""
+    client, parts, prefix = await start(tmp_path, start_server, start_proxy, private_redis)
+    resp = await client.post("/v1/chat/completions", headers=AUTH, json=CHAT)
+    assert resp.status == 200
+    await settled(parts)
+    await private_redis.restart(down=0.05)
+    await asyncio.sleep(0.5)
+    await settled(parts)
+    view = await parts.ledger.view("acct-1")
+    assert view.balance_nanos == BALANCE - COST
+    assert await balance_in(private_redis, prefix) == BALANCE - COST

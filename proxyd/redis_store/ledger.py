@@ -249,6 +249,15 @@ class RedisLedger:
             self.store.mark_down(exc)
             return self.local.view_now(account_id)
         balance, reserved, version = raw
+        if balance is None:  # Redis forgot it (or never had it): put back what this side knows
+            try:
+                if await self._reseed(account_id):
+                    raw = await self.store.client.hmget(
+                        self._keys(account_id)[0], ["bal", "res", "ver"]
+                    )
+                    balance, reserved, version = raw
+            except (RedisUnavailable, *FAILURES):
+                return self.local.view_now(account_id)
         return BalanceView(
             int(balance or 0), int(reserved or 0), int(version) if version is not None else -1
         )
