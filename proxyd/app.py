@@ -209,6 +209,8 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
         client_ip=lambda request: client_address(request.remote, request.headers, trusted),
         request_log=logs.request_log,
         default_max_tokens=config.admission.default_max_tokens,
+        max_tool_calls=config.admission.max_tool_calls,
+        unbounded_reserve_nanos=config.admission.unbounded_reserve_nanos,
         sticky=parts.sticky,
     )
     wire_sources(

@@ -139,6 +139,20 @@ class AdmissionConfig(_Section):
         ge=1,
         description="Token-count calls per key per minute; a bucket apart from rpm and tpm.",
     )
+    max_tool_calls: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="Paid server-tool calls reserved for per enabled tool (Anthropic `max_uses` "
+        "lowers it per request).",
+    )
+    unbounded_reserve_nanos: int = Field(
+        default=1_000_000_000,
+        ge=0,
+        le=2**62,
+        description="The least reserved for a request whose cost its body cannot bound "
+        "(previous_response_id, conversation, file ids, image URLs).",
+    )
 
 
 class StickySettings(_Section):

@@ -69,7 +69,7 @@ async def test_migrate_creates_the_columns_and_is_repeatable(tmp_path: Path) -> 
     assert await migrate(f"sqlite:///{db}", now=NOW) == SCHEMA_VERSION
     cols = [r[1] for r in rows(db, "PRAGMA table_info(usage_records)")]
     assert tuple(cols) == COLUMNS
-    assert rows(db, "SELECT version FROM proxyd_schema_version") == [(SCHEMA_VERSION,)]
+    assert rows(db, "SELECT version FROM proxyd_schema_version") == [(1,), (SCHEMA_VERSION,)]
 
 
 async def test_writer_stores_exactly_the_records(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def test_anthropic_message_to_chat_completion() -> None:
     assert body["usage"]["completion_tokens"] == 7
     assert body["usage"]["total_tokens"] == 52
     assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 30
-    assert usage == Usage(45, 7, 30)
+    assert usage == Usage(45, 7, 30, cache_write_tokens=5)
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def test_anthropic_body_counts_cache_in_prompt() -> None:
         "cache_creation_input_tokens": 30,
         "output_tokens": 7,
     }
-    assert parse_usage(u) == Usage(240, 7, 200, 0)
+    assert parse_usage(u) == Usage(240, 7, 200, 0, cache_write_tokens=30)
 
 
 def test_body_without_usage_or_garbage() -> None:
@@ -140,7 +140,9 @@ def test_anthropic_stream() -> None:
     scanner.feed(sse(start, "message_start"))
     assert scanner.prompt_known
     assert not finished(scanner)
-    assert scanner.usage() == Usage(130, 0, 100, 0)  # the placeholder output count is ignored
+    assert scanner.usage() == Usage(
+        130, 0, 100, 0, cache_write_tokens=5
+    )  # the placeholder output count is ignored
     delta = {
         "type": "content_block_delta",
         "index": 0,
@@ -151,7 +153,7 @@ def test_anthropic_stream() -> None:
     scanner.feed(sse({"type": "message_delta", "usage": {"output_tokens": 15}}, "message_delta"))
     scanner.feed(sse({"type": "message_stop"}, "message_stop"))
     assert finished(scanner)
-    assert scanner.usage() == Usage(130, 15, 100, 0)
+    assert scanner.usage() == Usage(130, 15, 100, 0, cache_write_tokens=5)
 
 
 def test_responses_stream() -> None:

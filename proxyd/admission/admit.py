@@ -75,22 +75,30 @@ class Ticket:
         """Whether `finish` ran."""
         return self._done
 
-    def finish(self, *, tokens: int, cost_nanos: int) -> None:
+    @property
+    def reserved_nanos(self) -> int:
+        """What admission set aside from the balance for this request."""
+        return self._reservation.amount
+
+    def finish(self, *, tokens: int, cost_nanos: int) -> int:
         """Free the slot, correct the tokens to `tokens`, charge `cost_nanos`. Once; never raises.
 
-        Shared (Redis) work runs in a background task whose errors are logged.
+        Returns the shortfall the ledger knows at once (cost it could not charge; a shared
+        ledger counts its own when Redis answers). Shared (Redis) work runs in a background task
+        whose errors are logged.
         """
         if self._done:
-            return
+            return 0
         self._done = True
         try:
             self._limits.release(self._grant, tokens=tokens)
         except Exception:  # finish runs in the handler's finally and must not raise
             log.exception("limits_release_failed", key_id=self._grant.key_id)
         try:
-            self._ledger.settle(self._reservation, cost_nanos)
+            return self._ledger.settle(self._reservation, cost_nanos)
         except Exception:  # same: the billing row must still be written
             log.exception("ledger_settle_failed", account_id=self._reservation.account_id)
+            return 0
 
 
 class Admission:

@@ -23,7 +23,7 @@ import structlog
 from proxyd.billing.record import COLUMNS
 from proxyd.billing.sink import Sink, open_sink
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DAY = 86_400
 DEFAULT_RETENTION_DAYS = 90
 DEFAULT_DAYS_AHEAD = 3
@@ -51,7 +51,17 @@ PG_TYPES: dict[str, str] = {
     "ttft_ms": "bigint",
     "client_ip": "text",
     "usage_source": "text NOT NULL",
+    # version 2 (issue 15): every token category, the tier, paid tool calls, the shortfall
+    "cache_write_tokens": "bigint NOT NULL DEFAULT 0",
+    "cache_write_1h_tokens": "bigint NOT NULL DEFAULT 0",
+    "service_tier": "text",
+    "tool_calls": "bigint NOT NULL DEFAULT 0",
+    "shortfall_nanos": "bigint NOT NULL DEFAULT 0",
 }
+# The columns version 1 created; later versions add the rest with ALTER TABLE ... ADD COLUMN
+# (a constant default: no row is rewritten, partitions follow their parent).
+V1_COLUMNS = tuple(PG_TYPES)[:20]
+V2_COLUMNS = tuple(PG_TYPES)[20:]
 SQLITE_TYPES: dict[str, str] = {
     c: t.replace("timestamptz", "REAL")  # unix seconds, UTC
     .replace("text", "TEXT")
@@ -72,7 +82,7 @@ def check_schema_name(schema: str) -> str:
 def pg_steps(schema: str) -> list[tuple[int, list[str]]]:
     """Each schema version and the statements that reach it from the one before."""
     s = check_schema_name(schema)
-    cols = ",\n  ".join(f"{c} {t}" for c, t in PG_TYPES.items())
+    cols = ",\n  ".join(f"{c} {PG_TYPES[c]}" for c in V1_COLUMNS)
     return [
         (
             1,
@@ -83,6 +93,13 @@ def pg_steps(schema: str) -> list[tuple[int, list[str]]]:
 ) PARTITION BY RANGE (created_at)""",
                 f'CREATE INDEX usage_records_account_created ON "{s}".usage_records '
                 "(account_id, created_at)",
+            ],
+        ),
+        (
+            2,
+            [
+                f'ALTER TABLE "{s}".usage_records '
+                + ", ".join(f"ADD COLUMN IF NOT EXISTS {c} {PG_TYPES[c]}" for c in V2_COLUMNS)
             ],
         ),
     ]
@@ -168,7 +185,7 @@ def expired_partitions(names: Iterable[str], cutoff: float) -> list[str]:
 def sqlite_steps() -> list[tuple[int, list[str]]]:
     """SQLite schema versions; the same columns, request_id unique."""
     cols = ",\n  ".join(
-        f"{c} {t}{' PRIMARY KEY' if c == 'request_id' else ''}" for c, t in SQLITE_TYPES.items()
+        f"{c} {SQLITE_TYPES[c]}{' PRIMARY KEY' if c == 'request_id' else ''}" for c in V1_COLUMNS
     )
     return [
         (
@@ -180,6 +197,7 @@ def sqlite_steps() -> list[tuple[int, list[str]]]:
                 "(account_id, created_at)",
             ],
         ),
+        (2, [f"ALTER TABLE usage_records ADD COLUMN {c} {SQLITE_TYPES[c]}" for c in V2_COLUMNS]),
     ]
 
 

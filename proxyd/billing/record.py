@@ -27,7 +27,12 @@ class UsageRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0  # all cache writes within the prompt
+    cache_write_1h_tokens: int = 0  # the 1-hour part of those
+    service_tier: str | None = None  # the priced tier that served it; None: standard
+    tool_calls: int = 0  # paid server-tool calls
     cost_nanos: int = 0
+    shortfall_nanos: int = 0  # cost that could not be charged
     latency_ms: int = 0
     ttft_ms: int | None = None
     client_ip: str | None = None
@@ -55,4 +60,9 @@ COLUMNS: tuple[str, ...] = (
     "ttft_ms",
     "client_ip",
     "usage_source",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "service_tier",
+    "tool_calls",
+    "shortfall_nanos",
 )

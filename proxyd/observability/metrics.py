@@ -53,6 +53,11 @@ _UNVALIDATED_MODEL = frozenset(
 )
 
 
+_RATE_FIELDS = frozenset(
+    {"cached_input", "cache_write", "cache_write_1h", "audio_input", "audio_output", "image_output"}
+)
+
+
 def status_class(code: int) -> str:
     """`"2xx"` … `"5xx"` for an HTTP status (499 is `"4xx"`), `"error"` when there was none."""
     if 100 <= code <= 599:
@@ -127,6 +132,18 @@ class Metrics:
         )
         self._cost = tally(
             "proxyd_cost_nanos_total", "Amount billed, in nanos (1e-9 currency units).", ("model",)
+        )
+        self._fallback_priced = tally(
+            "proxyd_fallback_priced_tokens_total",
+            "Tokens billed through a fallback rate because the model's price lacks the category's "
+            "own rate (cached_input, cache_write, cache_write_1h, audio_input, audio_output, "
+            "image_output): an incomplete price table.",
+            ("category",),
+        )
+        self._shortfall = tally(
+            "proxyd_billing_shortfall_nanos_total",
+            "Cost above what a request's reservation covered (recorded as shortfall_nanos).",
+            (),
         )
         # Plain ints bumped per request, read by the gauges at scrape time (no lock per request).
         self.in_flight = 0
@@ -244,6 +261,16 @@ class Metrics:
         """A streamed response ended, however it ended."""
         if self.enabled:
             self.streams_open -= 1
+
+    def fallback_priced(self, category: str, tokens: int) -> None:
+        """Count tokens billed through a fallback rate; `category` is a pricing rate field."""
+        if self.enabled:
+            self._fallback_priced.cell(_bounded(category, _RATE_FIELDS)).value += tokens
+
+    def shortfall(self, nanos: int) -> None:
+        """Count cost above the reservation."""
+        if self.enabled:
+            self._shortfall.cell().value += nanos
 
     def refused(self, reason: str) -> None:
         """Count a refusal; `reason` is an ErrorType value (anything else counts as "other")."""

@@ -7,7 +7,7 @@ events that carry a usage object are JSON-parsed. Bodies are never logged or kep
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -19,50 +19,166 @@ _FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response
 
 @dataclass(slots=True)
 class Usage:
-    """Token counts of one request; cached and reasoning tokens are parts of prompt/completion."""
+    """Token counts of one request, as parts of the whole prompt and the whole completion.
+
+    `prompt_tokens` is the whole prompt (plain input, cache reads, cache writes, audio);
+    `cached_tokens` the cache reads and `cache_write_tokens` all cache writes within it,
+    `cache_write_1h_tokens` the 1-hour part of those. `completion_tokens` is the whole output
+    (reasoning, audio and image output within it). `service_tier` is the priced tier that served
+    the request (None: standard); `tool_calls` counts paid server-tool calls by tool.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    image_output_tokens: int = 0
+    service_tier: str | None = None
+    tool_calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tool_call_count(self) -> int:
+        """All paid server-tool calls."""
+        return sum(self.tool_calls.values()) if self.tool_calls else 0
 
 
 def _int(value: object) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
+# Tiers a response names that are the standard price (not a `tiers` entry).
+STANDARD_TIERS = frozenset({"default", "auto", "standard", "standard_only"})
+# Anthropic `usage.server_tool_use` counters and the `per_call` tool each one is.
+_ANTHROPIC_TOOLS = (("web_search_requests", "web_search"), ("web_fetch_requests", "web_fetch"))
+# Responses API output items that are paid server-tool calls, and their `per_call` tool.
+RESPONSES_TOOL_ITEMS = {
+    "web_search_call": "web_search",
+    "image_generation_call": "image_generation",
+    "file_search_call": "file_search",
+}
+
+
+def tier_name(value: object) -> str | None:
+    """A reported service tier as a `tiers` key; None for the standard price."""
+    if not isinstance(value, str) or not value or value in STANDARD_TIERS:
+        return None
+    return value
+
+
+def _sub(u: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    v = u.get(key)
+    return v if isinstance(v, Mapping) else _NONE
+
+
+_NONE: Mapping[str, Any] = {}
+
+
 def parse_usage(u: Mapping[str, Any]) -> Usage:
     """One provider `usage` object, whatever its dialect, as a Usage.
 
-    - OpenAI chat/completions/embeddings: prompt_tokens, completion_tokens,
-      prompt_tokens_details.cached_tokens, completion_tokens_details.reasoning_tokens.
-    - OpenAI Responses: input_tokens (cached included), output_tokens, input_tokens_details,
-      output_tokens_details.
+    - OpenAI chat/completions/embeddings: prompt_tokens (cache included), completion_tokens,
+      prompt_tokens_details.{cached_tokens, cache_write_tokens, audio_tokens},
+      completion_tokens_details.{reasoning_tokens, audio_tokens}. DeepSeek adds
+      prompt_cache_hit_tokens / prompt_cache_miss_tokens (hits are cache reads). When
+      total_tokens exceeds prompt + completion (reasoning reported outside the completion), the
+      difference counts as output.
+    - OpenAI Responses: input_tokens (cache included), output_tokens,
+      input_tokens_details.{cached_tokens, cache_write_tokens, audio_tokens},
+      output_tokens_details.{reasoning_tokens, audio_tokens, image_tokens}.
     - Anthropic: input_tokens excludes the cache, so the prompt is input_tokens +
-      cache_read_input_tokens + cache_creation_input_tokens; cached = cache_read_input_tokens
-      (cache writes are billed at the input rate).
-    The dialects never share the distinguishing keys, so the shape decides.
+      cache_read_input_tokens + cache_creation_input_tokens; cache writes split by
+      cache_creation.ephemeral_{5m,1h}_input_tokens (a remainder counts as 5-minute);
+      server_tool_use counts paid tool calls; `speed: "fast"` is the `fast` tier.
+    Cache writes with no TTL given are 5-minute writes. The shape decides the dialect.
     """
     if "prompt_tokens" in u or "completion_tokens" in u:
-        pd = u.get("prompt_tokens_details")
-        cd = u.get("completion_tokens_details")
+        pd = _sub(u, "prompt_tokens_details")
+        cd = _sub(u, "completion_tokens_details")
+        prompt = _int(u.get("prompt_tokens"))
+        completion = _int(u.get("completion_tokens"))
+        total = _int(u.get("total_tokens"))
+        if total > prompt + completion:
+            completion = total - prompt
+        cached = _int(pd.get("cached_tokens")) or _int(u.get("prompt_cache_hit_tokens"))
         return Usage(
-            _int(u.get("prompt_tokens")),
-            _int(u.get("completion_tokens")),
-            _int(pd.get("cached_tokens")) if isinstance(pd, Mapping) else 0,
-            _int(cd.get("reasoning_tokens")) if isinstance(cd, Mapping) else 0,
+            prompt,
+            completion,
+            cached,
+            _int(cd.get("reasoning_tokens")),
+            cache_write_tokens=_int(pd.get("cache_write_tokens")),
+            audio_input_tokens=_int(pd.get("audio_tokens")),
+            audio_output_tokens=_int(cd.get("audio_tokens")),
+            service_tier=tier_name(u.get("service_tier")),
         )
-    cache_read = _int(u.get("cache_read_input_tokens"))
-    cache_write = _int(u.get("cache_creation_input_tokens"))
-    idt = u.get("input_tokens_details")
-    odt = u.get("output_tokens_details")
-    cached = cache_read + (_int(idt.get("cached_tokens")) if isinstance(idt, Mapping) else 0)
+    if "cache_creation_input_tokens" in u or "cache_read_input_tokens" in u or "speed" in u:
+        return _anthropic(u)
+    idt = _sub(u, "input_tokens_details")
+    odt = _sub(u, "output_tokens_details")
+    if idt or odt or "total_tokens" in u:  # Responses API
+        return Usage(
+            _int(u.get("input_tokens")),
+            _int(u.get("output_tokens")),
+            _int(idt.get("cached_tokens")),
+            _int(odt.get("reasoning_tokens")),
+            cache_write_tokens=_int(idt.get("cache_write_tokens")),
+            audio_input_tokens=_int(idt.get("audio_tokens")),
+            audio_output_tokens=_int(odt.get("audio_tokens")),
+            image_output_tokens=_int(odt.get("image_tokens")),
+            service_tier=tier_name(u.get("service_tier")),
+        )
+    return _anthropic(u)
+
+
+def _anthropic(u: Mapping[str, Any]) -> Usage:
+    read = _int(u.get("cache_read_input_tokens"))
+    write = _int(u.get("cache_creation_input_tokens"))
+    split = _sub(u, "cache_creation")
+    w1h = min(_int(split.get("ephemeral_1h_input_tokens")), write)
+    tools = _sub(u, "server_tool_use")
+    calls = {t: n for k, t in _ANTHROPIC_TOOLS if (n := _int(tools.get(k)))} if tools else {}
     return Usage(
-        _int(u.get("input_tokens")) + cache_read + cache_write,
+        _int(u.get("input_tokens")) + read + write,
         _int(u.get("output_tokens")),
-        cached,
-        _int(odt.get("reasoning_tokens")) if isinstance(odt, Mapping) else 0,
+        read,
+        0,
+        cache_write_tokens=write,
+        cache_write_1h_tokens=w1h,
+        service_tier="fast" if u.get("speed") == "fast" else None,
+        tool_calls=calls,
     )
+
+
+def responses_tool_calls(output: object) -> dict[str, int]:
+    """Paid server-tool calls among a Responses API answer's output items."""
+    calls: dict[str, int] = {}
+    for item in _blocks(output):
+        tool = RESPONSES_TOOL_ITEMS.get(item.get("type"))  # type: ignore[arg-type]
+        if tool is not None:
+            calls[tool] = calls.get(tool, 0) + 1
+    return calls
+
+
+def usage_of_answer(obj: Mapping[str, Any]) -> Usage | None:
+    """The usage of a whole answer object (chat, completions, responses, messages).
+
+    Adds what sits beside the usage object: OpenAI's `service_tier` and the Responses API's
+    tool-call output items.
+    """
+    u = obj.get("usage")
+    if not isinstance(u, Mapping):
+        return None
+    usage = parse_usage(u)
+    if usage.service_tier is None:
+        usage.service_tier = tier_name(obj.get("service_tier"))
+    if "output" in obj:
+        calls = responses_tool_calls(obj.get("output"))
+        if calls:
+            usage.tool_calls = calls
+    return usage
 
 
 def usage_from_body(body: bytes | Mapping[str, Any]) -> Usage | None:
@@ -71,8 +187,7 @@ def usage_from_body(body: bytes | Mapping[str, Any]) -> Usage | None:
         obj = orjson.loads(body) if isinstance(body, bytes | bytearray | memoryview) else body
     except orjson.JSONDecodeError:
         return None
-    u = obj.get("usage") if isinstance(obj, Mapping) else None
-    return parse_usage(u) if isinstance(u, Mapping) else None
+    return usage_of_answer(obj) if isinstance(obj, Mapping) else None
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -113,6 +228,8 @@ def _merge(into: dict[str, Any], u: Mapping[str, Any]) -> None:
             if not isinstance(sub, dict):
                 sub = into[k] = {}
             _merge(sub, v)
+        elif type(v) is str:  # Anthropic `speed`, `service_tier`
+            into[k] = v
 
 
 class StreamUsage:
@@ -126,7 +243,17 @@ class StreamUsage:
     are dropped as soon as the final usage arrives. Nothing here is ever logged or stored.
     """
 
-    __slots__ = ("_events", "_kept", "_raw", "_skipped", "complete", "keep_bytes", "prompt_known")
+    __slots__ = (
+        "_calls",
+        "_events",
+        "_kept",
+        "_raw",
+        "_skipped",
+        "_tier",
+        "complete",
+        "keep_bytes",
+        "prompt_known",
+    )
 
     def __init__(self, keep_bytes: int = 1 << 20) -> None:
         self.keep_bytes = keep_bytes
@@ -134,6 +261,8 @@ class StreamUsage:
         self._kept = 0
         self._skipped = 0
         self._raw: dict[str, Any] = {}
+        self._tier: str | None = None  # OpenAI's `service_tier` beside the usage
+        self._calls: dict[str, int] = {}  # Responses API tool-call output items
         self.complete = False  # a final usage (with the completion count) arrived
         self.prompt_known = False  # the provider told the prompt count (Anthropic message_start)
 
@@ -171,8 +300,13 @@ class StreamUsage:
         elif kind in _FINAL_TYPES:  # Responses API
             resp = obj.get("response")
             u = resp.get("usage") if isinstance(resp, dict) else None
+            if isinstance(resp, dict):
+                self._tier = tier_name(resp.get("service_tier"))
+                self._calls = responses_tool_calls(resp.get("output"))
         else:  # OpenAI chat/completions usage chunk, Anthropic message_delta
             u = obj.get("usage")
+            if "service_tier" in obj:
+                self._tier = tier_name(obj.get("service_tier"))
         if not isinstance(u, dict):
             return
         _merge(self._raw, u)
@@ -183,7 +317,14 @@ class StreamUsage:
 
     def usage(self) -> Usage | None:
         """What the provider reported so far (None when nothing); final only if `complete`."""
-        return parse_usage(self._raw) if self._raw else None
+        if not self._raw:
+            return None
+        usage = parse_usage(self._raw)
+        if usage.service_tier is None:
+            usage.service_tier = self._tier
+        if self._calls:
+            usage.tool_calls = self._calls
+        return usage
 
     def extrapolation(self) -> tuple[int, int]:
         """(delivered bytes, kept bytes): scale the kept text's token count by their ratio."""

@@ -19,10 +19,14 @@ from proxyd.errors import ErrorType, UpstreamFailure
 from proxyd.observability.metrics import Metrics
 from proxyd.protocol.call import Call
 from proxyd.protocol.estimate import Tokenizer
+from proxyd.protocol.paid import max_calls, paid_features
 from proxyd.protocol.usage import Usage, completion_text, usage_from_body
 from proxyd.relay.relay import Outcome, Relay
 from proxyd.routing.sticky import Session, StickyTable, session_id
 from proxyd.state.store import Channel, State, StateStore
+
+# Body keys naming state the provider holds, whose tokens the body cannot bound.
+_UNBOUNDED = (b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"url"', b'"image_url"')
 
 
 class Pipeline:
@@ -40,6 +44,8 @@ class Pipeline:
         client_ip: Callable[[web.Request], str],
         request_log: Callable[[UsageRecord], None],
         default_max_tokens: int,
+        max_tool_calls: int = 10,
+        unbounded_reserve_nanos: int = 1_000_000_000,
         sticky: StickyTable | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -52,6 +58,8 @@ class Pipeline:
         self.client_ip = client_ip
         self._request_log = request_log
         self.default_max_tokens = default_max_tokens
+        self.max_tool_calls = max_tool_calls
+        self.unbounded_reserve_nanos = unbounded_reserve_nanos
         self.sticky = sticky
         self._clock = clock
 
@@ -61,10 +69,27 @@ class Pipeline:
         return len(call.raw) // 4 + (call.max_tokens or self.default_max_tokens)
 
     def max_cost(self, price: pricing.Price, call: Call) -> int:
-        """The most this request can cost; a prompt never has more tokens than bytes."""
-        return pricing.max_cost_nanos(
-            price, len(call.raw), call.max_tokens or self.default_max_tokens
+        """The most this request can cost: refuses (400) a tier or paid tool the price lacks.
+
+        A prompt in the body never has more tokens than bytes; every prompt token is reserved at
+        the dearest rate of the requested tier and the long-context levels it could reach, each
+        enabled paid tool at its most calls. A body naming server-side state (a previous
+        response, a file, an image URL) cannot bound its prompt: it reserves at least
+        `unbounded_reserve_nanos`.
+        """
+        paid = paid_features(call.body)
+        pricing.check_priced(price, paid)
+        calls = {t: max_calls(call.body, t, self.max_tool_calls) for t, _ in paid.tools}
+        bound = pricing.max_cost_nanos(
+            price,
+            len(call.raw),
+            call.max_tokens or self.default_max_tokens,
+            tier=paid.tier,
+            tool_calls=calls,
         )
+        if any(marker in call.raw for marker in _UNBOUNDED):
+            return max(bound, self.unbounded_reserve_nanos)
+        return bound
 
     # -- route ------------------------------------------------------------------------------
     @staticmethod
@@ -113,17 +138,24 @@ class Pipeline:
             record.completion_tokens = usage.completion_tokens
             record.cached_tokens = usage.cached_tokens
             record.reasoning_tokens = usage.reasoning_tokens
+            record.cache_write_tokens = usage.cache_write_tokens
+            record.cache_write_1h_tokens = usage.cache_write_1h_tokens
+            record.service_tier = usage.service_tier
+            record.tool_calls = usage.tool_call_count
             record.usage_source = "estimated" if estimated else "upstream"
             price = state.prices.get(call.model)
             if price is not None:  # what was delivered is billed, also to a client that left
-                record.cost_nanos = pricing.cost_nanos(
-                    price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-                )
+                record.cost_nanos = pricing.cost_nanos(price, usage)
+                for category, tokens in pricing.fallback_tokens(price, usage):
+                    self.metrics.fallback_priced(category, tokens)
         if ticket is not None:
-            ticket.finish(
+            shortfall = ticket.finish(
                 tokens=record.prompt_tokens + record.completion_tokens,
                 cost_nanos=record.cost_nanos,
             )
+            record.shortfall_nanos = shortfall  # cost the balance could not hold
+            if shortfall:
+                self.metrics.shortfall(shortfall)
         self.writer.submit(record)
         self.metrics.observe_request(record)
         self._request_log(record)

@@ -102,12 +102,65 @@ class KeySpec(KeyBody):
     id: Id
 
 
-class PriceSpec(_Strict):
-    """Upstream price of a model in currency units per million tokens."""
+ToolName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+TierName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+
+
+class _Rates(_Strict):
+    """Rates in currency units per million tokens; see `proxyd/billing/pricing.py`."""
+
+    cached_input: DecimalString | None = Field(
+        default=None, description="Cache reads; default: `input`."
+    )
+    cache_write: DecimalString | None = Field(
+        default=None,
+        description="5-minute cache writes (and writes with no TTL); default: `input`.",
+    )
+    cache_write_1h: DecimalString | None = Field(
+        default=None, description="1-hour cache writes; default: `cache_write`."
+    )
+    audio_input: DecimalString | None = Field(default=None, description="Default: `input`.")
+    audio_output: DecimalString | None = Field(default=None, description="Default: `output`.")
+    image_output: DecimalString | None = Field(default=None, description="Default: `output`.")
+
+
+class LongContextSpec(_Rates):
+    """Rates for every token of a request whose whole prompt has more than the threshold."""
+
+    above_prompt_tokens: int = Field(ge=0, le=_MAX)
+    input: DecimalString | None = None
+    output: DecimalString | None = None
+
+
+class TierSpec(_Rates):
+    """A service tier's rates; fields it does not give are the base price's."""
+
+    input: DecimalString | None = None
+    output: DecimalString | None = None
+    long_context: list[LongContextSpec] | None = Field(
+        default=None, description="This tier's long-context levels; default: the base price's."
+    )
+
+
+class PriceSpec(_Rates):
+    """Upstream price of a model: decimal currency units per million tokens unless said so."""
 
     input: DecimalString
     output: DecimalString
-    cached_input: DecimalString | None = None
+    long_context: list[LongContextSpec] = Field(
+        default_factory=list,
+        description="Levels by whole-prompt size; the highest threshold passed prices every token.",
+    )
+    tiers: dict[TierName, TierSpec] = Field(
+        default_factory=dict,
+        description="Tier name (priority, flex, fast, ...) to rates, applied when the response "
+        "says that tier served the request. A request asking for a tier not listed is refused.",
+    )
+    per_call: dict[ToolName, DecimalString] = Field(
+        default_factory=dict,
+        description="Paid server tool (web_search, web_fetch, image_generation, file_search) to "
+        "its price per call in currency units. A request enabling a tool not listed is refused.",
+    )
 
 
 class ChannelSpec(_Strict):

@@ -260,7 +260,7 @@ class StateStore:
         for model, spec in push.prices.items():
             try:
                 compiled[model] = pricing.compile_price(
-                    spec.input, spec.output, spec.cached_input, push.discount
+                    spec.model_dump(exclude_none=True), push.discount
                 )
             except ValueError as exc:
                 raise StateError(f"prices.{model}", str(exc)) from exc

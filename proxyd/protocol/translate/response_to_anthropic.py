@@ -12,7 +12,7 @@ import orjson
 from proxyd.protocol.anthropic import error_json as anthropic_error_json
 from proxyd.protocol.anthropic import error_type_for_status
 from proxyd.protocol.translate.common import JSON, bad_upstream, load_json_object
-from proxyd.protocol.usage import Usage, parse_usage
+from proxyd.protocol.usage import Usage, parse_usage, tier_name
 
 STOP_REASONS = {
     "stop": "end_turn",
@@ -30,13 +30,20 @@ def openai_usage(usage: Any) -> Usage | None:
 
 
 def anthropic_usage_json(usage: Usage) -> JSON:
-    """The `usage` object of an Anthropic message: input excludes the cached part."""
-    return {
-        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+    """The `usage` object of an Anthropic message: input excludes cache reads and writes."""
+    write = usage.cache_write_tokens
+    out: JSON = {
+        "input_tokens": max(usage.prompt_tokens - usage.cached_tokens - write, 0),
         "output_tokens": usage.completion_tokens,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": write,
         "cache_read_input_tokens": usage.cached_tokens,
     }
+    if write:
+        out["cache_creation"] = {
+            "ephemeral_5m_input_tokens": write - usage.cache_write_1h_tokens,
+            "ephemeral_1h_input_tokens": usage.cache_write_1h_tokens,
+        }
+    return out
 
 
 def tool_input(arguments: Any) -> JSON:
@@ -83,6 +90,8 @@ def chat_completion_to_message(completion: JSON, *, model: str) -> tuple[JSON, U
     if isinstance(refusal, str) and refusal:
         stop_reason = "refusal"
     usage = openai_usage(completion.get("usage"))
+    if usage is not None and usage.service_tier is None:
+        usage.service_tier = tier_name(completion.get("service_tier"))
     body = {
         "id": completion.get("id"),
         "type": "message",

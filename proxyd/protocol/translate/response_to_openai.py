@@ -50,7 +50,11 @@ def openai_usage_json(usage: Usage) -> JSON:
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens_details": (
+            {"cached_tokens": usage.cached_tokens, "cache_write_tokens": usage.cache_write_tokens}
+            if usage.cache_write_tokens
+            else {"cached_tokens": usage.cached_tokens}
+        ),
         "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 

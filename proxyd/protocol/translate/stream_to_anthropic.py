@@ -17,7 +17,7 @@ from proxyd.protocol.translate.response_to_anthropic import (
     anthropic_usage_json,
     openai_usage,
 )
-from proxyd.protocol.usage import Usage
+from proxyd.protocol.usage import Usage, tier_name
 
 _BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
 _TEXT_DELTA = (
@@ -96,6 +96,8 @@ class OpenAIToAnthropicStream:
         usage = obj.get("usage")
         if usage is not None:
             self.usage = openai_usage(usage)
+            if self.usage is not None and self.usage.service_tier is None:
+                self.usage.service_tier = tier_name(obj.get("service_tier"))
         for choice in obj.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
