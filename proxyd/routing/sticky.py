@@ -9,6 +9,7 @@ healthy, and failover still decides retries (the session then moves with the req
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,7 +19,7 @@ import orjson
 # The session headers of the coding agents, in the order they are believed.
 _CLAUDE_CODE = "x-claude-code-session-id"
 _CODEX = ("session-id", "session_id", "thread-id", "thread_id")
-_HASH_BYTES = 4096  # of the system prompt and of the first user message, for the fallback id
+_HASH_BYTES = 1024  # of the system prompt and of the first user message, for the fallback id
 _MAX_ID = 200  # a client id longer than this is hashed (it is a dictionary key, and a Redis one)
 
 
@@ -72,8 +73,8 @@ def _short(value: str) -> str:
 
 
 def _opening_hash(body: Mapping[str, Any]) -> str:
-    """A hash of the start of the system prompt and of the first user message."""
-    digest = hashlib.blake2b(digest_size=12)
+    """CRC-32s of the start of the system prompt and of the first user message (stable across
+    processes, cheap; a collision only puts two conversations on the same channel)."""
     system = body.get("system", body.get("instructions"))
     first = None
     items = body.get("messages", body.get("input"))
@@ -89,11 +90,29 @@ def _opening_hash(body: Mapping[str, Any]) -> str:
                 break
     elif isinstance(items, str):
         first = items
-    for part in (system, first):
-        raw = part.encode() if isinstance(part, str) else orjson.dumps(part)
-        digest.update(raw[:_HASH_BYTES])
-        digest.update(b"\x00")
-    return digest.hexdigest()
+    head_system = _head(system).encode(errors="surrogatepass")
+    head_first = _head(first).encode(errors="surrogatepass")
+    return f"{zlib.crc32(head_system):08x}{zlib.crc32(head_first):08x}"
+
+
+def _head(part: object) -> str:
+    """The first _HASH_BYTES characters of a prompt part's text, without serialising it all."""
+    if isinstance(part, str):
+        return part[:_HASH_BYTES]
+    if isinstance(part, list):
+        texts: list[str] = []
+        size = 0
+        for block in part:
+            text = block.get("text") if isinstance(block, dict) else block
+            if not isinstance(text, str):
+                text = orjson.dumps(block).decode()
+            text = text[: _HASH_BYTES - size]
+            texts.append(text)
+            size += len(text)
+            if size >= _HASH_BYTES:
+                break
+        return "\x1f".join(texts)[:_HASH_BYTES]
+    return "" if part is None else orjson.dumps(part).decode()[:_HASH_BYTES]
 
 
 class Pin:
