@@ -46,7 +46,7 @@ def make_config(
     channels: list[dict[str, Any]],
     *,
     keys: list[dict[str, Any]] | None = None,
-    prices: dict[str, dict[str, str]] | None = None,
+    prices: dict[str, dict[str, Any]] | None = None,
     balance: int = 10**15,
     **sections: Any,
 ) -> Config:

@@ -95,7 +95,14 @@ async def _rig(
             chans.append(ch)
     prices = {
         CLAUDE_MODEL: {"input": "3", "output": "15", "cached_input": "0.3"},
-        CODEX_MODEL: {"input": "1.25", "output": "10", "cached_input": "0.125"},
+        # Codex offers its web_search tool on every call: a model without that paid tool priced
+        # is refused with 400 (nothing is billed at a guessed rate).
+        CODEX_MODEL: {
+            "input": "1.25",
+            "output": "10",
+            "cached_input": "0.125",
+            "per_call": {"web_search": "0.01"},
+        },
     }
     client, _ = await start_proxy(make_config(tmp_path, chans, prices=prices, **cfg))
     home, work = tmp_path / "home", tmp_path / "work"
