@@ -93,7 +93,7 @@ async def _rig(
             del ch["api_key"]
             ch["api_keys"] = [f"up-{kind}-{i}-{j}" for j in range(3)]
             chans.append(ch)
-    prices = {
+    prices: dict[str, dict[str, Any]] = {
         CLAUDE_MODEL: {"input": "3", "output": "15", "cached_input": "0.3"},
         # Codex offers its web_search tool on every call: a model without that paid tool priced
         # is refused with 400 (nothing is billed at a guessed rate).
