@@ -284,28 +284,49 @@ def levels_for(price: Price, tier: str | None) -> Levels:
 
 
 def cost_numerator(price: Price, u: Usage) -> int:
-    """The exact cost of `u` times the price's denominator."""
-    prompt = u.prompt_tokens if u.prompt_tokens > 0 else 0
+    """The exact cost of `u` times the price's denominator (hot: plain comparisons, no calls)."""
+    prompt = u.prompt_tokens
+    if prompt < 0:
+        prompt = 0
     tier = u.service_tier
-    r = _rates(price.tiers.get(tier, price.base) if tier else price.base, prompt)
-    cached = min(max(u.cached_tokens, 0), prompt)
+    levels = price.base if tier is None else price.tiers.get(tier, price.base)
+    r = levels[0][1]
+    if len(levels) > 1:  # long-context levels: the highest threshold passed
+        for n, level in levels:
+            if prompt <= n:
+                break
+            r = level
+    cached = u.cached_tokens
+    if cached > prompt:
+        cached = prompt
+    elif cached < 0:
+        cached = 0
     rest = prompt - cached
-    write = min(max(u.cache_write_tokens, 0), rest)
-    w1h = min(max(u.cache_write_1h_tokens, 0), write)
+    write = u.cache_write_tokens
+    if write > rest:
+        write = rest
+    elif write < 0:
+        write = 0
+    w1h = u.cache_write_1h_tokens
+    if w1h > write:
+        w1h = write
+    elif w1h < 0:
+        w1h = 0
     rest -= write
-    ain = u.audio_input_tokens
-    comp = u.completion_tokens if u.completion_tokens > 0 else 0
+    comp = u.completion_tokens
+    if comp < 0:
+        comp = 0
     num = (
-        cached * r.cached_input
+        rest * r.input
+        + cached * r.cached_input
         + (write - w1h) * r.cache_write
         + w1h * r.cache_write_1h
         + comp * r.output
     )
+    ain = u.audio_input_tokens
     if ain > 0:
         ain = min(ain, rest)
-        rest -= ain
-        num += ain * r.audio_input
-    num += rest * r.input
+        num += ain * (r.audio_input - r.input)
     aout = u.audio_output_tokens
     img = u.image_output_tokens
     if aout > 0 or img > 0:
@@ -316,15 +337,15 @@ def cost_numerator(price: Price, u: Usage) -> int:
     if calls:
         per_call = price.per_call
         for tool, n in calls.items():
-            if n > 0:
-                num += n * per_call.get(tool, 0)
+            if n > 0 and tool in per_call:
+                num += n * per_call[tool]
     return num
 
 
 def cost_nanos(price: Price, u: Usage) -> int:
     """Cost of one request in nanos, rounded half up once."""
     den = price.denominator
-    return (2 * cost_numerator(price, u) + den) // (2 * den)
+    return (2 * cost_numerator(price, u) + den) // (den + den)
 
 
 def fallback_tokens(price: Price, u: Usage) -> list[tuple[str, int]]:
@@ -369,11 +390,11 @@ def check_priced(price: Price, paid: Paid) -> None:
     """Refuse (400, naming the field) a tier or paid tool that `price` does not price."""
     if paid.tier is not None and paid.tier not in price.tiers:
         raise InvalidRequest(
-            f"The service tier '{paid.tier}' is not available for this model here.",
+            f"{paid.tier_field}: the service tier '{paid.tier}' is not available for this model.",
             param=paid.tier_field,
         )
     for tool, field in paid.tools:
         if tool not in price.per_call:
             raise InvalidRequest(
-                f"The server tool '{tool}' is not available for this model here.", param=field
+                f"{field}: the server tool '{tool}' is not available for this model.", param=field
             )
