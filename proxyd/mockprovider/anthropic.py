@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxyd.mockprovider.cache import CACHE_KEY, anthropic_searches, credential
 from proxyd.mockprovider.common import (
     CONFIG_KEY,
     _anthropic_error,
@@ -47,7 +48,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
     stop = "max_tokens" if cut else "end_turn"
     p = prompt_tokens(body)
     mid = f"msg_mock{next(cfg.counter):016d}"
-    usage = {"input_tokens": p, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    usage = request.app[CACHE_KEY].anthropic(credential(request.headers), body, p)
+    searches = anthropic_searches(body)
+    final_usage: dict[str, Any] = {"output_tokens": n}
+    if searches:
+        final_usage["server_tool_use"] = {"web_search_requests": searches}
+    if body.get("speed") == "fast":
+        usage["speed"] = "fast"
     if not body.get("stream"):
         await _pace(cfg, n)
         return _json(
@@ -59,7 +66,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 "content": [{"type": "text", "text": mock_text(n)}],
                 "stop_reason": stop,
                 "stop_sequence": None,
-                "usage": {**usage, "output_tokens": n},
+                "usage": {**usage, **final_usage},
             }
         )
     start: dict[str, Any] = {
@@ -96,7 +103,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": stop, "stop_sequence": None},
-                    "usage": {"output_tokens": n},
+                    "usage": final_usage,
                 },
             ),
             _sse("message_stop", {"type": "message_stop"}),

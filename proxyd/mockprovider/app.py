@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxyd.mockprovider.agent import add_agent_routes
 from proxyd.mockprovider.anthropic import messages
+from proxyd.mockprovider.cache import CACHE_KEY, PromptCache
 from proxyd.mockprovider.common import (
     CONFIG_KEY,
     MockConfig,
@@ -32,6 +33,7 @@ def create_mock_app(
     app = web.Application()
     cfg = MockConfig(chunk_interval, chunks, instant)
     app[CONFIG_KEY] = cfg
+    app[CACHE_KEY] = PromptCache()
 
     async def ticker_ctx(_app: web.Application) -> Any:
         cfg.ticker = Ticker(chunk_interval)

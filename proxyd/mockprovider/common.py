@@ -191,12 +191,12 @@ def _chat_tail(
     return head + pad + b'"}\n\n'
 
 
-def _usage_openai(p: int, c: int) -> dict[str, Any]:
+def _usage_openai(p: int, c: int, cached: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": p,
         "completion_tokens": c,
         "total_tokens": p + c,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
     }
 

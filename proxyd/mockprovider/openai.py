@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxyd.mockprovider.cache import CACHE_KEY, credential, echo_tier, responses_searches
 from proxyd.mockprovider.common import (
     CONFIG_KEY,
     MODELS,
@@ -44,6 +45,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     n, cut = _budget(cfg, limit)
     finish = "length" if cut else "stop"
     p = prompt_tokens(body)
+    cached = request.app[CACHE_KEY].openai(credential(request.headers), body, p)
+    tier = echo_tier(body)
     rid = f"chatcmpl-mock{next(cfg.counter):012d}"
     created = int(time.time())
     if not body.get("stream"):
@@ -63,8 +66,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "choices": [
                     {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
                 ],
-                "usage": _usage_openai(p, n),
-                "service_tier": "default",
+                "usage": _usage_openai(p, n, cached),
+                "service_tier": tier,
                 "system_fingerprint": "fp_mock",
             }
         )
@@ -81,8 +84,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     content = [chunk_frame(prefix + tails[k % len(tails)]) for k in range(n)]
     last = prefix + _chat_tail({}, finish, usage_null=with_usage)
     if with_usage:
-        usage = orjson.dumps(_usage_openai(p, n))
-        last += prefix + b'"system_fingerprint":"fp_mock","choices":[],"usage":' + usage + b"}\n\n"
+        usage = orjson.dumps(_usage_openai(p, n, cached))
+        last += (
+            prefix
+            + b'"service_tier":"%s","system_fingerprint":"fp_mock","choices":[],"usage":'
+            % tier.encode()
+            + usage
+            + b"}\n\n"
+        )
     return await _stream(request, first, content, last + b"data: [DONE]\n\n")
 
 
@@ -217,18 +226,25 @@ async def responses(request: web.Request) -> web.StreamResponse:
     num = next(cfg.counter)
     rid, mid, created = f"resp_mock{num:012d}", f"msg_mock{num:012d}", int(time.time())
     text = mock_text(n)
+    searches = responses_searches(body)
     usage = {
         "input_tokens": p,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {
+            "cached_tokens": request.app[CACHE_KEY].openai(credential(request.headers), body, p)
+        },
         "output_tokens": n,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": p + n,
     }
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     item = {"id": mid, "type": "message", "status": status, "role": "assistant", "content": [part]}
+    calls = [
+        {"id": f"ws_mock{num:012d}_{i}", "type": "web_search_call", "status": "completed"}
+        for i in range(searches)
+    ]
     if not body.get("stream"):
         await _pace(cfg, n)
-        return _json(_response_obj(rid, model, created, status, [item], usage, limit))
+        return _json(_response_obj(rid, model, created, status, [*calls, item], usage, limit))
     seq = itertools.count()
     at = {"item_id": mid, "output_index": 0, "content_index": 0}
     pending = _response_obj(rid, model, created, "in_progress", [], None, limit)
@@ -278,7 +294,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         )
         for k in range(n)
     ]
-    done = _response_obj(rid, model, created, status, [item], usage, limit)
+    done = _response_obj(rid, model, created, status, [*calls, item], usage, limit)
     last = b"".join(
         [
             _sse(
