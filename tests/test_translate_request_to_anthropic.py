@@ -306,7 +306,6 @@ def test_json_schema_response_format_maps_to_output_config() -> None:
         ("seed", 7),
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("modalities", ["text", "audio"]),
-        ("reasoning_effort", "high"),
         ("web_search_options", {}),
         ("functions", [{"name": "f"}]),
         ("some_future_param", 1),
@@ -346,3 +345,23 @@ def test_stream_include_usage() -> None:
     """stream_options.include_usage is read for the stream translator."""
     assert stream_include_usage({"stream_options": {"include_usage": True}}) is True
     assert stream_include_usage({"stream": True}) is False
+
+
+@pytest.mark.parametrize(
+    ("effort", "max_tokens", "budget"),
+    [("minimal", 4096, 1024), ("low", 8192, 4096), ("medium", 64000, 12288), ("high", 8000, 7999)],
+)
+def test_reasoning_effort_becomes_a_thinking_budget(
+    effort: str, max_tokens: int, budget: int
+) -> None:
+    """reasoning_effort maps to thinking with the documented budget, capped below max_tokens."""
+    out = _translate(reasoning_effort=effort, max_completion_tokens=max_tokens)
+    assert out["thinking"] == {"type": "enabled", "budget_tokens": budget}
+    assert out["max_tokens"] == max_tokens
+
+
+def test_reasoning_effort_none_and_impossible_budgets() -> None:
+    """`none` sends no thinking; a cap too small for Anthropic's minimum is a 400 naming it."""
+    assert "thinking" not in _translate(reasoning_effort="none")
+    _refused("reasoning_effort", reasoning_effort="high", max_tokens=1000)
+    _refused("reasoning_effort", reasoning_effort="extreme")

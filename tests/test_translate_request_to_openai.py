@@ -173,11 +173,9 @@ def test_output_config_format_maps_to_response_format() -> None:
 @pytest.mark.parametrize(
     ("param", "body"),
     [
-        ("thinking", {"thinking": {"type": "enabled", "budget_tokens": 2048}}),
         ("top_k", {"top_k": 5}),
         ("mcp_servers", {"mcp_servers": [{"type": "url", "url": "https://m", "name": "m"}]}),
         ("tools[0].type", {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
-        ("output_config.effort", {"output_config": {"effort": "high"}}),
         ("new_param", {"new_param": True}),
     ],
 )
@@ -185,6 +183,35 @@ def test_features_without_equivalent_are_refused(param: str, body: dict[str, Any
     """Features with no OpenAI equivalent are a 400 UNSUPPORTED_FEATURE naming them."""
     err = _refused(param, **body)
     assert err.error_type is ErrorType.UNSUPPORTED_FEATURE
+
+
+@pytest.mark.parametrize(
+    ("extra", "effort"),
+    [
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "low"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 8000}}, "medium"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 31999}}, "high"),
+        ({"thinking": {"type": "adaptive"}}, "medium"),
+        ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}}, "high"),
+        ({"output_config": {"effort": "low"}}, "low"),
+    ],
+)
+def test_thinking_becomes_reasoning_effort(extra: dict[str, Any], effort: str) -> None:
+    """Anthropic thinking (budget or adaptive) and output_config.effort map to reasoning_effort."""
+    assert _translate(**extra)["reasoning_effort"] == effort
+
+
+@pytest.mark.parametrize(
+    ("param", "extra"),
+    [
+        ("thinking.budget_tokens", {"thinking": {"type": "enabled", "budget_tokens": 100}}),
+        ("thinking.type", {"thinking": {"type": "sometimes"}}),
+        ("output_config.effort", {"output_config": {"effort": "extreme"}}),
+    ],
+)
+def test_unmappable_thinking_is_a_400_naming_the_field(param: str, extra: dict[str, Any]) -> None:
+    """A thinking setting with no faithful mapping is refused, naming the field."""
+    _refused(param, **extra)
 
 
 def test_disabled_thinking_and_harmless_params_are_accepted() -> None:

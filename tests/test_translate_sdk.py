@@ -493,10 +493,10 @@ async def test_anthropic_sdk_tool_result_round_and_errors(relay: tuple[str, Scri
                 model="claude-alias", max_tokens=5, messages=[{"role": "user", "content": "x"}]
             ) as stream:
                 await stream.get_final_message()
-        with pytest.raises(anthropic.BadRequestError, match="thinking"):
+        with pytest.raises(anthropic.BadRequestError, match="budget_tokens"):
             await client.messages.create(
                 model="claude-alias",
                 max_tokens=2048,
                 messages=[{"role": "user", "content": "x"}],
-                thinking={"type": "enabled", "budget_tokens": 1024},
+                thinking={"type": "enabled", "budget_tokens": 100},
             )

@@ -17,6 +17,7 @@ from proxyd.protocol.translate.common import (
     invalid,
     unsupported,
 )
+from proxyd.protocol.translate.reasoning import effort_for_thinking
 
 IGNORED_PARAMS = frozenset(
     {
@@ -69,9 +70,7 @@ def messages_request_to_chat(
         if value is None or key in IGNORED_PARAMS or key in _HANDLED:
             continue
         raise unsupported(key, _NO_EQUIVALENT.get(key, f"The parameter '{key}'"))
-    thinking = body.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") != "disabled":
-        raise unsupported("thinking", "Extended thinking")
+    effort = effort_for_thinking(body.get("thinking"), body.get("output_config"))
 
     messages = _system(body.get("system"))
     messages.extend(_messages(body.get("messages")))
@@ -90,6 +89,8 @@ def messages_request_to_chat(
         out["user"] = metadata["user_id"]
     _tools_into(body, out)
     _output_config_into(body.get("output_config"), out)
+    if effort is not None:
+        out["reasoning_effort"] = effort
     stream = body.get("stream") is True
     if stream:
         out["stream"] = True
@@ -102,8 +103,7 @@ def _output_config_into(config: Any, out: JSON) -> None:
         return
     if not isinstance(config, dict):
         raise invalid("output_config", "output_config must be an object.")
-    if config.get("effort") is not None:
-        raise unsupported("output_config.effort", "An effort level")
+    # output_config.effort became reasoning_effort (reasoning.effort_for_thinking)
     fmt = config.get("format")
     if fmt is None:
         return

@@ -17,6 +17,7 @@ from proxyd.protocol.translate.common import (
     unsupported,
 )
 from proxyd.protocol.translate.openai_messages import translate_messages
+from proxyd.protocol.translate.reasoning import thinking_for_effort
 
 IGNORED_PARAMS = frozenset(
     {
@@ -51,7 +52,6 @@ _NO_EQUIVALENT = {
     "logit_bias": "A logit bias",
     "seed": "Deterministic sampling (seed)",
     "audio": "Audio output",
-    "reasoning_effort": "A reasoning effort",
     "verbosity": "A verbosity setting",
     "web_search_options": "Built-in web search",
     "moderation": "Built-in moderation",
@@ -74,6 +74,7 @@ _HANDLED = frozenset(
         "parallel_tool_calls",
         "response_format",
         "modalities",
+        "reasoning_effort",
     }
 )
 
@@ -99,6 +100,10 @@ def chat_request_to_messages(
     if system:
         out["system"] = system[0]["text"] if len(system) == 1 else system
     out["max_tokens"] = _max_tokens(body, default_max_tokens)
+    if body.get("reasoning_effort") is not None:
+        thinking = thinking_for_effort(body["reasoning_effort"], out["max_tokens"])
+        if thinking is not None:
+            out["thinking"] = thinking
     temperature = body.get("temperature")
     if temperature is not None:
         if not isinstance(temperature, int | float) or isinstance(temperature, bool):

@@ -12,6 +12,7 @@ import orjson
 from proxyd.protocol.anthropic import error_json as anthropic_error_json
 from proxyd.protocol.anthropic import error_type_for_status
 from proxyd.protocol.translate.common import JSON, bad_upstream, load_json_object
+from proxyd.protocol.translate.reasoning import TRANSLATED_SIGNATURE
 from proxyd.protocol.usage import Usage, parse_usage, tier_name
 
 STOP_REASONS = {
@@ -69,6 +70,11 @@ def chat_completion_to_message(completion: JSON, *, model: str) -> tuple[JSON, U
     if not isinstance(reply, dict):
         raise bad_upstream("The upstream completion has no message.")
     blocks: list[JSON] = []
+    reasoning = reply.get("reasoning_content") or reply.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        blocks.append(
+            {"type": "thinking", "thinking": reasoning, "signature": TRANSLATED_SIGNATURE}
+        )
     if isinstance(reply.get("content"), str) and reply["content"]:
         blocks.append({"type": "text", "text": reply["content"]})
     refusal = reply.get("refusal")

@@ -63,6 +63,7 @@ def message_to_chat_completion(message: JSON, *, model: str, created: int) -> tu
     """An Anthropic message as an OpenAI chat.completion for the client's model name."""
     texts: list[str] = []
     calls: list[JSON] = []
+    reasoning: list[str] = []
     content = message.get("content")
     if not isinstance(content, list):
         raise bad_upstream("The upstream message has no content list.")
@@ -81,7 +82,9 @@ def message_to_chat_completion(message: JSON, *, model: str, created: int) -> tu
                     },
                 }
             )
-        elif kind not in ("thinking", "redacted_thinking"):
+        elif kind == "thinking":
+            reasoning.append(block.get("thinking", ""))
+        elif kind != "redacted_thinking":
             raise bad_upstream(f"The upstream returned a content block of type {kind!r}.")
     reply: JSON = {
         "role": "assistant",
@@ -91,6 +94,8 @@ def message_to_chat_completion(message: JSON, *, model: str, created: int) -> tu
     }
     if calls:
         reply["tool_calls"] = calls
+    if reasoning:  # the field DeepSeek-style providers use for a model's reasoning
+        reply["reasoning_content"] = "".join(reasoning)
     usage = anthropic_usage(message.get("usage"))
     body = {
         "id": message.get("id"),

@@ -12,6 +12,7 @@ import orjson
 
 from proxyd.protocol.anthropic import error_json as anthropic_error_json
 from proxyd.protocol.translate.common import JSON, load_json_object, sse_data
+from proxyd.protocol.translate.reasoning import TRANSLATED_SIGNATURE
 from proxyd.protocol.translate.response_to_anthropic import (
     STOP_REASONS,
     anthropic_usage_json,
@@ -32,6 +33,18 @@ _TEXT_START = (
     b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
     b'"content_block":{"type":"text","text":""}}\n\n'
 )
+_THINKING_START = (
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
+    b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n'
+)
+_THINKING_DELTA = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+    b'"delta":{"type":"thinking_delta","thinking":%b}}\n\n'
+)
+_SIGNATURE = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+    b'"delta":{"type":"signature_delta","signature":"' + TRANSLATED_SIGNATURE.encode() + b'"}}\n\n'
+)
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
@@ -51,6 +64,7 @@ class OpenAIToAnthropicStream:
     __slots__ = (
         "_block",
         "_block_is_text",
+        "_block_is_thinking",
         "_model",
         "_next_index",
         "_refused",
@@ -68,6 +82,7 @@ class OpenAIToAnthropicStream:
         self._started = False
         self._block = -1  # index of the open content block, -1 when none is open
         self._block_is_text = False
+        self._block_is_thinking = False
         self._next_index = 0
         self._tools: dict[int, int] = {}  # OpenAI tool_calls index -> Anthropic block index
         self._refused = False
@@ -103,6 +118,10 @@ class OpenAIToAnthropicStream:
                 continue
             delta = choice.get("delta")
             if isinstance(delta, dict):
+                # DeepSeek and many compatible providers: `reasoning_content`; some `reasoning`.
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning and isinstance(reasoning, str):
+                    self._thinking(reasoning, out)
                 text = delta.get("content")
                 if text:
                     self._text(text, out)
@@ -148,14 +167,24 @@ class OpenAIToAnthropicStream:
 
     def _stop_block(self, out: list[bytes]) -> None:
         if self._block >= 0:
+            if self._block_is_thinking:  # Anthropic clients expect a signature to close it
+                out.append(_SIGNATURE % self._block)
             out.append(_BLOCK_STOP % self._block)
             self._block = -1
 
     def _open_block(self, out: list[bytes]) -> int:
         self._stop_block(out)
+        self._block_is_thinking = False
         self._block = self._next_index
         self._next_index += 1
         return self._block
+
+    def _thinking(self, text: str, out: list[bytes]) -> None:
+        if self._block < 0 or not self._block_is_thinking:
+            out.append(_THINKING_START % self._open_block(out))
+            self._block_is_thinking = True
+            self._block_is_text = False
+        out.append(_THINKING_DELTA % (self._block, orjson.dumps(text)))
 
     def _text(self, text: str, out: list[bytes]) -> None:
         if self._block < 0 or not self._block_is_text:

@@ -142,7 +142,12 @@ class AnthropicToOpenAIStream:
                     % (tool, orjson.dumps(partial))
                 )
             ]
-        return []  # thinking, signature and citation deltas have no chat-completions form
+        if kind == "thinking_delta":  # as DeepSeek-style providers stream reasoning
+            thinking = delta.get("thinking")
+            if not thinking:
+                return []
+            return [self._chunk(b'{"reasoning_content":' + orjson.dumps(thinking) + b"}")]
+        return []  # signature and citation deltas have no chat-completions form
 
     def _block_start(self, obj: JSON) -> list[bytes]:
         block = obj.get("content_block")
@@ -153,7 +158,7 @@ class AnthropicToOpenAIStream:
             text = block.get("text")
             return [self._chunk(b'{"content":' + orjson.dumps(text) + b"}")] if text else []
         if kind != "tool_use":
-            return []  # thinking blocks only come when thinking is requested; it never is
+            return []  # thinking comes as its deltas; redacted thinking has no readable form
         index = len(self._tools)
         self._tools[obj.get("index", -1)] = index
         initial = block.get("input")
