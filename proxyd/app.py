@@ -29,7 +29,7 @@ from proxyd.observability import logs, metric_sources
 from proxyd.observability.metrics import CONTENT_TYPE, Metrics
 from proxyd.observability.observe import wire_sources
 from proxyd.protocol import estimate
-from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
+from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisSessions, RedisStore
 from proxyd.relay.relay import Relay
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
@@ -59,6 +59,7 @@ class Parts:
     health: ChannelHealth
     router: Router
     sticky: StickyTable | None
+    shared_sessions: RedisSessions | None
     writer: BillingWriter
     admission: Admission
     ledger: Ledger
@@ -171,6 +172,11 @@ def build_parts(
     router = Router()
     st = config.sticky
     sticky = StickyTable(ttl=st.ttl_seconds, max_sessions=st.max_sessions) if st.enabled else None
+    shared_sessions = None
+    if sticky is not None and redis is not None:  # pins shared by every instance
+        shared_sessions = RedisSessions(redis, st.ttl_seconds)
+        sticky.on_settle = shared_sessions.put
+        sticky.on_renew = shared_sessions.renew
     store.subscribe(health.on_state)
     store.subscribe(router.on_state)
     return Parts(
@@ -181,6 +187,7 @@ def build_parts(
         health=health,
         router=router,
         sticky=sticky,
+        shared_sessions=shared_sessions,
         redis=redis,
         broadcast=Broadcast(redis) if redis else None,
         writer=writer,
@@ -212,6 +219,7 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
         max_tool_calls=config.admission.max_tool_calls,
         unbounded_reserve_nanos=config.admission.unbounded_reserve_nanos,
         sticky=parts.sticky,
+        shared_sessions=parts.shared_sessions,
     )
     wire_sources(
         parts.metrics,
@@ -261,6 +269,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await parts.broadcast.start()
     yield
     await parts.broadcast.close()
+    if parts.shared_sessions is not None:
+        await parts.shared_sessions.drain()
     await parts.redis.close()
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from proxyd.routing.health import Availability
 from proxyd.routing.route import Router
@@ -218,3 +220,40 @@ async def test_session_moves_when_its_channel_fails_and_stays_moved(
     ((moved_to, _),) = places
     assert moved_to != first
     assert parts.sticky.moves == 1
+
+
+@pytest.mark.redis
+async def test_pins_are_shared_between_instances_through_redis(
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """A session placed by one instance continues on the same channel and credential on another."""
+    fakes = [FakeProvider(Step(body=anthropic_body("ok"))) for _ in range(3)]
+    chans = []
+    for i, fake in enumerate(fakes):
+        server = await start_server(fake.app())
+        ch = channel(f"c{i}", url_of(server), type="anthropic", models=["claude-x"])
+        del ch["api_key"]
+        ch["api_keys"] = [f"cred-{i}-{j}" for j in range(3)]
+        chans.append(ch)
+    prefix = f"proxyd-test-{uuid.uuid4().hex[:8]}:"
+    instances = []
+    for n in range(2):
+        home = tmp_path / f"i{n}"
+        home.mkdir()
+        redis = {"url": "redis://127.0.0.1:6379/0", "prefix": prefix}
+        instances.append(await start_proxy(make_config(home, chans, redis=redis)))
+    body = {"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    for s in range(6):
+        headers = {**ANT, "x-claude-code-session-id": f"shared-{s}"}
+        first, second = instances[0][0], instances[1][0]
+        assert (await first.post("/v1/messages", json=body, headers=headers)).status == 200
+        await instances[0][1].shared_sessions.drain()
+        placed = _where(fakes)
+        for fake in fakes:
+            fake.seen.clear()
+        for _ in range(3):
+            assert (await second.post("/v1/messages", json=body, headers=headers)).status == 200
+        assert set(_where(fakes)) == set(placed)
+        for fake in fakes:
+            fake.seen.clear()
+    assert instances[1][1].sticky.hits == 6 * 3

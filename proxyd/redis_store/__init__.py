@@ -11,6 +11,14 @@ from __future__ import annotations
 from proxyd.redis_store.broadcast import Broadcast
 from proxyd.redis_store.ledger import RedisLedger
 from proxyd.redis_store.limits import RedisLimits
+from proxyd.redis_store.sessions import RedisSessions
 from proxyd.redis_store.store import RedisStore, RedisUnavailable
 
-__all__ = ["Broadcast", "RedisLedger", "RedisLimits", "RedisStore", "RedisUnavailable"]
+__all__ = [
+    "Broadcast",
+    "RedisLedger",
+    "RedisLimits",
+    "RedisSessions",
+    "RedisStore",
+    "RedisUnavailable",
+]

@@ -118,12 +118,13 @@ def _head(part: object) -> str:
 class Pin:
     """Where a session last went: a channel id and the index of the credential it used."""
 
-    __slots__ = ("channel_id", "credential", "expires")
+    __slots__ = ("channel_id", "credential", "expires", "shared_at")
 
-    def __init__(self, channel_id: str, credential: int, expires: float) -> None:
+    def __init__(self, channel_id: str, credential: int, expires: float, shared_at: float) -> None:
         self.channel_id = channel_id
         self.credential = credential
         self.expires = expires
+        self.shared_at = shared_at  # when a shared store last heard of it (placed or renewed)
 
 
 class Session:
@@ -174,12 +175,14 @@ class StickyTable:
         ttl: float = 3600.0,
         max_sessions: int = 100_000,
         on_settle: Callable[[str, str, int], None] | None = None,
+        on_renew: Callable[[str], None] | None = None,
     ) -> None:
         if ttl <= 0 or max_sessions < 1:
             raise ValueError("ttl must be positive and max_sessions at least 1")
         self.ttl = ttl
         self.max_sessions = max_sessions
         self.on_settle = on_settle
+        self.on_renew = on_renew
         self._pins: OrderedDict[str, Pin] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -211,24 +214,30 @@ class StickyTable:
         if pin is not None and pin.channel_id == channel_id and pin.credential == credential:
             self.hits += 1
             pin.expires = expires
+            if self.on_renew is not None and session.opened - pin.shared_at > self.ttl / 4:
+                pin.shared_at = session.opened
+                self.on_renew(session.key)
             return
         if pin is None:
             self.misses += 1
         else:
             self.moves += 1
-        self.put(session.key, channel_id, credential, expires)
+        self.put(session.key, channel_id, credential, expires, session.opened)
         if self.on_settle is not None:
             self.on_settle(session.key, channel_id, credential)
 
-    def put(self, key: str, channel_id: str, credential: int, expires: float) -> None:
+    def put(
+        self, key: str, channel_id: str, credential: int, expires: float, shared_at: float
+    ) -> None:
         """Set the pin of a scoped session key (also for pins learned from a shared store)."""
         pins = self._pins
         old = pins.get(key)
         if old is not None:
             old.channel_id, old.credential, old.expires = channel_id, credential, expires
+            old.shared_at = shared_at
             pins.move_to_end(key)
             return
-        pins[key] = Pin(channel_id, credential, expires)
+        pins[key] = Pin(channel_id, credential, expires, shared_at)
         if len(pins) > self.max_sessions:
             pins.popitem(last=False)
 

@@ -89,7 +89,7 @@ async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.St
                 outcome,
                 request_id=meter.request_id,
                 extra_headers={},
-                session=p.session(key.id, call, request.headers, track=False),
+                session=await p.session(key.id, call, request.headers, track=False),
             )
         if response is None or response.status in NOT_OFFERED:
             response = await estimated(p, call, meter.request_id, outcome)

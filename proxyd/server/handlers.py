@@ -128,7 +128,7 @@ class ClientHandlers:
                     outcome,
                     request_id=meter.request_id,
                     extra_headers=ticket.headers,
-                    session=p.session(key.id, call, request.headers),
+                    session=await p.session(key.id, call, request.headers),
                 )
             finally:
                 if call.stream:

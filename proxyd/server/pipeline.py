@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from aiohttp import web
 
@@ -29,6 +30,12 @@ from proxyd.state.store import Channel, State, StateStore
 _UNBOUNDED = (b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"url"', b'"image_url"')
 
 
+class SharedSessions(Protocol):
+    """Pins shared by every instance (`proxyd.redis_store.sessions.RedisSessions`)."""
+
+    async def get(self, scoped: str) -> tuple[str, int] | None: ...
+
+
 class Pipeline:
     """Everything the client handler needs, assembled by the app factory."""
 
@@ -47,6 +54,7 @@ class Pipeline:
         max_tool_calls: int = 10,
         unbounded_reserve_nanos: int = 1_000_000_000,
         sticky: StickyTable | None = None,
+        shared_sessions: SharedSessions | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -61,6 +69,7 @@ class Pipeline:
         self.max_tool_calls = max_tool_calls
         self.unbounded_reserve_nanos = unbounded_reserve_nanos
         self.sticky = sticky
+        self.shared_sessions = shared_sessions
         self._clock = clock
 
     # -- admit ------------------------------------------------------------------------------
@@ -104,14 +113,25 @@ class Pipeline:
             error_type=ErrorType.NO_CHANNEL,
         )
 
-    def session(
+    async def session(
         self, key_id: str, call: Call, headers: Mapping[str, str], *, track: bool = True
     ) -> Session | None:
-        """The request's sticky session (None with sticky sessions off)."""
-        if self.sticky is None:
+        """The request's sticky session (None with sticky sessions off).
+
+        A session this process has no pin for is looked up once in the shared store, if any.
+        """
+        table = self.sticky
+        if table is None:
             return None
         sid = session_id(headers, call.body)
-        return self.sticky.open(key_id, sid, self._clock(), track=track)
+        now = self._clock()
+        session = table.open(key_id, sid, now, track=track)
+        if session.pin is None and self.shared_sessions is not None:
+            shared = await self.shared_sessions.get(session.key)
+            if shared is not None:
+                table.put(session.key, shared[0], shared[1], now + table.ttl, now)
+                session = table.open(key_id, sid, now, track=track)
+        return session
 
     # -- record -----------------------------------------------------------------------------
     def finish(

@@ -1,0 +1,84 @@
+"""Sticky-session pins shared by every instance: scoped session key -> channel and credential.
+
+A pin is written when a session is placed or moves (a background write, never awaited by a
+request) and its TTL renewed now and then by later turns; an instance that has no pin of its own
+reads it once. While Redis is away nothing is queued: pins are a placement hint, and each
+instance keeps its own table meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+
+import structlog
+from redis.asyncio import Redis
+
+from proxyd.redis_store.store import FAILURES, RedisStore, cancelling
+
+log = structlog.get_logger("proxyd.redis_store.sessions")
+
+
+class RedisSessions:
+    """GET, SET and PEXPIRE of `<prefix>sticky:<hash of the scoped key>`, with `ttl` seconds."""
+
+    def __init__(self, store: RedisStore, ttl: float) -> None:
+        self._store = store
+        self._ttl_ms = max(1, int(ttl * 1000))
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _key(self, scoped: str) -> str:
+        digest = hashlib.blake2b(scoped.encode(errors="surrogatepass"), digest_size=16)
+        return self._store.prefix + "sticky:" + digest.hexdigest()
+
+    async def get(self, scoped: str) -> tuple[str, int] | None:
+        """The shared pin of a session, or None (none, malformed, or Redis away)."""
+        store = self._store
+        if store.fallback_active:
+            return None
+        try:
+            raw = await store.client.get(self._key(scoped))
+        except FAILURES as exc:
+            if cancelling():
+                raise asyncio.CancelledError from exc
+            store.mark_down(exc)
+            return None
+        if raw is None:
+            return None
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        channel_id, _, credential = text.rpartition("\x1f")
+        if not channel_id or not credential.isdigit():
+            return None
+        return channel_id, int(credential)
+
+    def put(self, scoped: str, channel_id: str, credential: int) -> None:
+        """Share a placement or a move (in the background)."""
+        value = f"{channel_id}\x1f{credential}"
+        self._spawn(lambda c: c.set(self._key(scoped), value, px=self._ttl_ms))
+
+    def renew(self, scoped: str) -> None:
+        """Slide the shared pin's TTL (in the background)."""
+        self._spawn(lambda c: c.pexpire(self._key(scoped), self._ttl_ms))
+
+    def _spawn(self, op: Callable[[Redis], Awaitable[object]]) -> None:
+        store = self._store
+        if store.fallback_active or store.closed:
+            return
+
+        async def run() -> None:
+            try:
+                await op(store.client)
+            except FAILURES as exc:
+                store.mark_down(exc)
+            except Exception:  # a background write must log, never kill the loop's task
+                log.exception("sticky_pin_write_failed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the writes in flight (before the store closes)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2.0)
