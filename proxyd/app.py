@@ -30,6 +30,7 @@ from proxyd.observability.metrics import CONTENT_TYPE, Metrics
 from proxyd.observability.observe import wire_sources
 from proxyd.protocol import estimate
 from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisSessions, RedisStore
+from proxyd.redis_store.spend import RedisSpend
 from proxyd.relay.relay import Relay
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
@@ -143,6 +144,7 @@ def build_parts(
     admission = Admission(
         limits=limits,
         ledger=ledger,
+        spend=RedisSpend(redis) if redis else None,
         settings=AdmissionSettings(
             default_max_tokens=a.default_max_tokens,
             resale_window_seconds=a.resale_window_seconds,
@@ -290,6 +292,7 @@ def create_control(parts: Parts) -> web.Application:
         allow_cidrs=list(parts.config.server.control_allow_cidrs),
         max_body_bytes=parts.config.server.max_body_bytes,
         on_change=sync.Publisher(parts.store, publish) if publish else None,
+        spend=parts.admission.spend,
     )
     app.on_response_prepare.append(server_header_hook(parts.config.server.server_header))
     return app

@@ -17,6 +17,7 @@ from proxyd.admission.balances import BalanceView, Reservation
 from proxyd.admission.counting import CountLimiter
 from proxyd.admission.limits import LimitGrant
 from proxyd.admission.resale import ResaleWatch
+from proxyd.admission.spend import LocalSpend, SpendReservation, SpendWindows
 from proxyd.errors import ErrorType, Forbidden
 from proxyd.server.clientip import address_allowed
 from proxyd.state.store import KeyRecord
@@ -58,16 +59,33 @@ class AdmissionSettings:
 class Ticket:
     """An admitted request: its response headers, and `finish` to give back what it holds."""
 
-    __slots__ = ("_done", "_grant", "_ledger", "_limits", "_reservation", "headers")
+    __slots__ = (
+        "_done",
+        "_grant",
+        "_ledger",
+        "_limits",
+        "_reservation",
+        "_spend",
+        "_spent",
+        "headers",
+    )
 
     def __init__(
-        self, limits: Limits, ledger: Ledger, grant: LimitGrant, reservation: Reservation
+        self,
+        limits: Limits,
+        ledger: Ledger,
+        grant: LimitGrant,
+        reservation: Reservation,
+        spend: SpendWindows | None = None,
+        spent: SpendReservation | None = None,
     ) -> None:
         self.headers = grant.headers
         self._limits = limits
         self._ledger = ledger
         self._grant = grant
         self._reservation = reservation
+        self._spend = spend
+        self._spent = spent
         self._done = False
 
     @property
@@ -94,6 +112,11 @@ class Ticket:
             self._limits.release(self._grant, tokens=tokens)
         except Exception:  # finish runs in the handler's finally and must not raise
             log.exception("limits_release_failed", key_id=self._grant.key_id)
+        if self._spend is not None and self._spent is not None:
+            try:
+                self._spend.settle(self._spent, cost_nanos)
+            except Exception:
+                log.exception("spend_settle_failed", key_id=self._grant.key_id)
         try:
             return self._ledger.settle(self._reservation, cost_nanos)
         except Exception:  # same: the billing row must still be written
@@ -111,11 +134,13 @@ class Admission:
         ledger: Ledger,
         resale: ResaleWatch | None = None,
         settings: AdmissionSettings,
+        spend: SpendWindows | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.limits = limits
         self.ledger = ledger
+        self.spend: SpendWindows = spend if spend is not None else LocalSpend()
         self.settings = settings
         self.resale = resale or ResaleWatch(
             window=settings.resale_window_seconds,
@@ -147,12 +172,17 @@ class Admission:
                 error_type=ErrorType.RESALE_BLOCKED,
             )
         grant = await self.limits.acquire(key, est_tokens)
+        spent = None
         try:
+            if key.spend_limits:
+                spent = await self.spend.reserve(key, max_cost_nanos)
             reservation = await self.ledger.reserve(key.account_id, max_cost_nanos)
         except BaseException:
             self.limits.release(grant, tokens=None)
+            if spent is not None:
+                self.spend.settle(spent, 0)
             raise
-        return Ticket(self.limits, self.ledger, grant, reservation)
+        return Ticket(self.limits, self.ledger, grant, reservation, self.spend, spent)
 
     def admit_count(self, key: KeyRecord, *, model: str, client_ip: str) -> None:
         """Admit a token-count call: the key's model and address lists, then the count bucket.

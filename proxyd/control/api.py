@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from proxyd.admission.spend import SpendWindows
 from proxyd.control import BalanceViewLike, LedgerLike, LimitsLike
 from proxyd.control.auth import Handler, auth_middleware
 from proxyd.control.openapi import OPERATIONS, PREFIX, SECRET_CHANNEL_FIELDS, build_document
@@ -198,7 +199,9 @@ class ControlApi:
         channel_health: Callable[[], list[dict[str, Any]]],
         max_body_bytes: int,
         on_change: OnChange | None,
+        spend: SpendWindows | None = None,
     ) -> None:
+        self.spend = spend
         self.store = store
         self.ledger = ledger
         self.limits = limits
@@ -255,7 +258,8 @@ class ControlApi:
         limits = await self.limits.key_view(record)
         balance = await self.ledger.view(record.account_id)
         key = spec.model_dump(mode="json")
-        return _json({"key": key, "limits": limits, "balance": _balance(balance)})
+        spend = await self.spend.view(record) if self.spend is not None else {}
+        return _json({"key": key, "limits": limits, "balance": _balance(balance), "spend": spend})
 
     async def replace_prices(self, request: web.Request) -> web.Response:
         push = await self._body(request, PricesPush)
@@ -343,9 +347,10 @@ def create_control_app(
     allow_cidrs: list[str],
     max_body_bytes: int = 8 * 2**20,
     on_change: OnChange | None = None,
+    spend: SpendWindows | None = None,
 ) -> web.Application:
     """The control application; serve it on its own listener, never the client port."""
-    api = ControlApi(store, ledger, limits, channel_health, max_body_bytes, on_change)
+    api = ControlApi(store, ledger, limits, channel_health, max_body_bytes, on_change, spend)
     app = web.Application(
         middlewares=[render_errors, auth_middleware(admin_token, allow_cidrs)],
         client_max_size=max_body_bytes,

@@ -107,12 +107,25 @@ class CreditResult(_Out):
     balance: BalanceOut
 
 
+class SpendWindowOut(_Out):
+    """One spend window of a key."""
+
+    limit_nanos: int
+    spent_nanos: int = Field(description="Settled spend in the current period.")
+    resets_at: str | None = Field(
+        description="RFC 3339 UTC; null for a 5-hour window that has not started."
+    )
+
+
 class KeyView(_Out):
     """GET /control/v1/keys/{id}: the key as pushed, its live limits and its account's balance."""
 
     key: KeySpec
     limits: dict[str, Any]
     balance: BalanceOut
+    spend: dict[str, SpendWindowOut] = Field(
+        description="Each capped window (window_5h, daily, weekly, monthly) of the key."
+    )
 
 
 class KeyWritten(_Out):

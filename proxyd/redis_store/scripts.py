@@ -145,7 +145,63 @@ KEEP_LATEST = (  # KEYS 1 a kind's latest pushed state; ARGV 1 its version, 2 it
     + "redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2]) return 1"
 )
 
+# Spend windows. Per window KEYS[i]; ARGV 1 amount, 2 now (unix seconds, an integer string),
+# then four per window: limit, kind ('5h' or 'cal'), aux (5h: the mirror's window start, 0 for
+# none; cal: ttl seconds), seed (the mirror's spent, put back where Redis holds no window).
+# Hash fields: s spent, r reserved, t the 5-hour window's start. Adds are HINCRBY (exact
+# 64-bit); comparisons are Lua doubles, exact because limits stay below 2**53.
+SPEND_RESERVE = (
+    "local amt = tonumber(ARGV[1]) local now = tonumber(ARGV[2]) "
+    "local st, fresh = {}, {} "
+    "for i = 1, #KEYS do "
+    "  local b = 2 + (i - 1) * 4 local lim = tonumber(ARGV[b + 1]) "
+    "  local five = ARGV[b + 2] == '5h' "
+    "  local v = redis.call('HMGET', KEYS[i], 's', 'r', 't') "
+    "  local spent, res, start = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0 "
+    "  if spent == nil then res = 0 "
+    "    if five then local ss = tonumber(ARGV[b + 3]) "
+    "      if ss > 0 and now < ss + 18000 then spent = tonumber(ARGV[b + 4]) start = ss "
+    "        fresh[i] = 'seed5h' end "
+    "    else spent = tonumber(ARGV[b + 4]) fresh[i] = 'seed' end end "
+    "  if five and (spent == nil or now >= start + 18000) then "
+    "    spent = 0 res = 0 start = now fresh[i] = 'open' end "
+    "  if spent + res + amt > lim then return {i, start, spent, res} end "
+    "  st[i] = {start, spent} end "
+    "local out = {0} "
+    "for i = 1, #KEYS do "
+    "  local b = 2 + (i - 1) * 4 local f = fresh[i] "
+    "  if f == 'open' then redis.call('DEL', KEYS[i]) "
+    "    redis.call('HSET', KEYS[i], 's', 0, 'r', 0, 't', ARGV[2]) "
+    "    redis.call('EXPIRE', KEYS[i], 18060) "
+    "  elseif f == 'seed5h' then "
+    "    redis.call('HSET', KEYS[i], 's', ARGV[b + 4], 'r', 0, 't', ARGV[b + 3]) "
+    "    redis.call('EXPIRE', KEYS[i], st[i][1] + 18060 - now) "
+    "  elseif f == 'seed' then redis.call('HSET', KEYS[i], 's', ARGV[b + 4], 'r', 0) "
+    "    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[b + 3])) end "
+    "  redis.call('HINCRBY', KEYS[i], 'r', ARGV[1]) "
+    "  out[#out + 1] = st[i][1] out[#out + 1] = st[i][2] end "
+    "return out"
+)
+SPEND_SETTLE = (  # ARGV 1 amount reserved, 2 cost, then per window the 5h start ('0': calendar)
+    "for i = 1, #KEYS do local t = ARGV[2 + i] "
+    "  if redis.call('EXISTS', KEYS[i]) == 1 and "
+    "     (t == '0' or redis.call('HGET', KEYS[i], 't') == t) then "
+    "    if redis.call('HINCRBY', KEYS[i], 'r', -tonumber(ARGV[1])) < 0 then "
+    "      redis.call('HSET', KEYS[i], 'r', 0) end "
+    "    redis.call('HINCRBY', KEYS[i], 's', ARGV[2]) end end "
+    "return 1"
+)
+SPEND_VIEW = (  # per window {spent or -1, 5h start or 0}
+    "local out = {} "
+    "for i = 1, #KEYS do local v = redis.call('HMGET', KEYS[i], 's', 't') "
+    "  out[#out + 1] = tonumber(v[1]) or -1 out[#out + 1] = tonumber(v[2]) or 0 end "
+    "return out"
+)
+
 SCRIPTS = {
+    "spend_reserve": SPEND_RESERVE,
+    "spend_settle": SPEND_SETTLE,
+    "spend_view": SPEND_VIEW,
     "acquire": ACQUIRE,
     "release": RELEASE,
     "view": VIEW,

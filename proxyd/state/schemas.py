@@ -70,6 +70,23 @@ class Burst(_Strict):
     tokens: int | None = Field(default=None, ge=1, le=_MAX)
 
 
+_SPEND_MAX = 2**53  # exact in the doubles of Redis's Lua
+
+
+class SpendLimits(_Strict):
+    """Spend caps per key in nanos; day, week (ISO) and month are UTC calendar periods."""
+
+    window_5h_nanos: int | None = Field(
+        default=None,
+        ge=1,
+        le=_SPEND_MAX,
+        description="Spend within 5 hours from the first request after the previous window ended.",
+    )
+    daily_nanos: int | None = Field(default=None, ge=1, le=_SPEND_MAX)
+    weekly_nanos: int | None = Field(default=None, ge=1, le=_SPEND_MAX)
+    monthly_nanos: int | None = Field(default=None, ge=1, le=_SPEND_MAX)
+
+
 class KeyBody(_Strict):
     """An API key as the control plane describes it, without its id."""
 
@@ -93,6 +110,11 @@ class KeyBody(_Strict):
     block_on_resale: bool = Field(
         default=False,
         description="Refuse with 403 while the key is flagged as shared by many clients.",
+    )
+    spend_limits: SpendLimits | None = Field(
+        default=None,
+        description="Spend caps (5-hour window, day, week, month), refused with 429 "
+        "insufficient_quota when a request's reservation does not fit.",
     )
 
 

@@ -63,6 +63,8 @@ class KeyRecord:
     max_concurrency: int | None
     allowed_networks: tuple[IPNetwork, ...]
     block_on_resale: bool
+    # (window name, limit nanos) for each cap set: window_5h, daily, weekly, monthly
+    spend_limits: tuple[tuple[str, int], ...] = ()
 
     def allows_model(self, model: str) -> bool:
         """Whether the key's model list admits `model`."""
@@ -137,7 +139,21 @@ def compile_key(spec: KeySpec) -> KeyRecord:
         max_concurrency=spec.max_concurrency,
         allowed_networks=tuple(ipaddress.ip_network(c) for c in spec.allowed_cidrs),
         block_on_resale=spec.block_on_resale,
+        spend_limits=_spend_limits(spec),
     )
+
+
+def _spend_limits(spec: KeySpec) -> tuple[tuple[str, int], ...]:
+    s = spec.spend_limits
+    if s is None:
+        return ()
+    caps = (
+        ("window_5h", s.window_5h_nanos),
+        ("daily", s.daily_nanos),
+        ("weekly", s.weekly_nanos),
+        ("monthly", s.monthly_nanos),
+    )
+    return tuple((name, limit) for name, limit in caps if limit is not None)
 
 
 def compile_channel(
