@@ -106,3 +106,21 @@ async def test_paid_tool_calls_are_reserved_and_a_shortfall_is_recorded(
     assert row["shortfall_nanos"] == 5_015_000
     view = await parts.ledger.view("acct-1")
     assert view.balance_nanos == 0
+
+
+def test_unbounded_markers() -> None:
+    """Image URLs, file ids and previous responses are unbounded; inline base64 images are not."""
+    from proxyd.server.pipeline import _UNBOUNDED
+
+    def unbounded(body: object) -> bool:
+        raw = orjson.dumps(body)
+        return any(m in raw for m in _UNBOUNDED)
+
+    url_image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    inline = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    anthropic_url = {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}
+    assert unbounded({"messages": [{"role": "user", "content": [url_image]}]})
+    assert unbounded({"messages": [{"role": "user", "content": [anthropic_url]}]})
+    assert unbounded({"input": [{"type": "input_image", "image_url": "https://x/y.png"}]})
+    assert unbounded({"input": [{"type": "input_file", "file_id": "file-1"}]})
+    assert not unbounded({"messages": [{"role": "user", "content": [inline]}]})

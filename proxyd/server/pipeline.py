@@ -26,8 +26,18 @@ from proxyd.relay.relay import Outcome, Relay
 from proxyd.routing.sticky import Session, StickyTable, session_id
 from proxyd.state.store import Channel, State, StateStore
 
-# Body keys naming state the provider holds, whose tokens the body cannot bound.
-_UNBOUNDED = (b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"url"', b'"image_url"')
+# Body parts naming state the provider holds or fetches (a previous response, a conversation,
+# an uploaded file, an image by URL), whose tokens the body's bytes cannot bound. An inline
+# (base64) image is bounded by its bytes.
+_UNBOUNDED = (
+    b'"previous_response_id"',
+    b'"conversation"',
+    b'"file_id"',
+    b'"url":"http',
+    b'"url": "http',
+    b'"image_url":"http',
+    b'"image_url": "http',
+)
 
 
 class SharedSessions(Protocol):
