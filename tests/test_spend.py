@@ -164,3 +164,35 @@ async def test_two_instances_sharing_redis_admit_exactly_up_to_the_cap(
     view = await spent_at_least(parts_b, k1, 5 * COST)
     assert view["window_5h"]["spent_nanos"] == 5 * COST
     assert view["weekly"]["spent_nanos"] == 5 * COST
+
+
+@pytest.mark.redis
+async def test_windows_redis_forgot_are_reseeded_not_read_as_zero(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
+    """Redis losing the windows (restart, eviction) resumes from the instance's view, not 0."""
+    import redis.asyncio as aioredis
+
+    fake = FakeProvider(Step(body=chat_body("ok")))
+    url = server_url(await start_server(fake.app()))
+    prefix = f"proxyd-test-{uuid.uuid4().hex[:8]}:"
+    limits = {"window_5h_nanos": 100 * RESERVE, "weekly_nanos": 100 * RESERVE}
+    config = spend_config(
+        tmp_path, url, limits, redis={"url": "redis://127.0.0.1:6379/0", "prefix": prefix}
+    )
+    client, parts = await start_proxy(config)
+    k1 = parts.store.current.keys_by_id["k1"]
+    for _ in range(3):
+        assert (await client.post("/v1/chat/completions", data=BODY, headers=OAI)).status == 200
+    await spent_at_least(parts, k1, 3 * COST)
+    r = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{prefix}spend:*")]
+        assert len(keys) == 2
+        await r.delete(*keys)  # this test's own keys only
+    finally:
+        await r.aclose()
+    assert (await client.post("/v1/chat/completions", data=BODY, headers=OAI)).status == 200
+    view = await spent_at_least(parts, k1, 4 * COST)
+    assert view["window_5h"]["spent_nanos"] == 4 * COST
+    assert view["weekly"]["spent_nanos"] == 4 * COST
