@@ -358,3 +358,16 @@ def test_no_record_field_but_the_allowed_ones_reaches_the_exposition() -> None:
         )
     )
     assert CANARY not in m.render()[0].decode()
+
+
+def test_fallback_priced_tokens_by_category_and_shortfall() -> None:
+    """Tokens billed through a fallback rate are counted per category, unknown ones as other."""
+    m = Metrics()
+    m.fallback_priced("cache_write_1h", 500)
+    m.fallback_priced("cache_write_1h", 20)
+    m.fallback_priced("not-a-rate", 7)
+    m.shortfall(1234)
+    text = m.render()[0].decode()
+    assert 'proxyd_fallback_priced_tokens_total{category="cache_write_1h"} 520.0' in text
+    assert 'proxyd_fallback_priced_tokens_total{category="other"} 7.0' in text
+    assert "proxyd_billing_shortfall_nanos_total 1234.0" in text

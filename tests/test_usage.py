@@ -241,3 +241,61 @@ def test_completion_text_of_non_stream_bodies() -> None:
     }
     assert completion_text(responses) == "ok"
     assert completion_text(b"not json") == ""
+
+
+def test_every_category_of_each_dialect() -> None:
+    """Cache writes with their 1-hour part, audio, DeepSeek hits, tiers and paid tool calls."""
+    anthropic = {
+        "input_tokens": 5, "output_tokens": 9, "cache_read_input_tokens": 100,
+        "cache_creation_input_tokens": 50,
+        "cache_creation": {"ephemeral_5m_input_tokens": 10, "ephemeral_1h_input_tokens": 30},
+        "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 1},
+        "speed": "fast", "service_tier": "standard",
+    }  # fmt: skip
+    assert parse_usage(anthropic) == Usage(
+        155, 9, 100, 0, cache_write_tokens=50, cache_write_1h_tokens=30,
+        service_tier="fast", tool_calls={"web_search": 2, "web_fetch": 1},
+    )  # fmt: skip
+    chat = {
+        "prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
+        "prompt_tokens_details": {"cached_tokens": 40, "cache_write_tokens": 30,
+                                  "audio_tokens": 5},
+        "completion_tokens_details": {"reasoning_tokens": 8, "audio_tokens": 4},
+    }  # fmt: skip
+    assert parse_usage(chat) == Usage(
+        100, 20, 40, 8, cache_write_tokens=30, audio_input_tokens=5, audio_output_tokens=4
+    )
+    deepseek = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12,
+                "prompt_cache_hit_tokens": 6, "prompt_cache_miss_tokens": 4}  # fmt: skip
+    assert parse_usage(deepseek) == Usage(10, 2, 6)
+
+
+def test_total_beyond_prompt_and_completion_is_output() -> None:
+    """Reasoning a provider reports only in total_tokens is billed as output."""
+    u = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 40}
+    assert parse_usage(u).completion_tokens == 30
+
+
+def test_tier_and_tool_calls_beside_the_usage() -> None:
+    """OpenAI's service_tier and Responses tool-call items are read whole and streamed."""
+    chat = {"object": "chat.completion", "service_tier": "priority",
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}  # fmt: skip
+    whole = usage_from_body(orjson.dumps(chat))
+    assert whole is not None
+    assert whole.service_tier == "priority"
+    assert usage_from_body(orjson.dumps(chat | {"service_tier": "default"})).service_tier is None  # type: ignore[union-attr]
+    scanner = StreamUsage()
+    scanner.feed(sse({"object": "chat.completion.chunk", "service_tier": "flex", "choices": [],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": 1}}))  # fmt: skip
+    assert scanner.usage().service_tier == "flex"  # type: ignore[union-attr]
+    resp = {"id": "r", "object": "response", "service_tier": "priority",
+            "output": [{"type": "web_search_call"}, {"type": "image_generation_call"},
+                       {"type": "web_search_call"}, {"type": "message"}],
+            "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}}  # fmt: skip
+    scanner = StreamUsage()
+    scanner.feed(sse({"type": "response.completed", "response": resp}, "response.completed"))
+    got = scanner.usage()
+    assert got is not None
+    assert got.tool_calls == {"web_search": 2, "image_generation": 1}
+    assert got.service_tier == "priority"
+    assert usage_from_body(orjson.dumps(resp)) == got

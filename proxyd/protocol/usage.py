@@ -119,9 +119,11 @@ def parse_usage(u: Mapping[str, Any]) -> Usage:
     idt = _sub(u, "input_tokens_details")
     odt = _sub(u, "output_tokens_details")
     if idt or odt or "total_tokens" in u:  # Responses API
+        prompt = _int(u.get("input_tokens"))
+        completion = max(_int(u.get("output_tokens")), _int(u.get("total_tokens")) - prompt)
         return Usage(
-            _int(u.get("input_tokens")),
-            _int(u.get("output_tokens")),
+            prompt,
+            completion,
             _int(idt.get("cached_tokens")),
             _int(odt.get("reasoning_tokens")),
             cache_write_tokens=_int(idt.get("cache_write_tokens")),
