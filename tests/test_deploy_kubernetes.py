@@ -268,17 +268,22 @@ def test_requests_are_sized_from_the_benchmark() -> None:
     assert "cpu" not in resources["limits"], "a CPU limit throttles every stream of the pod"
 
 
-def test_hpa_comment_follows_the_benchmark() -> None:
-    """The capacity the HPA's comment states at its target is within 15 % of the benchmark's."""
-    bench = benchmark()
+def test_hpa_comment_states_its_arithmetic() -> None:
+    """The capacity the HPA's comment states at its target follows from the figures it names.
+
+    The figures are a full benchmark run's; a later quick or noisy run of `make bench` must not
+    fail the test suite, so the comment names its inputs instead of tracking RESULTS.md.
+    """
     hpa = (BASE / "hpa.yaml").read_text()
     target = one("HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["target"]
     share = target["averageUtilization"] / 100
+    inputs = re.search(r"\(([\d.]+) CPU-µs per request, ([\d.]+) CPU-µs per chunk", hpa)
     stated = re.search(r"([\d,]+) non-streamed requests/s", hpa)
     streams = re.search(r"(\d+) streams of 50 chunks/s", hpa)
+    assert inputs
     assert stated
     assert streams
-    per_second = share / (bench["cpu_us_per_request"] * 1e-6)
-    per_stream = share / (50 * bench["cpu_us_per_chunk"] * 1e-6)
-    assert float(stated[1].replace(",", "")) == pytest.approx(per_second, rel=0.15)
-    assert float(streams[1]) == pytest.approx(per_stream, rel=0.15)
+    per_second = share / (float(inputs[1]) * 1e-6)
+    per_stream = share / (50 * float(inputs[2]) * 1e-6)
+    assert float(stated[1].replace(",", "")) == pytest.approx(per_second, rel=0.05)
+    assert float(streams[1]) == pytest.approx(per_stream, rel=0.05)
