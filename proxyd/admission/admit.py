@@ -93,11 +93,6 @@ class Ticket:
         """Whether `finish` ran."""
         return self._done
 
-    @property
-    def reserved_nanos(self) -> int:
-        """What admission set aside from the balance for this request."""
-        return self._reservation.amount
-
     def finish(self, *, tokens: int, cost_nanos: int) -> int:
         """Free the slot, correct the tokens to `tokens`, charge `cost_nanos`. Once; never raises.
 

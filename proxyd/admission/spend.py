@@ -143,6 +143,19 @@ class LocalSpend:
         else:
             w.spent = max(w.spent, spent)
 
+    def open_window(self, key_id: str, window: str, now: float) -> tuple[str, int] | None:
+        """(period, spent) of a window this process knows to be open at `now`, else None."""
+        w = self._windows.get((key_id, window))
+        if w is None or now >= w.resets_at:
+            return None
+        return w.period, w.spent
+
+    def add_spent(self, key_id: str, window: str, period: str, cost: int) -> None:
+        """Count a cost settled elsewhere (in Redis) in this process's view of the window."""
+        w = self._windows.get((key_id, window))
+        if w is not None and w.period == period:
+            w.spent += cost
+
     def spent_in(self, key_id: str, window: str, period: str) -> int:
         """What this process knows was spent in a period (0 for another period)."""
         w = self._windows.get((key_id, window))

@@ -48,15 +48,9 @@ class RedisSpend:
         resets: list[float] = []
         for window, limit in key.spend_limits:
             if window == "window_5h":
-                w = self.local._windows.get((key.id, window))
-                open_ = w is not None and now < w.resets_at
+                known = self.local.open_window(key.id, window, now)
                 keys.append(self._key(key.id, window, None))
-                args += [
-                    limit,
-                    "5h",
-                    int(w.period) if w and open_ else 0,
-                    w.spent if w and open_ else 0,
-                ]
+                args += [limit, "5h", int(known[0]) if known else 0, known[1] if known else 0]
                 resets.append(0.0)
             else:
                 period, reset = calendar_period(window, now)
@@ -113,9 +107,8 @@ class RedisSpend:
             five = window == "window_5h"
             keys.append(self._key(reservation.key_id, window, None if five else period))
             args.append(period if five else "0")
-            w = self.local._windows.get((reservation.key_id, window))
-            if w is not None and w.period == period:
-                w.spent += cost  # the mirror, for a re-seed before Redis answers again
+            # the mirror, for a re-seed should Redis lose the window
+            self.local.add_spent(reservation.key_id, window, period, cost)
         self.store.submit("spend_settle", keys, [reservation.amount, cost, *args])
 
     async def view(self, key: KeyRecord) -> dict[str, Any]:
