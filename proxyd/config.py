@@ -75,6 +75,12 @@ class UpstreamSettings(_Section):
     pool_size: int = Field(default=10_000, ge=1)
     pool_size_per_host: int = Field(default=0, ge=0)
     keepalive_seconds: float = Field(default=30.0, gt=0)
+    pool_acquire_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="The longest a request waits for a free upstream connection when the pool "
+        "is at its caps; past it the attempt counts as an upstream timeout and fails over.",
+    )
     fast_client: bool = Field(
         default=True,
         description="Upstream calls through proxyd's own HTTP/1.1 client (h1); false sends "

@@ -781,3 +781,68 @@ def test_upstream_tls_contexts_are_ready_at_start_and_verify_unless_told_not_to(
         await server.wait_closed()
 
     run_on("uvloop", main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_woken_then_cancelled_waiter_hands_its_turn_on(loop: str) -> None:
+    """A waiter cancelled after it was woken passes its turn on: the next waiter is served."""
+
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            await r.readexactly(2)
+            await asyncio.sleep(0.05)
+            w.write(OK)
+
+    async def main() -> None:
+        async with Wire(slow) as wire:
+            pool = H1Pool(limit=1)
+            first = asyncio.ensure_future(post(pool, wire.url))
+            await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(post(pool, wire.url))
+            third = asyncio.ensure_future(post(pool, wire.url))
+            await asyncio.sleep(0.01)
+            woken = pool._wake
+
+            def wake_then_cancel() -> None:  # the second is woken, then cancelled before it runs
+                woken()
+                if not second.done():
+                    second.cancel()
+
+            pool._wake = wake_then_cancel  # type: ignore[method-assign]
+            assert (await first).status == 200
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            pool._wake = woken  # type: ignore[method-assign]
+            assert (await asyncio.wait_for(third, 2.0)).status == 200
+            await pool.close()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_pool_acquire_times_out_as_an_upstream_timeout(loop: str) -> None:
+    """At the pool's cap a request waits at most acquire_timeout, then fails as a timeout."""
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.read()
+
+    async def main() -> None:
+        async with Wire(silent) as wire:
+            pool = H1Pool(limit=1, acquire_timeout=0.1)
+            busy = asyncio.ensure_future(post(pool, wire.url, read_timeout=5.0))
+            await asyncio.sleep(0.02)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(H1Error) as caught:
+                await post(pool, wire.url)
+            waited = asyncio.get_running_loop().time() - started
+            assert caught.value.timeout
+            assert caught.value.status == 0  # no head: the failover may try another channel
+            assert 0.09 <= waited < 1.0
+            assert not pool._waiters  # the timed-out waiter left the queue
+            busy.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await busy
+            await pool.close()
+
+    run_on(loop, main)

@@ -70,6 +70,7 @@ class Upstream:
                 limit=self.settings.pool_size,
                 limit_per_host=self.settings.pool_size_per_host,
                 keepalive_seconds=self.settings.keepalive_seconds,
+                acquire_timeout=self.settings.pool_acquire_timeout_seconds,
             )
 
     async def close(self) -> None:

@@ -107,8 +107,10 @@ class H1Pool:
         limit: int,
         limit_per_host: int = 0,
         keepalive_seconds: float = 30.0,
+        acquire_timeout: float | None = None,
     ) -> None:
         self.limit = limit
+        self.acquire_timeout = acquire_timeout  # the longest wait for a free connection
         self.limit_per_host = limit_per_host
         self.keepalive = keepalive_seconds
         self._hosts: dict[Key, _Host] = {}
@@ -221,10 +223,14 @@ class H1Pool:
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+                async with asyncio.timeout(self.acquire_timeout):
+                    await waiter
+            except TimeoutError:
+                self._give_up(waiter)
+                raise H1Error("no upstream connection became free in time", timeout=True) from None
+            except BaseException:
+                self._give_up(waiter)
+                raise
             if host.idle:
                 conn = host.idle.pop()
                 if not conn.closed:
@@ -307,6 +313,16 @@ class H1Pool:
             return False
         self._drop(oldest.idle.popleft())
         return True
+
+    def _give_up(self, waiter: asyncio.Future[None]) -> None:
+        """A waiter leaves the queue (cancelled or timed out). If it had just been handed a
+        turn it will not take, the turn goes to the next waiter, so nobody is stranded."""
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            self._wake()
+            return
+        waiter.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
 
     def _wake(self) -> None:
         while self._waiters:
