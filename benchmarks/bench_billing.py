@@ -19,8 +19,8 @@ import asyncpg
 import orjson
 
 from proxyd.billing.migrate import migrate
+from proxyd.billing.opener import open_sink
 from proxyd.billing.record import UsageRecord
-from proxyd.billing.sink import open_sink
 from proxyd.billing.spool import Spool
 from proxyd.billing.writer import BillingWriter
 

@@ -19,7 +19,7 @@ from proxyd.admission.admit import Admission, AdmissionSettings, Ledger, Limits
 from proxyd.admission.balances import LocalLedger
 from proxyd.admission.limits import LocalLimits
 from proxyd.billing.migrate import migrate, retention_task
-from proxyd.billing.sink import open_sink
+from proxyd.billing.opener import open_sink
 from proxyd.billing.spool import Spool
 from proxyd.billing.writer import BillingWriter
 from proxyd.config import Config

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from proxyd.billing.migrate import SCHEMA_VERSION, apply_retention, migrate
+from proxyd.billing.opener import open_sink
 from proxyd.billing.record import COLUMNS, UsageRecord
-from proxyd.billing.sink import open_sink
 from proxyd.billing.spool import Spool
 from proxyd.billing.writer import BillingWriter
 from tests.pg_proxy import PgProxy

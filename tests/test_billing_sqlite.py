@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from proxyd.billing.migrate import SCHEMA_VERSION, apply_retention, migrate
+from proxyd.billing.opener import open_sink, sqlite_path
 from proxyd.billing.postgres import PostgresSink
 from proxyd.billing.record import COLUMNS, UsageRecord
-from proxyd.billing.sink import open_sink, sqlite_path
 from proxyd.billing.spool import Spool
 from proxyd.billing.sqlite import SqliteSink
 from proxyd.billing.writer import BillingWriter

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxyd.billing.migrate import migrate
+from proxyd.billing.opener import open_sink
 from proxyd.billing.record import UsageRecord
-from proxyd.billing.sink import open_sink
 from proxyd.billing.spool import Spool, decode, encode
 from proxyd.billing.sqlite import SqliteSink
 from proxyd.billing.writer import BillingWriter

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from proxyd.billing import migrate as ddl
+from proxyd.billing import schema as ddl
 from proxyd.billing.record import COLUMNS, UsageRecord
 from proxyd.billing.sink import SinkRejected, SinkUnavailable
 

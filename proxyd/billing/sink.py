@@ -1,15 +1,12 @@
-"""The billing sink contract and `open_sink(url)`: where usage rows are stored.
+"""The billing sink contract: what stores usage rows, and the two ways it fails.
 
-Knows URLs, not drivers: the PostgreSQL sink (the only module importing asyncpg) is imported
-only for postgresql:// URLs. A sink stores metadata rows only; it never logs row contents.
+A sink stores metadata rows only; it never logs row contents. `billing.opener` picks one by URL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from proxyd.billing.record import UsageRecord
 from proxyd.errors import ErrorType, ProxydError
@@ -50,29 +47,3 @@ class Sink(Protocol):
 
     async def close(self) -> None:
         """Close gracefully."""
-
-
-def sqlite_path(url: str) -> Path:
-    """`sqlite:///relative/path` -> relative/path, `sqlite:////absolute/path` -> /absolute/path."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or len(url) == len(prefix):
-        raise ValueError("database_url: a SQLite URL is sqlite:///relative or sqlite:////absolute")
-    return Path(url[len(prefix) :])
-
-
-def open_sink(url: str, *, schema: str = "public", timeout: float = 10.0) -> Sink:
-    """The sink for a database URL (not yet connected).
-
-    `schema` is the PostgreSQL schema holding the tables (tests use a unique one per run);
-    `timeout` bounds every database operation in seconds.
-    """
-    scheme = urlsplit(url).scheme
-    if scheme in ("postgresql", "postgres"):
-        from proxyd.billing.postgres import PostgresSink  # asyncpg only when used
-
-        return PostgresSink(url, schema=schema, timeout=timeout)
-    if scheme == "sqlite":
-        from proxyd.billing.sqlite import SqliteSink
-
-        return SqliteSink(sqlite_path(url), timeout=timeout)
-    raise ValueError("database_url: use postgresql://..., sqlite:///relative or sqlite:////abs")

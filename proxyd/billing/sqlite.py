@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from proxyd.billing import migrate as ddl
+from proxyd.billing import schema as ddl
 from proxyd.billing.record import COLUMNS, UsageRecord
 from proxyd.billing.sink import SinkRejected, SinkUnavailable
 
