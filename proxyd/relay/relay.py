@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from proxyd.errors import ErrorType, UpstreamFailure
 from proxyd.protocol.call import Call
-from proxyd.protocol.usage import StreamUsage, Usage, completion_text
+from proxyd.protocol.usage import completion_text
 from proxyd.relay.exchange import Exchange, stream_failure
 from proxyd.relay.failover import (
     Attempt,
@@ -29,6 +29,7 @@ from proxyd.relay.failover import (
     decide,
     final_failure,
 )
+from proxyd.relay.outcome import Outcome
 from proxyd.relay.provider_errors import MESSAGES, Fault, fault_of, shows_provider_message
 from proxyd.relay.stream import relay_stream
 from proxyd.routing.health import ChannelHealth
@@ -37,24 +38,6 @@ from proxyd.routing.sticky import Session
 from proxyd.server.respond import WholeResponse
 from proxyd.state.store import Channel
 from proxyd.upstream.attempt import Answered, AttemptFailed, Upstream, Whole, open_attempt
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened to one request, filled in as it goes; the billing row is made from it."""
-
-    channel_id: str | None = None
-    upstream_model: str | None = None
-    status: int = 0
-    error_type: ErrorType | None = None
-    usage: Usage | None = None
-    response_text: str | None = None  # a non-stream answer without usage, to count offline
-    answer: bytes | None = None  # a native whole answer: its usage is read once it was sent
-    scanner: StreamUsage | None = None
-    first_byte_at: float | None = None  # loop time when the first byte went to the client
-    attempts: int = 0
-    sent: bool = False  # whether anything reached the client
-    tried: list[str] = field(default_factory=list)
 
 
 def client_headers_for(upstream: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
@@ -208,10 +191,8 @@ async def relay(
         if permit is None:
             continue
         exchange = Exchange(call, channel, settings.default_anthropic_max_tokens)
-        outcome.attempts += 1
         outcome.channel_id = channel.id
         outcome.upstream_model = exchange.upstream_model
-        outcome.tried.append(channel.id)
         started = loop.time()
         try:
             try:

@@ -23,7 +23,7 @@ from proxyd.upstream.attempt import Streaming, as_os_error
 from proxyd.upstream.h1 import H1Error
 
 if TYPE_CHECKING:
-    from proxyd.relay.relay import Outcome
+    from proxyd.relay.outcome import Outcome
 
 
 class _IdleWatch:

@@ -22,7 +22,8 @@ from proxyd.protocol import anthropic as anthropic_wire
 from proxyd.protocol import openai as openai_wire
 from proxyd.protocol.call import Call, parse_call
 from proxyd.protocol.endpoints import ALL, Endpoint
-from proxyd.relay.relay import Outcome, relay
+from proxyd.relay.outcome import Outcome
+from proxyd.relay.relay import relay
 from proxyd.server.pipeline import Pipeline
 from proxyd.server.respond import WholeResponse
 from proxyd.state.store import KeyRecord, State

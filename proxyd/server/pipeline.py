@@ -22,7 +22,8 @@ from proxyd.protocol.call import Call
 from proxyd.protocol.estimate import Tokenizer
 from proxyd.protocol.paid import max_calls, paid_features
 from proxyd.protocol.usage import Usage, completion_text, usage_from_body
-from proxyd.relay.relay import Outcome, Relay
+from proxyd.relay.outcome import Outcome
+from proxyd.relay.relay import Relay
 from proxyd.routing.sticky import Session, StickyTable, session_id
 from proxyd.state.store import Channel, State, StateStore
 
