@@ -19,7 +19,8 @@ from proxyd.billing.record import UsageRecord
 from proxyd.errors import ErrorType, ProxydError
 from proxyd.protocol.call import Call
 from proxyd.protocol.endpoints import COUNTING, Endpoint
-from proxyd.relay.relay import Outcome, relay
+from proxyd.relay.outcome import Outcome
+from proxyd.relay.relay import relay
 from proxyd.server.handlers import (
     Meter,
     error_response,
