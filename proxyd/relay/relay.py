@@ -62,7 +62,6 @@ async def deliver(
     """Pass a chosen upstream response to the client; `resp` is always released."""
     headers = client_headers_for(resp.headers, request_id)
     headers.update(extra_headers)
-    outcome.status = resp.status
     if isinstance(resp, Whole):
         if resp.broken is not None:
             raise stream_failure(resp.broken.timeout)
@@ -89,19 +88,21 @@ def whole_response(
 ) -> WholeResponse:
     """A whole upstream answer for the client, converted when translated; usage noted or kept."""
     if status >= 400:
-        outcome.error_type = ErrorType.UPSTREAM_CLIENT_ERROR
+        outcome.fail(ErrorType.UPSTREAM_CLIENT_ERROR, status)
         body = exchange.error_body(status, raw)
         if exchange.translated:
             headers["Content-Type"] = "application/json"
     elif exchange.translated:
-        body, outcome.usage = exchange.body(raw)
-        if outcome.usage is None:
-            outcome.response_text = completion_text(body)
+        body, usage = exchange.body(raw)
+        outcome.saw_usage(usage)
+        if usage is None:
+            outcome.answer_text(completion_text(body))
         headers["Content-Type"] = "application/json"
     else:  # passed on as it is; the record step reads its usage after it was sent
-        body = outcome.answer = raw
-    outcome.first_byte_at = asyncio.get_running_loop().time()
-    outcome.sent = True
+        body = raw
+        outcome.whole_answer(raw)
+    outcome.deliver(status)
+    outcome.first_byte(asyncio.get_running_loop().time())
     return WholeResponse(status, body, headers.items())
 
 
@@ -123,7 +124,6 @@ def refused(
         )
     headers = client_headers_for(failed.headers or {}, request_id)
     headers.update(extra_headers)
-    outcome.status = status
     return whole_response(exchange, status, failed.body or b"", headers, outcome)
 
 
@@ -191,8 +191,7 @@ async def relay(
         if permit is None:
             continue
         exchange = Exchange(call, channel, settings.default_anthropic_max_tokens)
-        outcome.channel_id = channel.id
-        outcome.upstream_model = exchange.upstream_model
+        outcome.trying(channel.id, exchange.upstream_model)
         started = loop.time()
         try:
             try:

@@ -125,7 +125,7 @@ class _Pipe:
         if not events:
             return
         if self.outcome.first_byte_at is None:
-            self.outcome.first_byte_at = now
+            self.outcome.first_byte(now)
         transport = self.transport
         if transport.is_closing():
             self.client_gone = True
@@ -295,13 +295,13 @@ async def relay_stream(
     response = web.StreamResponse(status=resp.status, headers=headers)
     loop = asyncio.get_running_loop()
     transform = exchange.stream()
-    outcome.scanner = transform.scanner
+    outcome.streaming(transform.scanner)
     writing = False
     watch = _IdleWatch(loop, exchange.channel.chunk_timeout, _expiry(resp))
     pipe: _Pipe | None = None
     try:
         await response.prepare(request)
-        outcome.sent = True
+        outcome.deliver(resp.status)
         # Events go straight to the client's transport, framed as aiohttp would frame them;
         # aiohttp's writer still ends the response. A client that does not read pauses us.
         transport, protocol = request.transport, request.protocol
@@ -313,9 +313,9 @@ async def relay_stream(
         if pipe.splitter.pending():
             raise aiohttp.ClientPayloadError("the stream ended inside an event")
         tail, complete = transform.finish()
-        outcome.usage = transform.usage()
+        outcome.saw_usage(transform.usage())
         if not complete:
-            outcome.status, outcome.error_type = 502, ErrorType.UPSTREAM_RESET
+            outcome.fail(ErrorType.UPSTREAM_RESET, 502)
         writing = True
         if tail:
             await response.write(b"".join(tail))
@@ -324,12 +324,10 @@ async def relay_stream(
         resp.close()
         gone = writing or (pipe is not None and pipe.client_gone)
         if gone or request.transport is None or request.transport.is_closing():
-            outcome.status = 499
-            outcome.error_type = ErrorType.CLIENT_DISCONNECT
+            outcome.client_left()
             return response
         err = stream_failure(isinstance(exc, TimeoutError))
-        outcome.status = err.status
-        outcome.error_type = err.error_type
+        outcome.fail(err.error_type, err.status)
         try:
             await response.write(b"".join(transform.fail(err)))
             await response.write_eof()

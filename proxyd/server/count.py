@@ -15,21 +15,19 @@ import orjson
 from aiohttp import web
 
 from proxyd.admission.authenticate import authenticate
-from proxyd.billing.record import UsageRecord
-from proxyd.errors import ErrorType, ProxydError
+from proxyd.errors import ProxydError
 from proxyd.protocol.call import Call
 from proxyd.protocol.endpoints import COUNTING, Endpoint
 from proxyd.relay.outcome import Outcome
 from proxyd.relay.relay import relay
 from proxyd.server.handlers import (
-    Meter,
     error_response,
     new_request_id,
     read_call,
     resolve,
     send_now,
 )
-from proxyd.server.pipeline import Pipeline
+from proxyd.server.pipeline import Arrival, Pipeline
 from proxyd.server.respond import WholeResponse
 
 ESTIMATED_HEADER = "x-proxyd-estimated"
@@ -54,31 +52,24 @@ def count_routes(p: Pipeline) -> list[web.RouteDef]:
 async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """One count call, answered by the provider or by the bundled tokenizer; never billed."""
     loop = asyncio.get_running_loop()
-    meter = Meter(new_request_id(), time.time(), loop.time())
+    request_id, wall, start = new_request_id(), time.time(), loop.time()
     state = p.store.current
     try:
-        key = authenticate(request.headers, state, meter.wall)
+        key = authenticate(request.headers, state, wall)
     except ProxydError as err:
         p.metrics.refused(err.error_type.value)
-        return error_response(endpoint.protocol, err, meter.request_id)
+        return error_response(endpoint.protocol, err, request_id)
     p.metrics.request_started()
-    outcome = Outcome()
-    record = UsageRecord(
-        request_id=meter.request_id,
-        created_at=meter.wall,
-        key_id=key.id,
-        account_id=key.account_id,
-        model="",
-        endpoint=endpoint.name,
-        client_ip=p.client_ip(request),
+    arrival = Arrival(
+        request_id, wall, start, key.id, key.account_id, endpoint.name, p.client_ip(request)
     )
+    outcome = Outcome()
     call: Call | None = None
     try:
         call = await read_call(request, endpoint)
         call.query = request.rel_url.raw_query_string
-        record.model = call.model
         resolve(state, key, call)
-        p.admission.admit_count(key, model=call.model, client_ip=record.client_ip or "")
+        p.admission.admit_count(key, model=call.model, client_ip=arrival.client_ip or "")
         route = tuple(c for c in state.routes.get(call.model, ()) if c.type == endpoint.protocol)
         response: web.StreamResponse | None = None
         if route:
@@ -88,29 +79,28 @@ async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.St
                 route,
                 p.relay,
                 outcome,
-                request_id=meter.request_id,
+                request_id=request_id,
                 extra_headers={},
                 session=await p.session(key.id, call, request.headers, track=False),
             )
         if response is None or response.status in NOT_OFFERED:
-            response = await estimated(p, call, meter.request_id, outcome)
-            record.usage_source = "estimated"
+            outcome = Outcome()  # what the relay recorded of the refusal is not this answer's
+            response = await estimated(p, call, request_id, outcome)
         await send_now(request, response, outcome)
         return response
     except ProxydError as err:
-        outcome.status = err.status
-        outcome.error_type = err.error_type
+        outcome.fail(err.error_type, err.status)
         if err.status in (403, 429):
             p.metrics.refused(err.error_type.value)
-        response = error_response(endpoint.protocol, err, meter.request_id)
+        response = error_response(endpoint.protocol, err, request_id)
         await send_now(request, response, outcome)
         return response
     except asyncio.CancelledError:
-        outcome.status = 499
-        outcome.error_type = ErrorType.CLIENT_DISCONNECT
+        if not outcome.left:
+            outcome.client_left()
         raise
     finally:
-        p.finish(record, outcome, call, None, meter.start, loop.time(), state)
+        p.finish(arrival, outcome, call, None, loop.time(), state)
         p.metrics.request_finished()
 
 
@@ -125,12 +115,8 @@ async def estimated(p: Pipeline, call: Call, request_id: str, outcome: Outcome) 
         body: dict[str, object] = {"input_tokens": tokens}
     else:
         body = {"object": "response.input_tokens", "input_tokens": tokens}
-    outcome.status = 200
-    outcome.error_type = None
-    outcome.channel_id = None
-    outcome.upstream_model = None
-    outcome.sent = True
-    outcome.first_byte_at = asyncio.get_running_loop().time()
+    outcome.answered_offline(200)
+    outcome.first_byte(asyncio.get_running_loop().time())
     headers = {
         "Content-Type": "application/json",
         "x-request-id": request_id,

@@ -10,21 +10,19 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxyd.admission.authenticate import authenticate
 from proxyd.billing import pricing
-from proxyd.billing.record import UsageRecord
-from proxyd.errors import BodyTooLarge, ErrorType, ModelNotFound, ProxydError
+from proxyd.errors import BodyTooLarge, ModelNotFound, ProxydError
 from proxyd.protocol import anthropic as anthropic_wire
 from proxyd.protocol import openai as openai_wire
 from proxyd.protocol.call import Call, parse_call
 from proxyd.protocol.endpoints import ALL, Endpoint
 from proxyd.relay.outcome import Outcome
 from proxyd.relay.relay import relay
-from proxyd.server.pipeline import Pipeline
+from proxyd.server.pipeline import Arrival, Pipeline
 from proxyd.server.respond import WholeResponse
 from proxyd.state.store import KeyRecord, State
 
@@ -52,15 +50,6 @@ def error_response(protocol: str, err: ProxydError, request_id: str) -> WholeRes
     return WholeResponse(err.status, body, headers.items())
 
 
-@dataclass(slots=True)
-class Meter:
-    """Per-request timing kept by the handler."""
-
-    request_id: str
-    wall: float
-    start: float
-
-
 class ClientHandlers:
     """The client API: one method per kind of endpoint."""
 
@@ -83,36 +72,28 @@ class ClientHandlers:
         """authenticate → admit → route → relay → record (after the answer is on its way)."""
         p = self.p
         loop = asyncio.get_running_loop()
-        meter = Meter(new_request_id(), time.time(), loop.time())
+        request_id, wall, start = new_request_id(), time.time(), loop.time()
         state = p.store.current
         try:
-            key = authenticate(request.headers, state, meter.wall)
+            key = authenticate(request.headers, state, wall)
         except ProxydError as err:
             p.metrics.refused(err.error_type.value)
-            return error_response(endpoint.protocol, err, meter.request_id)
+            return error_response(endpoint.protocol, err, request_id)
         p.metrics.request_started()
-        outcome = Outcome()
-        record = UsageRecord(
-            request_id=meter.request_id,
-            created_at=meter.wall,
-            key_id=key.id,
-            account_id=key.account_id,
-            model="",
-            endpoint=endpoint.name,
-            client_ip=p.client_ip(request),
+        arrival = Arrival(
+            request_id, wall, start, key.id, key.account_id, endpoint.name, p.client_ip(request)
         )
+        outcome = Outcome()
         call: Call | None = None
         ticket = None
         try:
             call = await read_call(request, endpoint)
             call.query = request.rel_url.raw_query_string
-            record.model = call.model
-            record.stream = call.stream
             price = resolve(state, key, call)
             ticket = await p.admission.admit(
                 key,
                 model=call.model,
-                client_ip=record.client_ip or "",
+                client_ip=arrival.client_ip or "",
                 user_agent=request.headers.get("User-Agent", ""),
                 est_tokens=p.estimate_tokens(call),
                 max_cost_nanos=p.max_cost(price, call),
@@ -127,7 +108,7 @@ class ClientHandlers:
                     channels,
                     p.relay,
                     outcome,
-                    request_id=meter.request_id,
+                    request_id=request_id,
                     extra_headers=ticket.headers,
                     session=await p.session(key.id, call, request.headers),
                 )
@@ -137,19 +118,18 @@ class ClientHandlers:
             await send_now(request, response, outcome)
             return response
         except ProxydError as err:
-            outcome.status = err.status
-            outcome.error_type = err.error_type
+            outcome.fail(err.error_type, err.status)
             if err.status in (403, 429):
                 p.metrics.refused(err.error_type.value)
-            response = error_response(endpoint.protocol, err, meter.request_id)
+            response = error_response(endpoint.protocol, err, request_id)
             await send_now(request, response, outcome)
             return response
         except asyncio.CancelledError:
-            outcome.status = 499
-            outcome.error_type = ErrorType.CLIENT_DISCONNECT
+            if not outcome.left:
+                outcome.client_left()
             raise
         finally:
-            p.finish(record, outcome, call, ticket, meter.start, loop.time(), state)
+            p.finish(arrival, outcome, call, ticket, loop.time(), state)
             p.metrics.request_finished()
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -196,8 +176,7 @@ async def send_now(request: web.Request, response: web.StreamResponse, outcome: 
         try:
             await response.prepare(request)
         except ConnectionResetError:
-            outcome.status = 499
-            outcome.error_type = ErrorType.CLIENT_DISCONNECT
+            outcome.client_left()
 
 
 def _dumps(obj: object) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
@@ -39,6 +40,20 @@ _UNBOUNDED = (
     b'"image_url":"http',
     b'"image_url": "http',
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """What is known of a request once it is authenticated: who, where from, when, which
+    endpoint; the billing row's fixed part."""
+
+    request_id: str
+    wall: float  # unix time it arrived
+    start: float  # loop time it arrived
+    key_id: str
+    account_id: str
+    endpoint: str
+    client_ip: str | None
 
 
 class SharedSessions(Protocol):
@@ -147,61 +162,79 @@ class Pipeline:
     # -- record -----------------------------------------------------------------------------
     def finish(
         self,
-        record: UsageRecord,
+        arrival: Arrival,
         outcome: Outcome,
         call: Call | None,
         ticket: Ticket | None,
-        start: float,
         end: float,
         state: State,
     ) -> None:
-        """Complete the request's one usage record and hand it on; never raises."""
-        record.channel_id = outcome.channel_id
-        record.upstream_model = outcome.upstream_model
-        record.status_code = outcome.status or 500
-        record.error_type = outcome.error_type.value if outcome.error_type else None
-        record.latency_ms = int((end - start) * 1000)
-        if outcome.first_byte_at is not None:
-            record.ttft_ms = int((outcome.first_byte_at - start) * 1000)
-        if call is not None and outcome.sent and not call.endpoint.counts:  # counts are free
+        """Make the request's one usage record from what was recorded, and hand it on.
+
+        This is the one place a billing row is made. It never raises.
+        """
+        usage, source = Usage(), "estimated" if outcome.offline else "upstream"
+        cost = 0
+        if call is not None and outcome.delivered and not call.endpoint.counts:  # counts: free
             usage, estimated = self._usage(outcome, call)
-            record.prompt_tokens = usage.prompt_tokens
-            record.completion_tokens = usage.completion_tokens
-            record.cached_tokens = usage.cached_tokens
-            record.reasoning_tokens = usage.reasoning_tokens
-            record.cache_write_tokens = usage.cache_write_tokens
-            record.cache_write_1h_tokens = usage.cache_write_1h_tokens
-            record.service_tier = usage.service_tier
-            record.tool_calls = usage.tool_call_count
-            record.usage_source = "estimated" if estimated else "upstream"
+            source = "estimated" if estimated else "upstream"
             price = state.prices.get(call.model)
             if price is not None:  # what was delivered is billed, also to a client that left
-                record.cost_nanos = pricing.cost_nanos(price, usage)
+                cost = pricing.cost_nanos(price, usage)
                 for category, tokens in pricing.fallback_tokens(price, usage):
                     self.metrics.fallback_priced(category, tokens)
-        if ticket is not None:
+        shortfall = 0
+        if ticket is not None:  # cost the balance could not hold
             shortfall = ticket.finish(
-                tokens=record.prompt_tokens + record.completion_tokens,
-                cost_nanos=record.cost_nanos,
+                tokens=usage.prompt_tokens + usage.completion_tokens, cost_nanos=cost
             )
-            record.shortfall_nanos = shortfall  # cost the balance could not hold
             if shortfall:
                 self.metrics.shortfall(shortfall)
+        error = outcome.final_error
+        first_byte = outcome.first_byte_at
+        record = UsageRecord(
+            request_id=arrival.request_id,
+            created_at=arrival.wall,
+            key_id=arrival.key_id,
+            account_id=arrival.account_id,
+            model=call.model if call is not None else "",
+            endpoint=arrival.endpoint,
+            upstream_model=outcome.upstream_model,
+            channel_id=outcome.channel_id,
+            stream=call.stream if call is not None else False,
+            status_code=outcome.status_code,
+            error_type=error.value if error is not None else None,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
+            service_tier=usage.service_tier,
+            tool_calls=usage.tool_call_count,
+            cost_nanos=cost,
+            shortfall_nanos=shortfall,
+            latency_ms=int((end - arrival.start) * 1000),
+            ttft_ms=int((first_byte - arrival.start) * 1000) if first_byte is not None else None,
+            client_ip=arrival.client_ip,
+            usage_source=source,
+        )
         self.writer.submit(record)
         self.metrics.observe_request(record)
         self._request_log(record)
 
     def _usage(self, outcome: Outcome, call: Call) -> tuple[Usage, bool]:
         """The provider's counts when it gave them, else what was delivered, counted offline."""
-        if outcome.usage is None and outcome.answer is not None:  # a native whole answer
-            outcome.usage = usage_from_body(outcome.answer)
-            if outcome.usage is None:
-                outcome.response_text = completion_text(outcome.answer)
-        if outcome.usage is not None:
-            return outcome.usage, False
+        found, text = outcome.usage, outcome.response_text
+        if found is None and outcome.answer is not None:  # a native whole answer
+            found = usage_from_body(outcome.answer)
+            if found is None:
+                text = completion_text(outcome.answer)
+        if found is not None:
+            return found, False
         if outcome.scanner is None and outcome.status >= 400:
             return Usage(), False
         usage, source = self.tokenizer.estimate(
-            call.endpoint.path, call.body, outcome.scanner, outcome.response_text
+            call.endpoint.path, call.body, outcome.scanner, text
         )
         return usage, source == "estimated"
