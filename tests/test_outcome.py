@@ -71,6 +71,6 @@ def test_the_rows_status_and_error(facts: list[str], status: int, error: ErrorTy
 def test_an_offline_answer_names_no_channel() -> None:
     outcome = Outcome()
     outcome.answered_offline(200)
-    assert outcome.offline and outcome.delivered and outcome.channel_id is None
+    assert (outcome.offline, outcome.delivered, outcome.channel_id) == (True, True, None)
     with pytest.raises(RecordedTwice):
         outcome.answered_offline(200)
