@@ -181,6 +181,8 @@ def build_parts(
         sticky.on_renew = shared_sessions.renew
     store.subscribe(health.on_state)
     store.subscribe(router.on_state)
+    if u.fast_client is not None:
+        log.warning("config_key_ignored", key="upstream.fast_client")
     return Parts(
         config=config,
         store=store,

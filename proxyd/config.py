@@ -81,10 +81,10 @@ class UpstreamSettings(_Section):
         description="The longest a request waits for a free upstream connection when the pool "
         "is at its caps; past it the attempt counts as an upstream timeout and fails over.",
     )
-    fast_client: bool = Field(
-        default=True,
-        description="Upstream calls through proxyd's own HTTP/1.1 client (h1); false sends "
-        "every call through aiohttp, as channels with a proxy always are.",
+    fast_client: bool | None = Field(
+        default=None,
+        description="Ignored (kept so older config files still load): every upstream call, "
+        "proxied ones included, goes through proxyd's own HTTP/1.1 client.",
     )
     max_attempts: int = Field(default=3, ge=1, le=10)
     deadline_seconds: float = Field(default=60.0, gt=0)

@@ -24,8 +24,8 @@ CONNECT = Attempt(K.CONNECT_ERROR)
 TIMEOUT = Attempt(K.TIMEOUT)
 
 
-def status(code: int, *, sent: bool = False) -> Attempt:
-    return Attempt(K.RESPONSE, code, client_started=sent)
+def status(code: int) -> Attempt:
+    return Attempt(K.RESPONSE, code)
 
 
 @pytest.mark.parametrize(
@@ -56,20 +56,21 @@ def status(code: int, *, sent: bool = False) -> Attempt:
         (status(404), Verdict.DELIVER),
         (status(413), Verdict.DELIVER),
         (status(422), Verdict.DELIVER),
-        # broke after the response headers: never retried, sent or not
+        # broke after the response head, nothing sent yet: an error answer, never a retry
         (Attempt(K.RESET), Verdict.ABORT),
         (Attempt(K.STALLED), Verdict.ABORT),
-        (Attempt(K.RESET, 200, client_started=True), Verdict.ABORT),
-        (Attempt(K.STALLED, 200, client_started=True), Verdict.ABORT),
-        # anything after the first byte reached the client: never retried
-        (Attempt(K.CONNECT_ERROR, client_started=True), Verdict.ABORT),
-        (Attempt(K.TIMEOUT, client_started=True), Verdict.ABORT),
-        (status(500, sent=True), Verdict.DELIVER),
-        (status(429, sent=True), Verdict.DELIVER),
+        (Attempt(K.RESET, 200), Verdict.ABORT),
+        # broke mid-stream, bytes already with the client: the stream ends with an error event
+        (Attempt(K.RESET, 200, client_started=True), Verdict.END_STREAM),
+        (Attempt(K.STALLED, 200, client_started=True), Verdict.END_STREAM),
+        # the client left, before or after its first byte: stop, whatever the upstream does
+        (Attempt(K.CLIENT_GONE, 200), Verdict.STOP),
+        (Attempt(K.CLIENT_GONE, 200, client_started=True), Verdict.STOP),
     ],
 )
 def test_decision_table(attempt: Attempt, verdict: Verdict) -> None:
-    """Each row of issue 6's failover rules, on the first attempt with time to spare."""
+    """Every case of the one failover decision (before the head, after it, mid-stream), on the
+    first attempt with time to spare."""
     assert decide(attempt, attempts=1, time_left=30.0) is verdict
 
 
@@ -99,6 +100,25 @@ def test_budget_never_turns_a_passthrough_into_a_give_up() -> None:
     assert decide(status(200), attempts=3, time_left=-5.0) is Verdict.DELIVER
 
 
+@pytest.mark.parametrize(
+    "kind", [K.CONNECT_ERROR, K.TIMEOUT, K.RESPONSE], ids=["connect", "timeout", "response"]
+)
+def test_a_before_the_head_kind_cannot_come_after_a_byte_was_sent(kind: AttemptKind) -> None:
+    """No connect error, head timeout or fresh answer once the client has bytes: such an
+    attempt is refused where it is made, so no decision has to guess."""
+    with pytest.raises(ValueError, match="cannot happen once the answer was sent"):
+        Attempt(kind, 200, client_started=True)
+
+
+@pytest.mark.parametrize("verdict", [Verdict.END_STREAM, Verdict.STOP])
+def test_mid_stream_verdicts_ignore_budget_and_deadline(verdict: Verdict) -> None:
+    """Mid-stream there is nothing to retry: the verdict is the same on any attempt count."""
+    kind = K.RESET if verdict is Verdict.END_STREAM else K.CLIENT_GONE
+    attempt = Attempt(kind, 200, client_started=True)
+    assert decide(attempt) is verdict
+    assert decide(attempt, attempts=9, time_left=-1.0) is verdict
+
+
 @given(
     kind=st.sampled_from(list(AttemptKind)),
     code=st.none() | st.integers(100, 599),
@@ -116,6 +136,8 @@ def test_never_retries_outside_the_rules(
     max_attempts: int,
 ) -> None:
     """RETRY only before any byte was sent, within budget and deadline, for a retryable cause."""
+    if sent and kind in (K.CONNECT_ERROR, K.TIMEOUT, K.RESPONSE):
+        return  # refused by Attempt itself (test above)
     attempt = Attempt(kind, code, client_started=sent)
     verdict = decide(
         attempt, attempts=attempts, time_left=time_left, budget=RetryBudget(max_attempts)
@@ -138,6 +160,7 @@ def test_never_retries_outside_the_rules(
         (TIMEOUT, ErrorType.UPSTREAM_TIMEOUT),
         (Attempt(K.STALLED), ErrorType.UPSTREAM_TIMEOUT),
         (Attempt(K.RESET), ErrorType.UPSTREAM_RESET),
+        (Attempt(K.CLIENT_GONE), ErrorType.CLIENT_DISCONNECT),
         (status(429), ErrorType.UPSTREAM_ERROR),
         (status(500), ErrorType.UPSTREAM_ERROR),
         (status(503), ErrorType.UPSTREAM_ERROR),

@@ -12,7 +12,15 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxyd.upstream.h1 import Answer, BadTarget, H1Error, H1Pool, request_head, target_of
+from proxyd.upstream.h1 import (
+    Answer,
+    BadTarget,
+    H1Error,
+    H1Pool,
+    ReadTimeout,
+    request_head,
+    target_of,
+)
 from proxyd.upstream.h1.wire import Connection
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -576,7 +584,7 @@ def test_stream_cut_abort_and_head_timeout(loop: str) -> None:
             got, ended, on_data, on_end = _sink()
             stream.attach(on_data, on_end)
             await asyncio.sleep(0.05)
-            stream.abort(H1Error("gone", timeout=True))
+            stream.abort(ReadTimeout("gone"))
             error = await ended
             assert isinstance(error, H1Error)
             assert error.timeout
@@ -741,7 +749,7 @@ def test_upstream_tls_contexts_are_ready_at_start_and_verify_unless_told_not_to(
     monkeypatch.setattr(ssl, "create_default_context", counted)
 
     async def main() -> None:
-        upstream = Upstream(UpstreamSettings(fast_client=False))
+        upstream = Upstream(UpstreamSettings())
         await upstream.start()
         assert len(loads) == 1  # the verifying context, built in start()
         verifying = upstream.ssl_context_for(channel(True))

@@ -14,8 +14,7 @@ import openai
 import orjson
 import pytest
 
-from proxyd.relay import stream as stream_module
-from proxyd.upstream import attempt as attempt_module
+from proxyd.upstream.h1 import H1Pool
 from tests.conftest import (
     OTHER_SECRET,
     SECRET,
@@ -36,23 +35,6 @@ from tests.fakes import (
     chat_events,
     sse,
 )
-
-
-@pytest.fixture(params=["h1", "tap", "read"], autouse=True)
-def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on each upstream path: the h1 client for streams and whole answers
-    ("h1"); aiohttp with streams tapped from its parser ("tap"); aiohttp with the read loop."""
-    if request.param == "read":
-        monkeypatch.setattr(stream_module, "can_tap", lambda resp: False)
-    if request.param != "h1":
-        start = attempt_module.Upstream.start
-
-        async def aiohttp_only(self: attempt_module.Upstream) -> None:
-            await start(self)
-            self.h1 = None
-
-        monkeypatch.setattr(attempt_module.Upstream, "start", aiohttp_only)
-    return str(request.param)
 
 
 async def _setup(
@@ -79,7 +61,7 @@ async def _setup(
 
 
 async def test_chat_non_stream_through_openai_sdk(
-    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs, read_path: str
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy, sdk: SDKs
 ) -> None:
     """A non-stream chat completion arrives intact and upstream sees the channel's own key."""
     fake = FakeProvider(Step(body=chat_body("hi there")))
@@ -90,12 +72,8 @@ async def test_chat_non_stream_through_openai_sdk(
         model="gpt-test", messages=[{"role": "user", "content": "hello"}]
     )
     assert result.choices[0].message.content == "hi there"
-    h1 = parts.upstream.h1
-    if read_path == "h1":  # the answer came through the h1 client, which keeps the connection
-        assert h1 is not None
-        assert h1.idle_connections() == 1
-    else:
-        assert h1 is None
+    # the answer came through the h1 client, which keeps the connection
+    assert parts.upstream.h1.idle_connections() == 1
     seen = fake.seen[0]
     assert seen.path == "/v1/chat/completions"
     assert seen.headers["Authorization"] == "Bearer upstream-c1"
@@ -550,27 +528,10 @@ async def test_slow_reader_gets_every_byte(
     assert b"".join(parts) == b"".join(events)
 
 
-class _RecordingPipes(dict[int, Any]):
-    """The relay's registry of tapped streams, remembering how many were ever registered."""
-
-    registered = 0
-
-    def __setitem__(self, k: int, v: Any) -> None:
-        self.registered += 1
-        super().__setitem__(k, v)
-
-
-async def test_tapped_streams_leave_no_registration_behind(
-    tmp_path: Path,
-    start_server: StartServer,
-    start_proxy: StartProxy,
-    monkeypatch: pytest.MonkeyPatch,
-    read_path: str,
+async def test_streams_leave_no_connection_busy(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
 ) -> None:
-    """Complete, cut and abandoned streams all unregister (the read loop and h1 register
-    nothing), and h1 keeps no connection busy after them."""
-    pipes = _RecordingPipes()
-    monkeypatch.setattr(stream_module, "_PIPES", pipes)
+    """Complete, cut and abandoned streams all give their h1 connection back (or close it)."""
     events = chat_events([f"part{i} " for i in range(40)])
     fake = FakeProvider().then(
         Step(events=events, stall_between=0.005),
@@ -592,17 +553,15 @@ async def test_tapped_streams_leave_no_registration_behind(
     left = await client.post("/v1/chat/completions", headers=auth, json=body)
     await left.content.readline()
     left.close()
-    h1 = parts.upstream.h1
+    h1: H1Pool = parts.upstream.h1
 
     def busy() -> int:
-        return h1.open_connections - h1.idle_connections() if h1 is not None else 0
+        return h1.open_connections - h1.idle_connections()
 
     for _ in range(100):
-        if not pipes and (read_path != "tap" or pipes.registered == 3) and not busy():
+        if not busy():
             break
         await asyncio.sleep(0.05)
-    assert not pipes
-    assert pipes.registered == (3 if read_path == "tap" else 0)
     assert busy() == 0
 
 

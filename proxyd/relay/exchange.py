@@ -17,6 +17,7 @@ from proxyd.protocol.call import Call, injects_usage, native_body
 from proxyd.protocol.translate.common import ANTHROPIC_VERSION
 from proxyd.protocol.usage import StreamUsage, Usage, is_usage_only_chunk
 from proxyd.state.store import Channel
+from proxyd.upstream.failures import AttemptKind
 
 # Client request headers passed on to an Anthropic channel (the rest are the operator's business).
 _ANTHROPIC_PASS = ("anthropic-version", "anthropic-beta")
@@ -175,8 +176,10 @@ class Exchange:
         return TranslatedStream(self.call, translate.OpenAIToAnthropicStream(model=self.call.model))
 
 
-def stream_failure(timeout: bool) -> ProxydError:
-    """The error a client sees when the upstream broke off a stream it had started."""
+def stream_failure(kind: AttemptKind) -> ProxydError:
+    """The error a client sees when the upstream broke off an answer it had started
+    (STALLED: nothing arrived in time; anything else: the connection broke)."""
+    timeout = kind is AttemptKind.STALLED
     return ProxydError(
         "The upstream provider stopped responding mid-stream."
         if timeout

@@ -1,4 +1,5 @@
-"""Failover: the one place deciding, after each upstream attempt, whether to try another channel.
+"""Failover: the one place deciding what follows an upstream attempt: try the next channel,
+deliver, give up, or end an answer that broke (before the head, after it, or mid-stream).
 
 Pure module: plain data in, a decision out; no aiohttp, no clock of its own, no I/O. It never
 retries once a byte reached the client. It never looks at a body: an upstream error answer comes
@@ -14,16 +15,21 @@ from enum import StrEnum
 
 from proxyd.errors import ErrorType, UpstreamFailure
 from proxyd.relay.provider_errors import MESSAGES, Fault, fault_of
+from proxyd.upstream.failures import AttemptKind
 
+__all__ = [
+    "Attempt",
+    "AttemptKind",
+    "FinalFailure",
+    "RetryBudget",
+    "Verdict",
+    "classify",
+    "decide",
+    "final_failure",
+]
 
-class AttemptKind(StrEnum):
-    """What happened to one attempt on one channel."""
-
-    CONNECT_ERROR = "connect_error"  # no connection (refused, DNS, TLS handshake, proxy)
-    TIMEOUT = "timeout"  # connected (or not) but no response headers within the time allowed
-    RESPONSE = "response"  # the upstream answered with a status line and headers
-    RESET = "reset"  # the connection broke after the response headers
-    STALLED = "stalled"  # the body stopped arriving (chunk timeout) after the response headers
+# The kinds that can happen after the answer's head (the rest happen before it).
+_AFTER_HEAD = frozenset({AttemptKind.RESET, AttemptKind.STALLED, AttemptKind.CLIENT_GONE})
 
 
 class Verdict(StrEnum):
@@ -32,7 +38,9 @@ class Verdict(StrEnum):
     DELIVER = "deliver"  # give this response to the client as it is (2xx/3xx, or 4xx but 429)
     RETRY = "retry"  # release this channel and try the next candidate that grants a permit
     GIVE_UP = "give_up"  # no more attempts: the client gets `final_failure(attempts)`
-    ABORT = "abort"  # the response had begun: end it with this attempt's error, never retry
+    ABORT = "abort"  # the answer broke after its head, before a byte was sent: an error answer
+    END_STREAM = "end_stream"  # the stream had begun: end it with an error event, never retry
+    STOP = "stop"  # the client left: read no more, write no more
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,13 +48,18 @@ class Attempt:
     """One attempt's outcome: `status` for RESPONSE; `client_started` once any byte was sent.
 
     `fault` says whose problem an error answer (400 and above) is; without one it is judged
-    from the status alone.
+    from the status alone. Only a break after the head (RESET, STALLED) or a client that left
+    can happen once bytes were sent: any other kind with `client_started` is refused.
     """
 
     kind: AttemptKind
     status: int | None = None
     client_started: bool = False
     fault: Fault | None = None
+
+    def __post_init__(self) -> None:
+        if self.client_started and self.kind not in _AFTER_HEAD:
+            raise ValueError(f"{self.kind} cannot happen once the answer was sent")
 
     @property
     def judged(self) -> Fault | None:
@@ -79,39 +92,35 @@ class RetryBudget:
 DEFAULT_BUDGET = RetryBudget()
 
 
-def retryable(attempt: Attempt) -> bool:
-    """Whether this outcome may move to another channel (ignoring budget and deadline)."""
-    if attempt.client_started:
-        return False
-    kind = attempt.kind
-    if kind is AttemptKind.RESPONSE:
-        fault = attempt.judged
-        return fault is not None and ON_RESPONSE[fault][0]
-    return kind is AttemptKind.CONNECT_ERROR or kind is AttemptKind.TIMEOUT
-
-
 def decide(
-    attempt: Attempt, *, attempts: int, time_left: float, budget: RetryBudget = DEFAULT_BUDGET
+    attempt: Attempt,
+    *,
+    attempts: int = 1,
+    time_left: float = 0.0,
+    budget: RetryBudget = DEFAULT_BUDGET,
 ) -> Verdict:
-    """The verdict after an attempt; `attempts` counts attempts made so far, this one included.
+    """The verdict after an attempt, before the head, after it, or mid-stream; `attempts`
+    counts attempts made so far, this one included (they matter only before the head).
 
-    - any byte reached the client: DELIVER if it was a response being relayed, else ABORT;
-    - RESET or STALLED (after the headers): ABORT, even with nothing sent yet, because the
-      provider accepted and may bill the call;
+    - the client left: STOP;
+    - RESET or STALLED (after the head): END_STREAM once bytes reached the client, else ABORT,
+      never a retry, because the provider accepted and may bill the call;
     - a response below 400, or an error answer about the client's request (or another 4xx that
       is no channel's fault): DELIVER;
-    - connect error, timeout before headers, or an error answer that is the channel's trouble
+    - connect error, timeout before the head, or an error answer that is the channel's trouble
       (429, 5xx, the operator's credential or account: `ON_RESPONSE`): RETRY while `attempts`
       is below `budget.max_attempts` and `time_left` (seconds to the overall deadline) is
       above `budget.min_time_left`; otherwise GIVE_UP.
     """
     kind = attempt.kind
+    if kind is AttemptKind.CLIENT_GONE:
+        return Verdict.STOP
     if kind is AttemptKind.RESET or kind is AttemptKind.STALLED:
-        return Verdict.ABORT
-    if attempt.client_started:
-        return Verdict.DELIVER if kind is AttemptKind.RESPONSE else Verdict.ABORT
-    if not retryable(attempt):
-        return Verdict.DELIVER
+        return Verdict.END_STREAM if attempt.client_started else Verdict.ABORT
+    if kind is AttemptKind.RESPONSE:
+        fault = attempt.judged
+        if fault is None or not ON_RESPONSE[fault][0]:
+            return Verdict.DELIVER
     if attempts < budget.max_attempts and time_left > budget.min_time_left:
         return Verdict.RETRY
     return Verdict.GIVE_UP
@@ -126,6 +135,8 @@ def classify(attempt: Attempt) -> ErrorType | None:
         return ErrorType.UPSTREAM_TIMEOUT
     if kind is AttemptKind.RESET:
         return ErrorType.UPSTREAM_RESET
+    if kind is AttemptKind.CLIENT_GONE:
+        return ErrorType.CLIENT_DISCONNECT
     fault = attempt.judged
     return None if fault is None else ON_RESPONSE[fault][1]
 

@@ -12,11 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxyd.errors import ErrorType, UpstreamFailure
+from proxyd.errors import ErrorType, ProxydError, UpstreamFailure
 from proxyd.protocol.call import Call
 from proxyd.protocol.usage import completion_text
 from proxyd.relay.exchange import Exchange, stream_failure
@@ -37,7 +36,8 @@ from proxyd.routing.route import Router
 from proxyd.routing.sticky import Session
 from proxyd.server.respond import WholeResponse
 from proxyd.state.store import Channel
-from proxyd.upstream.attempt import Answered, AttemptFailed, Upstream, Whole, open_attempt
+from proxyd.upstream.attempt import Answered, Upstream, Whole, open_attempt
+from proxyd.upstream.failures import AttemptFailed
 
 
 def client_headers_for(upstream: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
@@ -59,28 +59,35 @@ async def deliver(
     request_id: str,
     extra_headers: Mapping[str, str],
 ) -> web.StreamResponse:
-    """Pass a chosen upstream response to the client; `resp` is always released."""
+    """Pass a chosen upstream answer to the client; `resp` is always released.
+
+    An answer that broke after its head, before any byte was sent, is `decide`d (ABORT): the
+    client gets proxyd's error, never a retry.
+    """
     headers = client_headers_for(resp.headers, request_id)
     headers.update(extra_headers)
     if isinstance(resp, Whole):
         if resp.broken is not None:
-            raise stream_failure(resp.broken.timeout)
+            raise _broken(resp.broken, resp.status)
         return whole_response(exchange, resp.status, resp.body, headers, outcome)
     is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
     if exchange.call.stream and is_sse and resp.status < 400:
         return await relay_stream(request, exchange, resp, outcome, headers)
-    try:
-        if exchange.call.stream:  # no per-read timeout on stream calls: bound the whole body
-            async with asyncio.timeout(exchange.channel.chunk_timeout):
-                raw = await resp.read()
-        else:
-            raw = await resp.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    try:  # a stream call answered whole: no per-read timeout, so the whole body is bounded
+        raw = await resp.read(exchange.channel.chunk_timeout)
+    except AttemptFailed as failed:
         resp.close()
-        raise stream_failure(isinstance(exc, TimeoutError)) from None
+        raise _broken(failed, resp.status) from None
     finally:
         resp.release()
     return whole_response(exchange, resp.status, raw, headers, outcome)
+
+
+def _broken(failed: AttemptFailed, status: int) -> ProxydError:
+    """The error for an answer that broke after its head with nothing sent yet."""
+    verdict = decide(Attempt(failed.kind, status))
+    assert verdict is Verdict.ABORT, verdict  # after the head: never a retry
+    return stream_failure(failed.kind)
 
 
 def whole_response(
@@ -149,12 +156,10 @@ class Relay:
 
 
 def _attempt_of(failed: AttemptFailed) -> Attempt:
-    if failed.status is not None:
+    if failed.kind is AttemptKind.RESPONSE and failed.status is not None:
         fault = fault_of(failed.status, failed.body or b"")
         return Attempt(AttemptKind.RESPONSE, failed.status, fault=fault)
-    if failed.error_type is ErrorType.UPSTREAM_TIMEOUT:
-        return Attempt(AttemptKind.TIMEOUT)
-    return Attempt(AttemptKind.CONNECT_ERROR)
+    return Attempt(failed.kind)
 
 
 async def relay(
@@ -197,7 +202,12 @@ async def relay(
             try:
                 pinned = session.credential(channel.id) if session is not None else None
                 credential = router.next_credential(channel, pinned)
-                resp = await open_attempt(parts.upstream, exchange, credential, request.headers)
+                resp = await open_attempt(
+                    parts.upstream,
+                    channel,
+                    exchange.request(credential, request.headers),
+                    stream=call.stream,
+                )
             except AttemptFailed as failed:
                 attempt = _attempt_of(failed)
                 kind = classify(attempt) or ErrorType.UPSTREAM_ERROR
@@ -224,7 +234,13 @@ async def relay(
             parts.observer.upstream_observe(
                 channel.id, _status_class(resp.status), loop.time() - started
             )
-            response = await deliver(request, exchange, resp, outcome, request_id, extra_headers)
+            try:
+                response = await deliver(
+                    request, exchange, resp, outcome, request_id, extra_headers
+                )
+            except ProxydError as broke:  # broke after its head, before a byte was sent
+                permit.failure(broke.error_type)
+                raise
             if outcome.error_type in (ErrorType.UPSTREAM_RESET, ErrorType.UPSTREAM_TIMEOUT):
                 permit.failure(outcome.error_type)
             return response

@@ -1,8 +1,9 @@
 """Stream relay: one upstream SSE answer to the client, event by event, as the provider sends it.
 
 Each upstream read is split, transformed and written to the client's transport from inside the
-upstream parser's callback (the h1 client's, or aiohttp's through `_Tap`); nothing is buffered,
-parsed beyond the usage scan, or kept past it.
+h1 client's parser callback; nothing is buffered, parsed beyond the usage scan, or kept past it.
+How a stream that breaks ends (an error event, or nothing more for a client that left) is
+`failover.decide`'s call.
 """
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
-from aiohttp.helpers import _EXC_SENTINEL
 from multidict import CIMultiDict
 
 from proxyd.errors import ErrorType
 from proxyd.protocol.sse import EventSplitter, framing
 from proxyd.relay.exchange import Exchange, StreamTransform, stream_failure
-from proxyd.upstream.attempt import Streaming, as_os_error
-from proxyd.upstream.h1 import H1Error
+from proxyd.relay.failover import Attempt, Verdict, decide
+from proxyd.upstream.attempt import Streaming
+from proxyd.upstream.failures import AttemptFailed, AttemptKind
 
 if TYPE_CHECKING:
     from proxyd.relay.outcome import Outcome
@@ -58,7 +58,7 @@ class _IdleWatch:
             self._handle = None
 
 
-class _ClientGone(ConnectionResetError):
+class ClientGone(Exception):
     """The client's connection closed while its stream was being relayed."""
 
 
@@ -66,9 +66,9 @@ class _Pipe:
     """Carries one stream from the upstream's body to the client's transport, a read at a time.
 
     `feed` is the whole per-read path: split into events, transform, frame and write. It runs
-    either from aiohttp's response parser directly (`_Tap`) or from the relay task's read loop.
-    It never raises: how the stream ended (`error`, `client_gone`) is kept for the task, which
-    is woken through `waiter` when the stream ends or the client stops reading.
+    from the h1 client's parser callback. It never raises: how the stream ended (`error`,
+    `client_gone`) is kept for the task, which is woken through `waiter` when the stream ends
+    or the client stops reading.
     """
 
     __slots__ = (
@@ -106,7 +106,7 @@ class _Pipe:
         self.transport = transport
         self.protocol = protocol  # the client connection's aiohttp protocol (its write pause)
         self.watch = watch
-        self.upstream: Any = None  # the upstream connection's protocol, when fed by `_Tap`
+        self.upstream: Streaming | None = None  # paused while the client does not read
         self.waiter: asyncio.Future[None] | None = None
         self.ended = False
         self.paused = False
@@ -129,7 +129,7 @@ class _Pipe:
         transport = self.transport
         if transport.is_closing():
             self.client_gone = True
-            self.end(_ClientGone("the client left"))
+            self.end(ClientGone("the client left"))
             return
         transport.write(self.frame(events[0] if len(events) == 1 else b"".join(events)))
         if self.protocol.writing_paused and not self.paused:  # the client is not reading
@@ -160,108 +160,17 @@ class _Pipe:
             self.waiter = None
 
 
-# Every stream being relayed through `_Tap`, by the id of its aiohttp reader.
-_PIPES: dict[int, _Pipe] = {}
-
-
-class _Tap(aiohttp.StreamReader):
-    """aiohttp's body reader turned into a pipe: each decoded read goes to the stream's `_Pipe`.
-
-    A stream's reader is switched to this class once its headers are in, so every later read is
-    relayed from inside aiohttp's parser callback: no buffering, no future and no task wake-up
-    per read. End of body and errors still take aiohttp's own path (the connection goes back to
-    the pool as usual); only the buffering is bypassed. The relay falls back to reading with
-    `readany` whenever the reader is not exactly aiohttp's `StreamReader`.
-    """
-
-    __slots__ = ()
-
-    def feed_data(self, data: bytes, size: int = 0) -> bool:
-        pipe = _PIPES.get(id(self))
-        if pipe is not None and data:
-            pipe.feed(data)
-        return False
-
-    def begin_http_chunk_receiving(self) -> None:
-        """Chunk boundaries only matter to a buffered reader."""
-
-    def end_http_chunk_receiving(self) -> None:
-        """Chunk boundaries only matter to a buffered reader."""
-
-    def feed_eof(self) -> None:
-        super().feed_eof()
-        pipe = _PIPES.get(id(self))
-        if pipe is not None:
-            pipe.end(None)
-
-    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
-        super().set_exception(exc, exc_cause)
-        pipe = _PIPES.get(id(self))
-        if pipe is not None:
-            pipe.end(exc)
-
-
-def _expiry(resp: aiohttp.ClientResponse | Streaming) -> Callable[[], None]:
-    """How the idle watch ends this stream with a timeout."""
-    if isinstance(resp, Streaming):
-        body = resp.body
-        return lambda: body.abort(H1Error("no data from the upstream", timeout=True))
-    content = resp.content
-    return lambda: content.set_exception(aiohttp.ServerTimeoutError("no data from the upstream"))
-
-
-def can_tap(resp: aiohttp.ClientResponse) -> bool:
-    """Whether the response's reader can become a `_Tap` (aiohttp's plain, undecoded reader)."""
-    return type(resp.content) is aiohttp.StreamReader and resp.connection is not None
-
-
-def _ended_by(pipe: _Pipe) -> Callable[[H1Error | None], None]:
-    """An h1 stream's end, handed to `pipe` in the terms the relay handles for either client."""
-
-    def end(error: H1Error | None) -> None:
-        pipe.end(None if error is None else as_os_error(error))
-
-    return end
-
-
-async def _pump(resp: aiohttp.ClientResponse | Streaming, pipe: _Pipe) -> None:
-    """Run the stream through `pipe` until its end; raise what ended it, if not a clean end."""
-    if isinstance(resp, Streaming):  # the h1 client calls the pipe from its parser directly
-        pipe.upstream = resp.body
-        resp.body.attach(pipe.feed, _ended_by(pipe))
-        await _follow(pipe)
-        if pipe.error is not None:
-            raise pipe.error
-        return
-    content = resp.content
-    tapped = can_tap(resp)
-    if tapped:
-        # Switched synchronously with draining what aiohttp already buffered: nothing can
-        # arrive in between, so order is kept.
-        pipe.upstream = resp.connection.protocol if resp.connection is not None else None
-        content.__class__ = _Tap
-        _PIPES[id(content)] = pipe
-        buffered = content.read_nowait(-1)
-        if buffered:
-            pipe.feed(buffered)
-        if content.is_eof() or content.exception() is not None:
-            pipe.end(content.exception())
-    try:
-        if tapped:
-            await _follow(pipe)
-        else:
-            while not pipe.ended:
-                data = await content.readany()
-                if not data:
-                    pipe.end(None)
-                    break
-                pipe.feed(data)
-                await _unpause(pipe)
-    finally:
-        if tapped:
-            del _PIPES[id(content)]
+async def _pump(resp: Streaming, pipe: _Pipe | None) -> None:
+    """Relay `resp`'s body through `pipe` to its end; raise what broke it, if anything did."""
+    if pipe is None:
+        raise ClientGone("the client left")
+    pipe.upstream = resp
+    resp.attach(pipe.feed, pipe.end)  # the h1 client calls the pipe from its parser
+    await _follow(pipe)
     if pipe.error is not None:
         raise pipe.error
+    if pipe.splitter.pending():
+        raise AttemptFailed(AttemptKind.RESET)  # the stream ended inside an event
 
 
 async def _follow(pipe: _Pipe) -> None:
@@ -282,11 +191,11 @@ async def _unpause(pipe: _Pipe) -> None:
 async def relay_stream(
     request: web.Request,
     exchange: Exchange,
-    resp: aiohttp.ClientResponse | Streaming,
+    resp: Streaming,
     outcome: Outcome,
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
-    """Relay an upstream SSE answer whose headers are in; `outcome` learns how it ended."""
+    """Relay an upstream SSE answer whose head is in; `outcome` learns how it ended."""
     headers["Content-Type"] = (
         resp.headers["Content-Type"] if not exchange.translated else "text/event-stream"
     )
@@ -297,21 +206,18 @@ async def relay_stream(
     transform = exchange.stream()
     outcome.streaming(transform.scanner)
     writing = False
-    watch = _IdleWatch(loop, exchange.channel.chunk_timeout, _expiry(resp))
+    watch = _IdleWatch(loop, exchange.channel.chunk_timeout, resp.stall)
     pipe: _Pipe | None = None
     try:
         await response.prepare(request)
         outcome.deliver(resp.status)
         # Events go straight to the client's transport, framed as aiohttp would frame them;
         # aiohttp's writer still ends the response. A client that does not read pauses us.
-        transport, protocol = request.transport, request.protocol
-        if transport is None:
-            raise ConnectionResetError("the client left")
-        frame = framing(request.version >= (1, 1))  # what aiohttp's writer negotiated
-        pipe = _Pipe(loop, transform, outcome, transport, protocol, watch, frame)
+        transport = request.transport
+        if transport is not None:
+            frame = framing(request.version >= (1, 1))  # what aiohttp's writer negotiated
+            pipe = _Pipe(loop, transform, outcome, transport, request.protocol, watch, frame)
         await _pump(resp, pipe)
-        if pipe.splitter.pending():
-            raise aiohttp.ClientPayloadError("the stream ended inside an event")
         tail, complete = transform.finish()
         outcome.saw_usage(transform.usage())
         if not complete:
@@ -320,18 +226,24 @@ async def relay_stream(
         if tail:
             await response.write(b"".join(tail))
         await response.write_eof()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except (AttemptFailed, ClientGone, ConnectionError) as exc:
+        # ConnectionError: aiohttp's own writes to a client that left
         resp.close()
         gone = writing or (pipe is not None and pipe.client_gone)
         if gone or request.transport is None or request.transport.is_closing():
+            kind = AttemptKind.CLIENT_GONE
+        else:
+            kind = exc.kind if isinstance(exc, AttemptFailed) else AttemptKind.CLIENT_GONE
+        verdict = decide(Attempt(kind, resp.status, client_started=outcome.delivered))
+        if verdict is Verdict.STOP:
             outcome.client_left()
             return response
-        err = stream_failure(isinstance(exc, TimeoutError))
+        err = stream_failure(kind)  # END_STREAM: an error event ends what the client has
         outcome.fail(err.error_type, err.status)
         try:
             await response.write(b"".join(transform.fail(err)))
             await response.write_eof()
-        except (OSError, aiohttp.ClientError):
+        except ConnectionError:
             pass
     finally:
         watch.cancel()

@@ -11,6 +11,7 @@ import re
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -18,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    field_validator,
     model_validator,
 )
 
@@ -185,6 +187,9 @@ class PriceSpec(_Rates):
     )
 
 
+_PROXY_SCHEMES = ("http", "socks5", "socks5h")
+
+
 class ChannelSpec(_Strict):
     """An upstream provider account that serves some models."""
 
@@ -204,7 +209,12 @@ class ChannelSpec(_Strict):
     priority: int = Field(default=0, ge=-_MAX, le=_MAX)
     weight: int = Field(default=1, ge=1, le=1_000_000)
     headers: dict[str, str] = Field(default_factory=dict, description="Extra upstream headers.")
-    proxy: str | None = Field(default=None, description="Outbound HTTP proxy URL.")
+    proxy: str | None = Field(
+        default=None,
+        description="Outbound proxy: http://[user:pass@]host:port (an HTTP proxy; a CONNECT "
+        "tunnel for https upstreams) or socks5://… / socks5h://… (SOCKS5; socks5h resolves "
+        "the upstream's name at the proxy).",
+    )
     verify_tls: bool = True
     connect_timeout: float = Field(default=10.0, gt=0, le=600)
     first_byte_timeout: float = Field(default=300.0, gt=0, le=3600)
@@ -219,6 +229,24 @@ class ChannelSpec(_Strict):
         " is sent as: max_tokens (any OpenAI-compatible server) or max_completion_tokens"
         " (what OpenAI's reasoning models require).",
     )
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in _PROXY_SCHEMES:
+            raise ValueError(f"the scheme must be one of {', '.join(_PROXY_SCHEMES)}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the port is not a number from 1 to 65535") from None
+        if not parts.hostname or port is None:
+            raise ValueError("give the proxy's host and port: scheme://[user:pass@]host:port")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("a proxy URL has no path, query or fragment")
+        return value
 
     @model_validator(mode="after")
     def _one_credential(self) -> ChannelSpec:

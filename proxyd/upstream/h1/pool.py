@@ -13,10 +13,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from proxyd.upstream.h1.errors import (
+    Abandoned,
+    ConnectError,
+    ConnectTimeout,
+    H1Error,
+    PoolClosed,
+    PoolTimeout,
+)
 from proxyd.upstream.h1.wire import (
     Answer,
     Connection,
-    H1Error,
     Key,
     Target,
     request_head,
@@ -62,7 +69,7 @@ class Stream:
             if limit is not None and size + len(data) >= limit:
                 parts.append(data[: limit - size])
                 size = limit
-                self.abort(H1Error("enough of the body was read"))
+                self.abort(Abandoned("enough of the body was read"))
                 return
             parts.append(data)
             size += len(data)
@@ -81,7 +88,7 @@ class Stream:
 
     def abort(self, error: H1Error | None = None) -> None:
         """Drop the exchange: the sink ends with `error` and the connection closes."""
-        self._conn.abort(error or H1Error("the stream was abandoned"))
+        self._conn.abort(error or Abandoned("the stream was abandoned"))
 
     def release(self) -> None:
         """Back to the pool when the body was read to its clean end, else closed. Idempotent."""
@@ -196,7 +203,7 @@ class H1Pool:
         self, target: Target, ssl_context: ssl.SSLContext | None, connect_timeout: float
     ) -> Connection:
         if self._closed:
-            raise H1Error("the upstream pool is closed")
+            raise PoolClosed("the upstream pool is closed")
         context: ssl.SSLContext | None = None
         if target.tls:
             if ssl_context is None:
@@ -227,7 +234,7 @@ class H1Pool:
                     await waiter
             except TimeoutError:
                 self._give_up(waiter)
-                raise H1Error("no upstream connection became free in time", timeout=True) from None
+                raise PoolTimeout("no upstream connection became free in time") from None
             except BaseException:
                 self._give_up(waiter)
                 raise
@@ -264,9 +271,9 @@ class H1Pool:
                     server_hostname=target.host if context is not None else None,
                 )
         except TimeoutError:
-            raise H1Error("connecting to the upstream timed out", timeout=True) from None
+            raise ConnectTimeout("connecting to the upstream timed out") from None
         except (OSError, ssl.SSLError) as exc:
-            raise H1Error(f"cannot connect to the upstream: {type(exc).__name__}") from None
+            raise ConnectError(f"cannot connect to the upstream: {type(exc).__name__}") from None
         return conn
 
     def _release(self, conn: Connection, reusable: bool) -> None:
@@ -363,6 +370,6 @@ class H1Pool:
                 self._drop(host.idle.pop())
         for waiter in self._waiters:
             if not waiter.done():
-                waiter.set_exception(H1Error("the upstream pool is closed"))
+                waiter.set_exception(PoolClosed("the upstream pool is closed"))
         self._waiters.clear()
         await asyncio.sleep(0)  # let the transports run their close callbacks

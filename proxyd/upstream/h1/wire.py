@@ -15,14 +15,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-
-class H1Error(Exception):
-    """A request that got no complete answer; `status` is non-zero when its head had arrived."""
-
-    def __init__(self, message: str, *, timeout: bool = False, status: int = 0) -> None:
-        super().__init__(message)
-        self.timeout = timeout
-        self.status = status
+from proxyd.upstream.h1.errors import H1Error, ProtocolError, ReadTimeout
 
 
 class BadTarget(ValueError):
@@ -170,7 +163,7 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(H1Error(f"malformed upstream answer: {exc}", status=self._status))
+            self._fail(ProtocolError(f"malformed upstream answer: {exc}", status=self._status))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -184,7 +177,7 @@ class Connection(asyncio.Protocol):
         if self._status >= 200 and self._until_close:  # a read-until-close body has ended
             self._finish()
             return
-        self._fail(H1Error("the upstream closed the connection", status=self._status))
+        self._fail(ProtocolError("the upstream closed the connection", status=self._status))
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -296,9 +289,7 @@ class Connection(asyncio.Protocol):
         if due > self.loop.time():
             self._timer = self.loop.call_at(due, self._check_read)
             return
-        self._fail(
-            H1Error("the upstream did not answer in time", timeout=True, status=self._status)
-        )
+        self._fail(ReadTimeout("the upstream did not answer in time", status=self._status))
         self.close()
 
     def send(
