@@ -42,7 +42,10 @@ CHAT: dict[str, Any] = {
     "messages": [{"role": "user", "content": "hi"}],
 }
 COST = 11_000  # 7 prompt tokens at 1/M and 2 completion tokens at 2/M, in nanos
-BALANCE = 50_000_000  # enough for ~4,500 answers; a request reserves ~0.1 M nanos at most
+# enough for ~45,000 answers: a quiet machine serves ~6,000 in the flapping test, and a balance
+# that runs out turns the exact settlement it checks into a shortfall (a request reserves
+# ~0.1 M nanos at most)
+BALANCE = 500_000_000
 
 
 class PrivateRedis:
