@@ -67,6 +67,7 @@ class Upstream:
             "ssl_context": self.ssl_context_for(channel),
             "connect_timeout": channel.connect_timeout,
             "read_timeout": channel.first_byte_timeout,
+            "proxy": channel.proxy,
         }
 
 

@@ -21,6 +21,7 @@ from proxyd.upstream.h1.errors import (
     PoolClosed,
     PoolTimeout,
 )
+from proxyd.upstream.h1.proxy import ProxyRoute, proxy_of
 from proxyd.upstream.h1.wire import (
     Answer,
     Connection,
@@ -97,6 +98,12 @@ class Stream:
             self._pool._release(self._conn, self._conn.reusable())
 
 
+def _proxy_refused() -> ConnectError:
+    """A 407 on a proxied call: the proxy's answer about the operator's proxy login, never the
+    upstream's, so it is a failed connection and never reaches a client."""
+    return ConnectError("the proxy refused the request (407)")
+
+
 @dataclass(slots=True)
 class _Host:
     """The idle connections and the open count for one (host, port, TLS)."""
@@ -126,6 +133,7 @@ class H1Pool:
         self._closed = False
         self._prune_timer: asyncio.TimerHandle | None = None  # armed while any is idle
         self._targets: dict[str, Target] = {}  # parsed URLs; channels have a handful of them
+        self._proxies: dict[str, ProxyRoute] = {}  # parsed proxy URLs
         self._verifying: ssl.SSLContext | None = None
 
     @property
@@ -146,15 +154,20 @@ class H1Pool:
         ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
         read_timeout: float | None,
+        proxy: str | None = None,
     ) -> Answer:
         """POST `body` to `url` and return the whole answer; raise H1Error or BadTarget.
 
         `read_timeout` bounds every wait for bytes (the answer's head and each read after it).
+        `proxy` (`http://`, `socks5://`, `socks5h://`, with optional `user:pass@`) carries the
+        connection; `connect_timeout` covers the proxy's handshake too.
         """
-        conn, head = await self._connection(url, headers, body, ssl_context, connect_timeout)
+        conn, head = await self._connection(url, headers, body, ssl_context, connect_timeout, proxy)
         ok = False
         try:
             answer = await conn.send(head, body, read_timeout)
+            if answer.status == 407 and proxy is not None:
+                raise _proxy_refused()
             ok = conn.reusable()
             return answer
         finally:
@@ -169,17 +182,22 @@ class H1Pool:
         ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
         read_timeout: float | None,
+        proxy: str | None = None,
     ) -> Stream:
         """POST `body` to `url` and return once the answer's head is in; the body streams.
 
         `read_timeout` bounds the wait for the head only. The caller must `release` the stream.
+        `proxy` as for `post`.
         """
-        conn, head = await self._connection(url, headers, body, ssl_context, connect_timeout)
+        conn, head = await self._connection(url, headers, body, ssl_context, connect_timeout, proxy)
         try:
             answer = await conn.send(head, body, read_timeout, stream=True)
         except BaseException:
             self._release(conn, False)
             raise
+        if answer.status == 407 and proxy is not None:
+            self._release(conn, False)
+            raise _proxy_refused()
         return Stream(self, conn, answer.status, answer.headers)
 
     async def _connection(
@@ -189,6 +207,7 @@ class H1Pool:
         body: bytes,
         ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
+        proxy: str | None,
     ) -> tuple[Connection, bytes]:
         """A connection for `url` (pooled or new) and the request head to write on it."""
         target = self._targets.get(url)
@@ -196,11 +215,32 @@ class H1Pool:
             target = target_of(url)
             if len(self._targets) < 4096:
                 self._targets[url] = target
-        head = request_head(target, headers, len(body))
-        return await self._acquire(target, ssl_context, connect_timeout), head
+        route: ProxyRoute | None = None
+        if proxy is None:
+            head = request_head(target, headers, len(body))
+        else:
+            route = self._proxies.get(proxy)
+            if route is None:
+                route = proxy_of(proxy)
+                if len(self._proxies) < 4096:
+                    self._proxies[proxy] = route
+            if route.http and not target.tls:  # a plain request to the proxy, not a tunnel
+                auth = route.authorization
+                if auth is not None:
+                    headers = {**headers, "Proxy-Authorization": auth}
+                head = request_head(target, headers, len(body), absolute=True)
+            else:
+                head = request_head(target, headers, len(body))
+        conn = await self._acquire(target, ssl_context, connect_timeout, proxy, route)
+        return conn, head
 
     async def _acquire(
-        self, target: Target, ssl_context: ssl.SSLContext | None, connect_timeout: float
+        self,
+        target: Target,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout: float,
+        proxy: str | None = None,
+        route: ProxyRoute | None = None,
     ) -> Connection:
         if self._closed:
             raise PoolClosed("the upstream pool is closed")
@@ -211,7 +251,7 @@ class H1Pool:
                     self._verifying = ssl.create_default_context()
                 ssl_context = self._verifying
             context = ssl_context
-        key = (target.host, target.port, context)
+        key = (target.host, target.port, context, proxy)
         host = self._hosts.get(key)
         if host is None:
             host = self._hosts[key] = _Host()
@@ -246,7 +286,7 @@ class H1Pool:
         self._open += 1
         host.open += 1
         try:
-            return await self._connect(loop, target, key, context, connect_timeout)
+            return await self._connect(loop, target, key, context, connect_timeout, route)
         except BaseException:
             self._open -= 1
             host.open -= 1
@@ -260,16 +300,25 @@ class H1Pool:
         key: Key,
         context: ssl.SSLContext | None,
         connect_timeout: float,
+        route: ProxyRoute | None = None,
     ) -> Connection:
+        def protocol() -> Connection:
+            return Connection(loop, key, self.lost_idle)
+
+        hostname = target.host if context is not None else None
         try:
             async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: Connection(loop, key, self.lost_idle),
-                    target.host,
-                    target.port,
-                    ssl=context,
-                    server_hostname=target.host if context is not None else None,
-                )
+                if route is None:
+                    _, conn = await loop.create_connection(
+                        protocol, target.host, target.port, ssl=context, server_hostname=hostname
+                    )
+                elif route.http and not target.tls:  # requests go to the proxy itself
+                    _, conn = await loop.create_connection(protocol, route.host, route.port)
+                else:  # a tunnel to the upstream; TLS to the upstream runs inside it
+                    sock = await route.tunnel(target.host, target.port, connect_timeout)
+                    _, conn = await loop.create_connection(
+                        protocol, sock=sock, ssl=context, server_hostname=hostname
+                    )
         except TimeoutError:
             raise ConnectTimeout("connecting to the upstream timed out") from None
         except (OSError, ssl.SSLError) as exc:

@@ -59,11 +59,14 @@ def target_of(url: str) -> Target:
 _OWN_HEADERS = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 
 
-def request_head(target: Target, headers: dict[str, str], length: int) -> bytes:
+def request_head(
+    target: Target, headers: dict[str, str], length: int, *, absolute: bool = False
+) -> bytes:
     """The request line and headers of a POST of `length` bytes; refuses CR/LF in a header.
 
     Header names are case-insensitive: of two that differ only in case the later wins. The
-    framing headers are this client's own.
+    framing headers are this client's own. `absolute` writes the request line's target in
+    absolute form (`http://host/path`), as a plain-http request through an HTTP proxy needs.
     """
     merged: dict[str, tuple[str, str]] = {}
     for name, value in headers.items():
@@ -72,16 +75,18 @@ def request_head(target: Target, headers: dict[str, str], length: int) -> bytes:
         lower = name.lower()
         if lower not in _OWN_HEADERS:
             merged[lower] = (name, value)
-    lines = [b"POST ", target.path, b" HTTP/1.1\r\nHost: ", target.host_header]
+    path = b"http://" + target.host_header + target.path if absolute else target.path
+    lines = [b"POST ", path, b" HTTP/1.1\r\nHost: ", target.host_header]
     for name, value in merged.values():
         lines += (b"\r\n", name.encode("latin-1"), b": ", value.encode("latin-1"))
     lines += (b"\r\nContent-Length: ", str(length).encode(), b"\r\n\r\n")
     return b"".join(lines)
 
 
-# A pool key: host, port and the TLS context (None for plain HTTP). Connections made with one
-# context (verifying, or not) are never handed to a request that asked for the other.
-Key = tuple[str, int, ssl.SSLContext | None]
+# A pool key: host, port, the TLS context (None for plain HTTP) and the proxy URL (None for a
+# direct connection). Connections made with one context (verifying, or not) or through one
+# proxy are never handed to a request that asked for another.
+Key = tuple[str, int, ssl.SSLContext | None, str | None]
 
 
 class Connection(asyncio.Protocol):
