@@ -416,7 +416,7 @@ def test_any_split_of_any_framing_gives_the_same_body(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         pool = H1Pool(limit=1)
-        conn = Connection(loop, ("h", 1, None), pool.lost_idle)
+        conn = Connection(loop, ("h", 1, None, None), pool.lost_idle)
         conn.connection_made(_Transport())  # type: ignore[arg-type]
         waiter = conn.send(b"", b"", None)
         points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
