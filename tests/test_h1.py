@@ -17,11 +17,12 @@ from proxyd.upstream.h1 import (
     BadTarget,
     H1Error,
     H1Pool,
+    PoolClosed,
     ReadTimeout,
     request_head,
     target_of,
 )
-from proxyd.upstream.h1.wire import Connection
+from proxyd.upstream.h1.wire import Connection, State
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -854,3 +855,96 @@ def test_pool_acquire_times_out_as_an_upstream_timeout(loop: str) -> None:
             await pool.close()
 
     run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_walks_its_states(loop: str) -> None:
+    """NEW → WAITING → BODY → DONE → IDLE over one exchange, then WAITING again on reuse, and
+    CLOSED once the upstream closes it in the pool (which lets it go at once)."""
+    seen: list[State] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        for _ in range(2):
+            await r.readuntil(b"\r\n\r\n")
+            await r.readexactly(2)
+            seen.append(conn().state)  # the request is in: its answer has not come
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await w.drain()
+            await asyncio.sleep(0.05)
+            seen.append(conn().state)  # the head was sent, the body not yet
+            w.write(b"3\r\nabc\r\n0\r\n\r\n")
+            await w.drain()
+            await asyncio.sleep(0.05)
+
+    pool = H1Pool(limit=1)
+
+    def conn() -> Connection:
+        return next(iter(pool._live))
+
+    async def main() -> None:
+        async with Wire(script) as wire:
+            for _ in range(2):
+                assert (await post(pool, wire.url)).body == b"abc"
+                assert conn().state is State.IDLE
+            held = conn()
+            assert seen == [State.WAITING, State.BODY] * 2
+        for _ in range(50):  # the server closed: the pool drops its idle connection
+            if held.state is State.CLOSED and pool.open_connections == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (held.state, pool.open_connections) == (State.CLOSED, 0)
+        await pool.close()
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_close_waits_for_busy_connections_then_terminates(loop: str) -> None:
+    """close(grace): idle connections close at once, a request waiting for a connection fails
+    with PoolClosed, a busy one that ends within the grace finishes normally; one that does
+    not is cut when the grace is over."""
+
+    async def answer_after(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        await r.readexactly(2)
+        await asyncio.sleep(0.2 if n == 1 else 30)  # the 2nd connection never answers
+        w.write(OK)
+        await w.drain()
+        await r.read()
+
+    async def main() -> None:
+        loop_ = asyncio.get_running_loop()
+        async with Wire(answer_after) as wire:
+            pool = H1Pool(limit=2)
+            quick = asyncio.ensure_future(post(pool, wire.url, read_timeout=60.0))
+            stuck = asyncio.ensure_future(post(pool, wire.url, read_timeout=60.0))
+            await asyncio.sleep(0.05)
+            waiting = asyncio.ensure_future(post(pool, wire.url))  # over the cap: it queues
+            await asyncio.sleep(0.02)
+            started = loop_.time()
+            await pool.close(grace=0.6)
+            took = loop_.time() - started
+            assert 0.5 <= took < 2.0  # it waited out the grace for the stuck one
+            assert (await quick).status == 200  # finished within the grace
+            with pytest.raises(PoolClosed):
+                await waiting
+            with pytest.raises(H1Error):  # cut at the end of the grace
+                await stuck
+            assert pool.open_connections == 0
+            with pytest.raises(PoolClosed):
+                await post(pool, wire.url)
+
+    run_on(loop, main)
+
+
+def test_close_without_busy_connections_does_not_wait() -> None:
+    async def main() -> None:
+        async with serve(answer_each(OK)) as wire:
+            pool = H1Pool(limit=2)
+            await post(pool, wire.url)
+            started = asyncio.get_running_loop().time()
+            await pool.close(grace=5.0)
+            assert asyncio.get_running_loop().time() - started < 0.5
+            assert pool.open_connections == 0
+
+    asyncio.run(main())

@@ -48,9 +48,9 @@ class Upstream:
         first request instead would stall every request and stream in flight."""
         self._verifying = await asyncio.to_thread(ssl.create_default_context)
 
-    async def close(self) -> None:
-        """Close the pool."""
-        await self.h1.close()
+    async def close(self, grace: float = 1.0) -> None:
+        """Close the pool: connections still in use get `grace` seconds, then are cut."""
+        await self.h1.close(grace)
 
     def ssl_context_for(self, channel: Channel) -> ssl.SSLContext:
         """The TLS context of `channel` (verifying unless the channel turns it off)."""

@@ -134,6 +134,8 @@ class H1Pool:
         self._prune_timer: asyncio.TimerHandle | None = None  # armed while any is idle
         self._targets: dict[str, Target] = {}  # parsed URLs; channels have a handful of them
         self._proxies: dict[str, ProxyRoute] = {}  # parsed proxy URLs
+        self._live: set[Connection] = set()  # every open connection, idle or busy
+        self._drained: asyncio.Future[None] | None = None  # while close() waits for the busy
         self._verifying: ssl.SSLContext | None = None
 
     @property
@@ -323,6 +325,7 @@ class H1Pool:
             raise ConnectTimeout("connecting to the upstream timed out") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectError(f"cannot connect to the upstream: {type(exc).__name__}") from None
+        self._live.add(conn)
         return conn
 
     def _release(self, conn: Connection, reusable: bool) -> None:
@@ -344,11 +347,14 @@ class H1Pool:
         if not conn.counted:
             return
         conn.counted = False
+        self._live.discard(conn)
         host = self._hosts.get(conn.key)
         if host is not None:
             host.open -= 1
         self._open -= 1
         self._wake()
+        if not self._open and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)  # the last busy connection of a closing pool
 
     def lost_idle(self, conn: Connection) -> None:
         """An idle connection the upstream closed: out of the pool at once."""
@@ -408,8 +414,10 @@ class H1Pool:
                 closed += 1
         return closed
 
-    async def close(self) -> None:
-        """Close every idle connection; busy ones close when their request ends."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Close the pool: hand out no more connections, close the idle ones at once, give
+        those in use `grace` seconds to finish their request (each closes as it ends), then
+        terminate what is left. Requests waiting for a connection fail with PoolClosed."""
         self._closed = True
         if self._prune_timer is not None:
             self._prune_timer.cancel()
@@ -421,4 +429,12 @@ class H1Pool:
             if not waiter.done():
                 waiter.set_exception(PoolClosed("the upstream pool is closed"))
         self._waiters.clear()
+        if self._open and grace > 0:
+            self._drained = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._drained
+        for conn in list(self._live):
+            conn.terminate()
+            self._drop(conn)
         await asyncio.sleep(0)  # let the transports run their close callbacks

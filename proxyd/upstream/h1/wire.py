@@ -10,6 +10,7 @@ import asyncio
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -89,12 +90,27 @@ def request_head(
 Key = tuple[str, int, ssl.SSLContext | None, str | None]
 
 
+class State(Enum):
+    """Where a connection is in its life. One exchange runs NEW or IDLE → WAITING → BODY →
+    DONE → IDLE (back in the pool); CLOSED is final, from anywhere."""
+
+    NEW = "new"  # connected, no request yet
+    WAITING = "waiting"  # a request was written; its answer's head has not arrived
+    BODY = "body"  # the head is in; the body is arriving
+    DONE = "done"  # the answer is complete; not yet given back
+    IDLE = "idle"  # in the pool, waiting for the next request
+    CLOSED = "closed"
+
+
 class Connection(asyncio.Protocol):
-    """One upstream connection: writes a request, parses the answer with httptools."""
+    """One upstream connection: writes a request, parses the answer with httptools.
+
+    Its life is one `State`; the per-answer facts beside it (keep-alive, bytes past the end,
+    a body that ends at close) are the HTTP parser's, reset for each exchange.
+    """
 
     __slots__ = (
         "_body",
-        "_complete",
         "_dirty",
         "_end_error",
         "_ended",
@@ -112,11 +128,11 @@ class Connection(asyncio.Protocol):
         "_timer",
         "_until_close",
         "_waiter",
-        "closed",
         "counted",
         "idle_since",
         "key",
         "loop",
+        "state",
         "transport",
     )
 
@@ -130,7 +146,7 @@ class Connection(asyncio.Protocol):
         self.key = key
         self._lost_idle = lost_idle  # the pool's: an idle connection the upstream closed
         self.transport: asyncio.Transport | None = None
-        self.closed = False
+        self.state = State.NEW
         self.counted = True  # still counted in the pool's open connections
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
@@ -147,7 +163,6 @@ class Connection(asyncio.Protocol):
         self._status = 0
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
-        self._complete = False
         self._keep_alive = False
         self._dirty = False
         self._until_close = True  # no Content-Length and not chunked: the body ends at close
@@ -160,7 +175,8 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio subclass
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None or self._complete:  # bytes nobody asked for: not reusable
+        state = self.state
+        if state is not State.WAITING and state is not State.BODY:  # bytes nobody asked for
             self.close()
             return
         if self._timer is not None:  # only the head (or a whole answer) has a read timeout
@@ -172,12 +188,12 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        was, self.state = self.state, State.CLOSED
         self.transport = None
-        if self._waiter is None:  # idle in the pool: the upstream closed it
+        if self._waiter is None:  # in the pool (or on its way out of it): out at once
             self._lost_idle(self)
             return
-        if self._complete:
+        if was is State.DONE:
             return
         if self._status >= 200 and self._until_close:  # a read-until-close body has ended
             self._finish()
@@ -186,7 +202,7 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self._complete:  # bytes past the answer, in the same read: the wire is not clean
+        if self.state is State.DONE:  # bytes past the answer, in one read: the wire is not clean
             self._dirty = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -198,6 +214,8 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._status = status = self._parser.get_status_code()
+        if status >= 200 and self.state is State.WAITING:
+            self.state = State.BODY
         if self._stream and status >= 200:  # the head is what a stream's caller waits for
             self._cancel_timer()
             waiter = self._waiter
@@ -226,7 +244,8 @@ class Connection(asyncio.Protocol):
         self._until_close = True
 
     def _finish(self) -> None:
-        self._complete = True
+        if self.state is not State.CLOSED:
+            self.state = State.DONE
         self._cancel_timer()
         if self._stream:
             self._end(None)
@@ -306,6 +325,7 @@ class Connection(asyncio.Protocol):
         `read_timeout` bounds only the wait for that head.
         """
         self._reset(stream)
+        self.state = State.WAITING
         if self._paused:  # a stream that ended in the read that paused it: read again
             self.resume_reading()
         waiter = self._waiter = self.loop.create_future()
@@ -320,18 +340,30 @@ class Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         """Whether the last exchange ended cleanly on a connection both sides keep open."""
         return (
-            self._complete
-            and not self.closed
+            self.state is State.DONE
             and self._keep_alive
             and not self._dirty
             and self.transport is not None
             and not self.transport.is_closing()
         )
 
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
     def release(self) -> None:
+        """The exchange is over: back to IDLE (the pool keeps it, or closes it)."""
         self._waiter = None
+        if self.state is not State.CLOSED:
+            self.state = State.IDLE
 
     def close(self) -> None:
-        self.closed = True
+        self.state = State.CLOSED
         if self.transport is not None:
             self.transport.close()
+
+    def terminate(self) -> None:
+        """Close at once, dropping whatever is unsent (a connection still busy at shutdown)."""
+        self.state = State.CLOSED
+        if self.transport is not None:
+            self.transport.abort()
