@@ -5,14 +5,104 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
+from pathlib import Path
+from types import MappingProxyType
 
+import orjson
 import pytest
 
-from proxyd.errors import ErrorType
+from proxyd.billing.pricing import compile_price
+from proxyd.errors import ErrorType, ProxydError
+from proxyd.protocol.call import Call, parse_call
+from proxyd.protocol.endpoints import ALL, COUNTING
 from proxyd.routing.health import Availability, ChannelHealth
-from proxyd.routing.route import Router
+from proxyd.routing.route import Router, route_call
 from proxyd.state.store import Channel, State
-from tests.fakes import make_channel
+from tests.conftest import SECRET, StartProxy, StartServer, channel, key, make_config, server_url
+from tests.fakes import FakeProvider, Step, chat_body, make_channel
+from tests.test_limits import make_key
+
+PRICE = compile_price({"input": "1", "output": "2"}, "0")
+
+
+def _state(chans: tuple[Channel, ...], *, priced: bool = True, model: str = "m") -> State:
+    return State(
+        channels=chans,
+        routes=MappingProxyType({model: chans}) if chans else MappingProxyType({}),
+        prices=MappingProxyType({model: PRICE} if priced else {}),
+    )
+
+
+def _call(path: str, model: str = "m") -> Call:
+    endpoint = next(e for e in ALL + COUNTING if e.path == path)
+    body: dict[str, object] = {"model": model, "messages": [], "input": "x", "max_tokens": 5}
+    return parse_call(endpoint, orjson.dumps(body))
+
+
+OA, AN = make_channel("oa"), make_channel("an", type="anthropic")
+
+
+@pytest.mark.parametrize(
+    ("case", "chans", "key_models", "path", "offline", "outcome"),
+    [
+        ("unknown model", (), None, "/v1/chat/completions", False, (404, "model_not_found")),
+        (
+            "model the key may not use",
+            (OA,),
+            {"x"},
+            "/v1/chat/completions",
+            False,
+            (403, "model_not_allowed"),
+        ),
+        ("no channel of the protocol", (AN,), None, "/v1/responses", False, (503, "no_channel")),
+        ("translatable endpoint", (AN, OA), None, "/v1/chat/completions", False, ("an", "oa")),
+        ("anthropic endpoint, translatable", (OA,), None, "/v1/messages", False, ("oa",)),
+        ("native only", (AN, OA), None, "/v1/responses", False, ("oa",)),
+        ("counting, no native channel", (OA,), None, "/v1/messages/count_tokens", True, ()),
+        ("counting, native channel", (AN, OA), None, "/v1/messages/count_tokens", True, ("an",)),
+    ],
+)
+def test_the_route_step(
+    case: str,
+    chans: tuple[Channel, ...],
+    key_models: set[str] | None,
+    path: str,
+    offline: bool,
+    outcome: tuple[object, ...],
+) -> None:
+    """model → price → the key's permission → the permitted channels, or 404, 403, 503."""
+    key = make_key(models=frozenset(key_models) if key_models is not None else None)
+    state = _state(chans)
+    if outcome and isinstance(outcome[0], int):
+        with pytest.raises(ProxydError) as caught:
+            route_call(state, key, _call(path), offline=offline)
+        assert (caught.value.status, caught.value.error_type.value) == outcome
+    else:
+        route = route_call(state, key, _call(path), offline=offline)
+        assert tuple(c.id for c in route.channels) == outcome
+        assert route.price is PRICE
+
+
+def test_a_model_without_a_price_is_not_found() -> None:
+    """A served model with no price is never routed (nothing is billed at a guessed rate)."""
+    with pytest.raises(ProxydError) as caught:
+        route_call(_state((OA,), priced=False), make_key(), _call("/v1/chat/completions"))
+    assert caught.value.status == 404
+
+
+def test_not_found_comes_before_not_allowed() -> None:
+    with pytest.raises(ProxydError) as caught:
+        route_call(_state(()), make_key(models=frozenset({"x"})), _call("/v1/chat/completions"))
+    assert caught.value.status == 404
+
+
+def test_a_native_route_is_the_same_tuple_each_time() -> None:
+    """The router caches its grouping per route tuple: the filtered route must not be rebuilt
+    per request."""
+    state = _state((AN, OA))
+    first = route_call(state, make_key(), _call("/v1/responses")).channels
+    assert route_call(state, make_key(), _call("/v1/responses")).channels is first
+
 
 # Chi-square critical values at p = 0.001 by degrees of freedom: a correct sampler fails the
 # seeded test with probability 1e-3 per seed; the seeds below are fixed, so the tests are stable.
@@ -133,17 +223,20 @@ def test_cooldown_trial_reaches_the_router() -> None:
     trial.release()
 
 
-def test_only_type_filters_without_bending_weights() -> None:
-    """only_type keeps that protocol's channels; among them the weights still hold."""
+def test_a_native_route_keeps_the_weights() -> None:
+    """An endpoint that cannot be translated is routed to its protocol's channels only; among
+    them the weights still hold."""
     chans = (
         make_channel("oa1", weight=1),
         make_channel("an", type="anthropic", weight=50),
         make_channel("oa3", weight=3),
     )
+    state = _state(chans)
+    native = route_call(state, make_key(), _call("/v1/responses")).channels
     router = Router(random.Random(9))
     seen: Counter[object] = Counter()
     for _ in range(8000):
-        plan = router.plan(chans, 0.0, AllReady(), only_type="openai")
+        plan = router.plan(native, 0.0, AllReady())
         assert {c.id for c in plan} == {"oa1", "oa3"}
         seen[plan[0].id] += 1
     assert chi_square(seen, {"oa1": 0.25, "oa3": 0.75}) < CHI2_CRIT_001[1]
@@ -193,3 +286,35 @@ def test_removed_channel_rotation_starts_over() -> None:
     assert router.next_credential(ch) == "k1"
     router.on_state(State(channels=(ch,)), State(channels=()))
     assert router.next_credential(ch) == "k1"
+
+
+async def test_route_refusals_come_before_admission(
+    tmp_path: Path, start_server: StartServer, start_proxy: StartProxy
+) -> None:
+    """End to end: a model the key may not use is a 403 model_not_allowed in the caller's
+    format, before the key's rate limit is touched (the third call still gets 403, not 429) and
+    without an upstream call; an unknown model is a 404 first."""
+    fake = FakeProvider(Step(body=chat_body("hi")))
+    server = await start_server(fake.app())
+    config = make_config(
+        tmp_path,
+        [channel("c1", server_url(server), models=["gpt-test", "other"])],
+        keys=[key(models=["gpt-test"], rpm=1)],
+    )
+    client, _ = await start_proxy(config)
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    for _ in range(3):
+        resp = await client.post(
+            "/v1/chat/completions", headers=auth, json={"model": "other", "messages": []}
+        )
+        body = await resp.json()
+        assert (resp.status, body["error"]["code"]) == (403, "model_not_allowed")
+    resp = await client.post(
+        "/v1/chat/completions", headers=auth, json={"model": "nope", "messages": []}
+    )
+    assert resp.status == 404
+    assert fake.seen == []
+    resp = await client.post(
+        "/v1/chat/completions", headers=auth, json={"model": "gpt-test", "messages": []}
+    )
+    assert resp.status == 200  # the rate limit was not spent by the refusals

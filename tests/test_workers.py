@@ -245,7 +245,11 @@ async def test_sighup_replaces_workers_without_dropping_a_request(
         await asyncio.sleep(0.3)
         done.set()
         await task
-        after = set(proxyd.worker_pids())
+        for _ in range(100):  # the retiring workers drain and exit, on a busy machine too
+            after = set(proxyd.worker_pids())
+            if len(after) == 2 and not before & after:
+                break
+            await asyncio.sleep(0.05)
         assert len(after) == 2
         assert not before & after
         assert len(statuses) > 10

@@ -157,7 +157,7 @@ class Admission:
         max_cost_nanos: int,
     ) -> Ticket:
         """Admit the request or raise a 403/429 ProxydError having returned all it took."""
-        _allowed(key, model, client_ip)
+        _allowed(key, client_ip)
         if (
             self.resale.observe(key.id, client_ip, user_agent, self._clock())
             and key.block_on_resale
@@ -184,18 +184,13 @@ class Admission:
 
         Nothing is reserved (a count is never billed) and rpm, tpm and concurrency are not used.
         """
-        _allowed(key, model, client_ip)
+        _allowed(key, client_ip)
         self.counting.take(key.id)
 
 
-def _allowed(key: KeyRecord, model: str, client_ip: str) -> None:
-    """403 unless the key may use `model` from `client_ip`."""
-    if key.models is not None and model not in key.models:
-        raise Forbidden(
-            f"This API key is not allowed to use the model '{model}'.",
-            error_type=ErrorType.MODEL_NOT_ALLOWED,
-            param="model",
-        )
+def _allowed(key: KeyRecord, client_ip: str) -> None:
+    """403 unless the key may be used from `client_ip` (its model list is the route step's,
+    `proxyd.routing.route.route_call`, which runs first)."""
     if key.allowed_networks and not address_allowed(client_ip, key.allowed_networks):
         raise Forbidden(
             "Requests with this API key are not allowed from this address.",

@@ -187,11 +187,10 @@ async def relay(
     deadline = loop.time() + settings.deadline_seconds
     health, router = parts.health, parts.router
     now = health.clock()
-    only = None if call.endpoint.translatable else call.endpoint.protocol
     attempts: list[Attempt] = []
     failures: list[AttemptFailed] = []
     first = session.channel_id if session is not None else None
-    for channel in router.plan(route, now, health, only_type=only, first=first):
+    for channel in router.plan(route, now, health, first=first):
         permit = health.acquire(channel, health.clock())
         if permit is None:
             continue

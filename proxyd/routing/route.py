@@ -1,7 +1,11 @@
-"""Routing: which channels to try for one request, in what order, and which credential each uses.
+"""Routing: which channels may serve one request, in what order, and which credential each uses.
 
-Pure module: no aiohttp, no I/O; the clock reading comes in as `now`. It only orders candidates:
-it never acquires a permit (health does) and never decides a retry (failover does).
+The route step is `route_call`: model → price → the key's permission → the channels that serve
+the model on this endpoint (404, 403, 503). `Router.plan` then orders those channels when the
+relay starts (priority, weight, health, the sticky session's channel first).
+
+Pure module: no aiohttp, no I/O; the clock reading comes in as `now`. It never acquires a permit
+(health does) and never decides a retry (failover does).
 """
 
 from __future__ import annotations
@@ -9,14 +13,84 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+from proxyd.billing.pricing import Price
+from proxyd.errors import ErrorType, Forbidden, ModelNotFound, UpstreamFailure
+from proxyd.protocol.call import Call
 from proxyd.routing.health import Availability
-from proxyd.state.store import Channel, State
+from proxyd.state.store import Channel, KeyRecord, State
 
 # One priority level: each channel with 1/weight, ready for the weighted shuffle.
 _Group = tuple[tuple[Channel, float], ...]
 _CACHE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request may go: its model's price and the channels permitted to serve it (in
+    the state's order; `Router.plan` orders them per attempt run)."""
+
+    price: Price
+    channels: tuple[Channel, ...]
+
+
+def route_call(state: State, key: KeyRecord, call: Call, *, offline: bool = False) -> Route:
+    """The route step: the price and the permitted channels of `call` for `key`.
+
+    - 404 model_not_found: nobody serves the model here, or it has no price;
+    - 403 model_not_allowed: the key's model list leaves it out;
+    - 503 no_channel: no channel speaks the endpoint's protocol and the endpoint cannot be
+      translated; with `offline` (token counting, which proxyd can answer itself) the route is
+      empty instead.
+
+    An endpoint that can be translated may use every channel of the model; one that cannot
+    only the channels of its own protocol.
+    """
+    model = call.model
+    price = state.prices.get(model)
+    channels = state.routes.get(model)
+    if price is None or channels is None:
+        raise ModelNotFound(
+            f"The model '{model}' does not exist or is not served here.", param="model"
+        )
+    if not key.allows_model(model):
+        raise Forbidden(
+            f"This API key is not allowed to use the model '{model}'.",
+            error_type=ErrorType.MODEL_NOT_ALLOWED,
+            param="model",
+        )
+    endpoint = call.endpoint
+    if endpoint.translatable:
+        return Route(price, channels)
+    native = _native(channels, endpoint.protocol)
+    if native or offline:
+        return Route(price, native)
+    raise UpstreamFailure(
+        "No channel can serve this model on this endpoint.",
+        status=503,
+        error_type=ErrorType.NO_CHANNEL,
+    )
+
+
+# The channels of one protocol, per route tuple (held, so its id stays unique) and protocol:
+# the same tuple object every time, so the router's grouping cache keeps working.
+_NATIVE: dict[tuple[int, str], tuple[tuple[Channel, ...], tuple[Channel, ...]]] = {}
+
+
+def _native(channels: tuple[Channel, ...], protocol: str) -> tuple[Channel, ...]:
+    hit = _NATIVE.get((id(channels), protocol))
+    if hit is not None and hit[0] is channels:
+        return hit[1]
+    if all(c.type == protocol for c in channels):
+        native = channels
+    else:
+        native = tuple(c for c in channels if c.type == protocol)
+    if len(_NATIVE) >= _CACHE_LIMIT:
+        _NATIVE.clear()
+    _NATIVE[(id(channels), protocol)] = (channels, native)
+    return native
 
 
 class HealthView(Protocol):
@@ -50,10 +124,9 @@ class Router:
         now: float,
         health: HealthView,
         *,
-        only_type: str | None = None,
         first: str | None = None,
     ) -> list[Channel]:
-        """The channels to try, best first; `only_type` keeps channels of that type only.
+        """The channels to try, best first (`channels`: a route's permitted ones).
 
         `first` (a sticky session's channel id) goes to the front while it is READY and of the
         best priority READY; cooling down, capped, gone or outranked (a backup the session fell
@@ -70,8 +143,6 @@ class Router:
             else:
                 ordered = sorted(group, key=lambda cw: log(1.0 - rnd()) * cw[1], reverse=True)
             for channel, _ in ordered:
-                if only_type is not None and channel.type != only_type:
-                    continue
                 seen = availability(channel, now)
                 if seen is Availability.READY:
                     out.append(channel)

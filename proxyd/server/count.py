@@ -20,11 +20,11 @@ from proxyd.protocol.call import Call
 from proxyd.protocol.endpoints import COUNTING, Endpoint
 from proxyd.relay.outcome import Outcome
 from proxyd.relay.relay import relay
+from proxyd.routing.route import route_call
 from proxyd.server.handlers import (
     error_response,
     new_request_id,
     read_call,
-    resolve,
     send_now,
 )
 from proxyd.server.pipeline import Arrival, Pipeline
@@ -68,15 +68,14 @@ async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.St
     try:
         call = await read_call(request, endpoint)
         call.query = request.rel_url.raw_query_string
-        resolve(state, key, call)
+        route = route_call(state, key, call, offline=True)
         p.admission.admit_count(key, model=call.model, client_ip=arrival.client_ip or "")
-        route = tuple(c for c in state.routes.get(call.model, ()) if c.type == endpoint.protocol)
         response: web.StreamResponse | None = None
-        if route:
+        if route.channels:
             response = await relay(
                 request,
                 call,
-                route,
+                route.channels,
                 p.relay,
                 outcome,
                 request_id=request_id,

@@ -14,17 +14,16 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxyd.admission.authenticate import authenticate
-from proxyd.billing import pricing
-from proxyd.errors import BodyTooLarge, ModelNotFound, ProxydError
+from proxyd.errors import BodyTooLarge, ProxydError
 from proxyd.protocol import anthropic as anthropic_wire
 from proxyd.protocol import openai as openai_wire
 from proxyd.protocol.call import Call, parse_call
 from proxyd.protocol.endpoints import ALL, Endpoint
 from proxyd.relay.outcome import Outcome
 from proxyd.relay.relay import relay
+from proxyd.routing.route import route_call
 from proxyd.server.pipeline import Arrival, Pipeline
 from proxyd.server.respond import WholeResponse
-from proxyd.state.store import KeyRecord, State
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,23 +88,22 @@ class ClientHandlers:
         try:
             call = await read_call(request, endpoint)
             call.query = request.rel_url.raw_query_string
-            price = resolve(state, key, call)
+            route = route_call(state, key, call)
             ticket = await p.admission.admit(
                 key,
                 model=call.model,
                 client_ip=arrival.client_ip or "",
                 user_agent=request.headers.get("User-Agent", ""),
                 est_tokens=p.estimate_tokens(call),
-                max_cost_nanos=p.max_cost(price, call),
+                max_cost_nanos=p.max_cost(route.price, call),
             )
-            channels = p.route(state, call)
             if call.stream:
                 p.metrics.stream_opened()
             try:
                 response = await relay(
                     request,
                     call,
-                    channels,
+                    route.channels,
                     p.relay,
                     outcome,
                     request_id=request_id,
@@ -205,16 +203,6 @@ async def read_call(request: web.Request, endpoint: Endpoint) -> Call:
 
 def _too_large(limit: int) -> BodyTooLarge:
     return BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-
-
-def resolve(state: State, key: KeyRecord, call: Call) -> pricing.Price:
-    """The price of the requested model; 403 outside the key's list, 404 if nobody serves it."""
-    price = state.prices.get(call.model)
-    if price is None or call.model not in state.routes:
-        raise ModelNotFound(
-            f"The model '{call.model}' does not exist or is not served here.", param="model"
-        )
-    return price
 
 
 MAX_BODY = web.AppKey("max_body_bytes", int)

@@ -1,7 +1,8 @@
 """The pieces one request passes through, held together for the handler, and the record step.
 
-Owns the decisions that join the steps: what to reserve at admission, which channels to try,
-and how a finished request becomes its one usage record. Never touches a body beyond counting.
+Owns the decisions that join the steps: what to reserve at admission, the request's sticky
+session, and how a finished request becomes its one usage record (the route step is
+`proxyd.routing.route.route_call`). Never touches a body beyond counting.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from proxyd.admission.admit import Admission, Ticket
 from proxyd.billing import pricing
 from proxyd.billing.record import UsageRecord
 from proxyd.billing.writer import BillingWriter
-from proxyd.errors import ErrorType, UpstreamFailure
 from proxyd.observability.metrics import Metrics
 from proxyd.protocol.call import Call
 from proxyd.protocol.estimate import Tokenizer
@@ -26,7 +26,7 @@ from proxyd.protocol.usage import Usage, completion_text, usage_from_body
 from proxyd.relay.outcome import Outcome
 from proxyd.relay.relay import Relay
 from proxyd.routing.sticky import Session, StickyTable, session_id
-from proxyd.state.store import Channel, State, StateStore
+from proxyd.state.store import State, StateStore
 
 # Body parts naming state the provider holds or fetches (a previous response, a conversation,
 # an uploaded file, an image by URL), whose tokens the body's bytes cannot bound. An inline
@@ -126,19 +126,7 @@ class Pipeline:
             return max(bound, self.unbounded_reserve_nanos)
         return bound
 
-    # -- route ------------------------------------------------------------------------------
-    @staticmethod
-    def route(state: State, call: Call) -> tuple[Channel, ...]:
-        """The channels that serve the model (ordered per request by the relay's router)."""
-        route = state.routes.get(call.model, ())
-        if call.endpoint.translatable or any(c.type == call.endpoint.protocol for c in route):
-            return route
-        raise UpstreamFailure(
-            "No channel can serve this model on this endpoint.",
-            status=503,
-            error_type=ErrorType.NO_CHANNEL,
-        )
-
+    # -- session ----------------------------------------------------------------------------
     async def session(
         self, key_id: str, call: Call, headers: Mapping[str, str], *, track: bool = True
     ) -> Session | None:
