@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxyd.admission.admit import Admission, AdmissionSettings, Ledger, Limits
 from proxyd.admission.balances import LocalLedger
+from proxyd.admission.clientip import client_address, parse_networks
 from proxyd.admission.limits import LocalLimits
 from proxyd.billing.migrate import migrate, retention_task
 from proxyd.billing.opener import open_sink
@@ -36,11 +37,11 @@ from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
 from proxyd.routing.sticky import StickyTable
 from proxyd.server import connection
-from proxyd.server.clientip import client_address, parse_networks
 from proxyd.server.connection import ConnectionStats
 from proxyd.server.count import count_routes
 from proxyd.server.handlers import MAX_BODY, ClientHandlers
 from proxyd.server.pipeline import Pipeline
+from proxyd.server.respond import FlowControl
 from proxyd.server.server_errors import server_header_hook
 from proxyd.state import sync
 from proxyd.state.store import StateStore
@@ -212,7 +213,7 @@ def create_app(config: Config, parts: Parts | None = None) -> web.Application:
     trusted = parse_networks(config.server.trusted_proxies)
     pipeline = Pipeline(
         store=parts.store,
-        relay=Relay(parts.upstream, parts.health, parts.router, parts.metrics),
+        relay=Relay(parts.upstream, parts.health, parts.router, parts.metrics, FlowControl),
         admission=parts.admission,
         writer=parts.writer,
         metrics=parts.metrics,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxyd.server.clientip import address_allowed, client_address, client_ip, parse_networks
+from proxyd.admission.clientip import address_allowed, client_address, client_ip, parse_networks
 
 TRUSTED = parse_networks(["10.0.0.0/8", "fd00::/8"])
 

@@ -1,4 +1,5 @@
-"""Fails loudly when aiohttp changes an internal that proxyd/server/connection.py relies on."""
+"""Fails loudly when aiohttp changes an internal that proxyd/server/connection.py (the guarded
+protocol) or proxyd/server/respond.py (the response writer and FlowControl) relies on."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from proxyd.server.connection import (
     GuardedRequestHandler,
     GuardedServer,
 )
+from proxyd.server.respond import FlowControl
 
 
 def test_the_request_handler_internals_are_still_there() -> None:
@@ -158,4 +160,64 @@ async def test_a_body_deadline_reaches_any_handler_as_a_json_408() -> None:
         assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
         assert stats.cut["body"] == 1
     finally:
+        await runner.cleanup()
+
+
+def test_the_writer_internals_are_still_there() -> None:
+    """What proxyd/server/respond.py reads or sets: a response's sent flags, and the
+    protocol's write pause that FlowControl exposes to the relay."""
+    response = web.StreamResponse()
+    for name, value in (("_eof_sent", False), ("_keep_alive", None)):
+        assert hasattr(response, name), f"aiohttp's StreamResponse lost {name}"
+        assert getattr(response, name) == value, f"StreamResponse.{name} starts differently"
+    paused = inspect.getattr_static(RequestHandler, "writing_paused", None)
+    assert isinstance(paused, property), "aiohttp's protocol lost its writing_paused property"
+    drain = getattr(RequestHandler, "_drain_helper", None)
+    assert drain is not None, "aiohttp's protocol lost _drain_helper"
+    assert inspect.iscoroutinefunction(drain), "_drain_helper is no longer a coroutine"
+    # write_eof must do nothing for a response whose _eof_sent proxyd set
+    assert "if self._eof_sent:" in inspect.getsource(web.StreamResponse.write_eof)
+
+
+async def test_flow_control_pauses_and_drains_with_a_real_client() -> None:
+    """A stream written through FlowControl to a client that does not read: `paused` turns on
+    once the transport's buffer passes its high-water mark, and `drain` returns once the
+    client reads again."""
+    flows: list[FlowControl] = []
+    release = asyncio.Event()
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        flow = FlowControl(request)
+        flows.append(flow)
+        chunk = b"x" * 65536
+        while not flow.paused:
+            flow.write(chunk)
+        release.set()
+        await flow.drain()
+        flow.write(b"end")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", flood)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(release.wait(), 10)  # the client has not read a byte yet
+        assert flows[0].paused
+        assert not flows[0].is_closing()
+        data = b""
+        while not data.endswith(b"end0\r\n\r\n"):  # reading lets drain() return (raw, then the end)
+            more = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert more
+            data += more
+    finally:
+        writer.close()
         await runner.cleanup()

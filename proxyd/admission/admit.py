@@ -14,12 +14,12 @@ from typing import Any, Protocol
 import structlog
 
 from proxyd.admission.balances import BalanceView, Reservation
+from proxyd.admission.clientip import address_allowed
 from proxyd.admission.counting import CountLimiter
 from proxyd.admission.limits import LimitGrant
 from proxyd.admission.resale import ResaleWatch
 from proxyd.admission.spend import LocalSpend, SpendReservation, SpendWindows
 from proxyd.errors import ErrorType, Forbidden
-from proxyd.server.clientip import address_allowed
 from proxyd.state.store import KeyRecord
 
 log = structlog.get_logger("proxyd.admission.admit")

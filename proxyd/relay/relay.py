@@ -30,14 +30,27 @@ from proxyd.relay.failover import (
 )
 from proxyd.relay.outcome import Outcome
 from proxyd.relay.provider_errors import MESSAGES, Fault, fault_of, shows_provider_message
-from proxyd.relay.stream import relay_stream
+from proxyd.relay.stream import FlowFor, relay_stream
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
 from proxyd.routing.sticky import Session
-from proxyd.server.respond import WholeResponse
 from proxyd.state.store import Channel
 from proxyd.upstream.attempt import Answered, Upstream, Whole, open_attempt
 from proxyd.upstream.failures import AttemptFailed
+
+
+@dataclass(frozen=True, slots=True)
+class WholeReply:
+    """A whole answer for the client (status, body, headers), which the server writes in one
+    go; the relay never writes to the client itself except a stream."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+
+Reply = web.StreamResponse | WholeReply
+"""What the relay hands back: a stream it already relayed, or a whole answer to write."""
 
 
 def client_headers_for(upstream: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
@@ -58,7 +71,8 @@ async def deliver(
     outcome: Outcome,
     request_id: str,
     extra_headers: Mapping[str, str],
-) -> web.StreamResponse:
+    flow_for: FlowFor,
+) -> Reply:
     """Pass a chosen upstream answer to the client; `resp` is always released.
 
     An answer that broke after its head, before any byte was sent, is `decide`d (ABORT): the
@@ -72,7 +86,7 @@ async def deliver(
         return whole_response(exchange, resp.status, resp.body, headers, outcome)
     is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
     if exchange.call.stream and is_sse and resp.status < 400:
-        return await relay_stream(request, exchange, resp, outcome, headers)
+        return await relay_stream(request, exchange, resp, outcome, headers, flow_for)
     try:  # a stream call answered whole: no per-read timeout, so the whole body is bounded
         raw = await resp.read(exchange.channel.chunk_timeout)
     except AttemptFailed as failed:
@@ -92,7 +106,7 @@ def _broken(failed: AttemptFailed, status: int) -> ProxydError:
 
 def whole_response(
     exchange: Exchange, status: int, raw: bytes, headers: CIMultiDict[str], outcome: Outcome
-) -> WholeResponse:
+) -> WholeReply:
     """A whole upstream answer for the client, converted when translated; usage noted or kept."""
     if status >= 400:
         outcome.fail(ErrorType.UPSTREAM_CLIENT_ERROR, status)
@@ -110,7 +124,7 @@ def whole_response(
         outcome.whole_answer(raw)
     outcome.deliver(status)
     outcome.first_byte(asyncio.get_running_loop().time())
-    return WholeResponse(status, body, headers.items())
+    return WholeReply(status, body, tuple(headers.items()))
 
 
 def refused(
@@ -120,7 +134,7 @@ def refused(
     outcome: Outcome,
     request_id: str,
     extra_headers: Mapping[str, str],
-) -> WholeResponse:
+) -> WholeReply:
     """An upstream error answer that is the client's: the provider's own body (in the client's
     format) only when it is about the client's request; otherwise proxyd's message, same status.
     """
@@ -147,12 +161,14 @@ class RelayObserver(Protocol):
 
 @dataclass(slots=True)
 class Relay:
-    """The long-lived parts the relay uses: the pool, channel health, the router, metrics."""
+    """The long-lived parts the relay uses: the pool, channel health, the router, metrics, and
+    how a prepared response's client connection is written to (`FlowControl`)."""
 
     upstream: Upstream
     health: ChannelHealth
     router: Router
     observer: RelayObserver
+    flow_for: FlowFor
 
 
 def _attempt_of(failed: AttemptFailed) -> Attempt:
@@ -172,7 +188,7 @@ async def relay(
     request_id: str,
     extra_headers: Mapping[str, str],
     session: Session | None = None,
-) -> web.StreamResponse:
+) -> Reply:
     """Try the planned channels until one answers; failover only before the first byte.
 
     A sticky `session` puts its channel first and its credential in use; the channel that
@@ -235,7 +251,7 @@ async def relay(
             )
             try:
                 response = await deliver(
-                    request, exchange, resp, outcome, request_id, extra_headers
+                    request, exchange, resp, outcome, request_id, extra_headers, parts.flow_for
                 )
             except ProxydError as broke:  # broke after its head, before a byte was sent
                 permit.failure(broke.error_type)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -58,6 +58,21 @@ class _IdleWatch:
             self._handle = None
 
 
+class ClientFlow(Protocol):
+    """The client's connection as the stream writes to it (`proxyd.server.respond.FlowControl`
+    is the one proxyd uses; the relay never touches aiohttp's internals itself)."""
+
+    def write(self, data: bytes) -> None: ...
+    def is_closing(self) -> bool: ...
+    @property
+    def paused(self) -> bool: ...
+    async def drain(self) -> None: ...
+
+
+FlowFor = Callable[[web.BaseRequest], ClientFlow]
+"""How the relay gets a prepared response's client flow (raises ConnectionError if it left)."""
+
+
 class ClientGone(Exception):
     """The client's connection closed while its stream was being relayed."""
 
@@ -75,14 +90,13 @@ class _Pipe:
         "client_gone",
         "ended",
         "error",
+        "flow",
         "frame",
         "loop",
         "outcome",
         "paused",
-        "protocol",
         "splitter",
         "transform",
-        "transport",
         "upstream",
         "waiter",
         "watch",
@@ -93,8 +107,7 @@ class _Pipe:
         loop: asyncio.AbstractEventLoop,
         transform: StreamTransform,
         outcome: Outcome,
-        transport: asyncio.Transport,
-        protocol: Any,
+        flow: ClientFlow,
         watch: _IdleWatch,
         frame: Callable[[bytes], bytes],
     ) -> None:
@@ -103,8 +116,7 @@ class _Pipe:
         self.transform = transform
         self.splitter = EventSplitter()
         self.outcome = outcome
-        self.transport = transport
-        self.protocol = protocol  # the client connection's aiohttp protocol (its write pause)
+        self.flow = flow  # the client's connection: write, its write pause, whether it left
         self.watch = watch
         self.upstream: Streaming | None = None  # paused while the client does not read
         self.waiter: asyncio.Future[None] | None = None
@@ -126,13 +138,13 @@ class _Pipe:
             return
         if self.outcome.first_byte_at is None:
             self.outcome.first_byte(now)
-        transport = self.transport
-        if transport.is_closing():
+        flow = self.flow
+        if flow.is_closing():
             self.client_gone = True
             self.end(ClientGone("the client left"))
             return
-        transport.write(self.frame(events[0] if len(events) == 1 else b"".join(events)))
-        if self.protocol.writing_paused and not self.paused:  # the client is not reading
+        flow.write(self.frame(events[0] if len(events) == 1 else b"".join(events)))
+        if flow.paused and not self.paused:  # the client is not reading
             self.paused = True
             if self.upstream is not None:
                 self.upstream.pause_reading()
@@ -160,10 +172,8 @@ class _Pipe:
             self.waiter = None
 
 
-async def _pump(resp: Streaming, pipe: _Pipe | None) -> None:
+async def _pump(resp: Streaming, pipe: _Pipe) -> None:
     """Relay `resp`'s body through `pipe` to its end; raise what broke it, if anything did."""
-    if pipe is None:
-        raise ClientGone("the client left")
     pipe.upstream = resp
     resp.attach(pipe.feed, pipe.end)  # the h1 client calls the pipe from its parser
     await _follow(pipe)
@@ -182,7 +192,7 @@ async def _follow(pipe: _Pipe) -> None:
 
 async def _unpause(pipe: _Pipe) -> None:
     if pipe.paused and not pipe.ended:
-        await pipe.protocol._drain_helper()  # what aiohttp's writer awaits to drain
+        await pipe.flow.drain()
         pipe.paused = False
         if pipe.upstream is not None:
             pipe.upstream.resume_reading()  # may feed held-back reads right here
@@ -194,6 +204,7 @@ async def relay_stream(
     resp: Streaming,
     outcome: Outcome,
     headers: CIMultiDict[str],
+    flow_for: FlowFor,
 ) -> web.StreamResponse:
     """Relay an upstream SSE answer whose head is in; `outcome` learns how it ended."""
     headers["Content-Type"] = (
@@ -213,10 +224,8 @@ async def relay_stream(
         outcome.deliver(resp.status)
         # Events go straight to the client's transport, framed as aiohttp would frame them;
         # aiohttp's writer still ends the response. A client that does not read pauses us.
-        transport = request.transport
-        if transport is not None:
-            frame = framing(request.version >= (1, 1))  # what aiohttp's writer negotiated
-            pipe = _Pipe(loop, transform, outcome, transport, request.protocol, watch, frame)
+        frame = framing(request.version >= (1, 1))  # what aiohttp's writer negotiated
+        pipe = _Pipe(loop, transform, outcome, flow_for(request), watch, frame)
         await _pump(resp, pipe)
         tail, complete = transform.finish()
         outcome.saw_usage(transform.usage())
@@ -229,8 +238,7 @@ async def relay_stream(
     except (AttemptFailed, ClientGone, ConnectionError) as exc:
         # ConnectionError: aiohttp's own writes to a client that left
         resp.close()
-        gone = writing or (pipe is not None and pipe.client_gone)
-        if gone or request.transport is None or request.transport.is_closing():
+        if writing or pipe is None or pipe.client_gone or pipe.flow.is_closing():
             kind = AttemptKind.CLIENT_GONE
         else:
             kind = exc.kind if isinstance(exc, AttemptFailed) else AttemptKind.CLIENT_GONE

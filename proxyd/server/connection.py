@@ -1,10 +1,12 @@
 """Client connections: a deadline per phase, a cap per process, and JSON for bad HTTP.
 
-The one module that reaches into aiohttp's server protocol (`RequestHandler`'s `_waiter`,
-`_messages`, `_request_factory`, `_request_handler`, `_lingering_time`, `_process_keepalive`,
-`handle_error`, `Server._kwargs`). Guarded by tests/test_connection_internals.py, which fails
-loudly when aiohttp changes any of them, and by tests/test_client_deadlines.py and
-tests/test_server_errors.py (black-box, against a real proxyd process). Never reads a body.
+One of the two modules that reach into aiohttp's server internals: this one subclasses the
+protocol (`RequestHandler`'s `_waiter`, `_messages`, `_request_factory`, `_request_handler`,
+`_lingering_time`, `_process_keepalive`, `handle_error`, `Server._kwargs`); the other,
+`proxyd/server/respond.py`, holds the response writer and flow control. Guarded by
+tests/test_connection_internals.py, which fails loudly, naming the attribute, when aiohttp
+changes any of them, and by tests/test_client_deadlines.py and tests/test_server_errors.py
+(black-box, against a real proxyd process). Never reads a body.
 
 Phases of a connection and what bounds each (one timer per connection, moved only when the
 phase changes, never per read):

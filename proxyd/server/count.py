@@ -28,7 +28,7 @@ from proxyd.server.handlers import (
     send_now,
 )
 from proxyd.server.pipeline import Arrival, Pipeline
-from proxyd.server.respond import WholeResponse
+from proxyd.server.respond import WholeResponse, as_response
 
 ESTIMATED_HEADER = "x-proxyd-estimated"
 # Upstream answers meaning "this provider has no token counting": count offline instead.
@@ -72,15 +72,17 @@ async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.St
         p.admission.admit_count(key, model=call.model, client_ip=arrival.client_ip or "")
         response: web.StreamResponse | None = None
         if route.channels:
-            response = await relay(
-                request,
-                call,
-                route.channels,
-                p.relay,
-                outcome,
-                request_id=request_id,
-                extra_headers={},
-                session=await p.session(key.id, call, request.headers, track=False),
+            response = as_response(
+                await relay(
+                    request,
+                    call,
+                    route.channels,
+                    p.relay,
+                    outcome,
+                    request_id=request_id,
+                    extra_headers={},
+                    session=await p.session(key.id, call, request.headers, track=False),
+                )
             )
         if response is None or response.status in NOT_OFFERED:
             outcome = Outcome()  # what the relay recorded of the refusal is not this answer's

@@ -23,7 +23,7 @@ from proxyd.relay.outcome import Outcome
 from proxyd.relay.relay import relay
 from proxyd.routing.route import route_call
 from proxyd.server.pipeline import Arrival, Pipeline
-from proxyd.server.respond import WholeResponse
+from proxyd.server.respond import WholeResponse, as_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -100,7 +100,7 @@ class ClientHandlers:
             if call.stream:
                 p.metrics.stream_opened()
             try:
-                response = await relay(
+                reply = await relay(
                     request,
                     call,
                     route.channels,
@@ -113,6 +113,7 @@ class ClientHandlers:
             finally:
                 if call.stream:
                     p.metrics.stream_closed()
+            response = as_response(reply)
             await send_now(request, response, outcome)
             return response
         except ProxydError as err:

@@ -1,8 +1,14 @@
-"""Whole responses to the client, serialised by proxyd and written in one transport write.
+"""The response writer: whole responses written in one transport write, and the flow control a
+relayed stream writes through.
 
 For answers whose body is known up front (refusals, errors, whole upstream answers): the status
-line, headers and body go out in one write instead of aiohttp's header machinery. Streams use
-aiohttp's StreamResponse. Never logs or keeps a body.
+line, headers and body go out in one write instead of aiohttp's header machinery. A stream is
+aiohttp's StreamResponse whose events go straight to the transport through `FlowControl`.
+
+With `proxyd/server/connection.py`, the only module that touches aiohttp's server internals:
+here a response's sent flags (`StreamResponse._eof_sent`, `_keep_alive`) and the protocol's
+write pause (`writing_paused`, `_drain_helper`), each behind one function or `FlowControl`,
+guarded by tests/test_connection_internals.py. Never logs or keeps a body.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
+
+from proxyd.relay.relay import Reply, WholeReply
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -43,6 +51,66 @@ def head_bytes(status: int, lines: str, length: int, *, http10: bool, keep_alive
     ).encode("latin-1")
 
 
+class FlowControl:
+    """A client connection as a stream writer sees it, in uvicorn's FlowControl manner: write
+    bytes, tell whether the client stopped reading (the transport's write buffer is over its
+    high-water mark) or left, and wait until it drains.
+
+    Built from a prepared response's request; `write` and `is_closing` are the transport's
+    own bound methods, so a stream's per-event path pays no extra call for them.
+    """
+
+    __slots__ = ("_protocol", "is_closing", "write")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the client left")
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+        self._protocol = request.protocol  # aiohttp's RequestHandler: its write pause
+
+    @property
+    def paused(self) -> bool:
+        """Whether the client stopped reading (writing is paused on its connection)."""
+        return bool(self._protocol.writing_paused)
+
+    async def drain(self) -> None:
+        """Until the client has read enough that writing may go on (what aiohttp's own
+        writer awaits)."""
+        await self._protocol._drain_helper()
+
+
+def write_whole(
+    response: web.StreamResponse, request: web.BaseRequest, head: bytes, body: bytes
+) -> bool:
+    """Write a whole response (its `head` and `body`) in one transport write and mark it sent,
+    so aiohttp's `write_eof` has nothing left to do; False if it had been written already.
+    Raises ConnectionResetError for a client that left."""
+    if response._eof_sent:  # aiohttp's own flag for a response already written
+        return False
+    response._eof_sent = True
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client went away before the response")
+    transport.write(head + body)
+    return True
+
+
+def keep_alive_of(response: web.StreamResponse, request: web.BaseRequest) -> bool:
+    """Whether the connection stays open after `response`: as set on it, else the request's
+    (and it is set on the response from now on, as aiohttp's own prepare does)."""
+    keep_alive = response._keep_alive
+    if keep_alive is None:
+        keep_alive = response._keep_alive = request.keep_alive
+    return keep_alive
+
+
+def server_line(request: web.BaseRequest) -> str:
+    """The configured `Server:` header line of the request's connection ("" by default)."""
+    return getattr(request.protocol, "server_line", "")
+
+
 class WholeResponse(web.StreamResponse):
     """A complete response (status, headers, body) written in one go when aiohttp prepares it.
 
@@ -62,24 +130,22 @@ class WholeResponse(web.StreamResponse):
         return self._whole_body
 
     async def prepare(self, request: web.BaseRequest) -> None:
-        if self._eof_sent:  # aiohttp's own flag for a response already written
-            return
-        keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
-        body = b"" if request.method == "HEAD" else self._whole_body
+        keep_alive = keep_alive_of(self, request)
         head = head_bytes(
             self.status,
-            # the configured Server header line, "" by default (proxyd/server/connection.py)
-            self._whole_lines + getattr(request.protocol, "server_line", ""),
+            self._whole_lines + server_line(request),  # "" unless one is configured
             len(self._whole_body),
             http10=request.version < (1, 1),
             keep_alive=keep_alive,
         )
-        self._keep_alive = keep_alive
-        self._eof_sent = True
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client went away before the response")
-        transport.write(head + body)
+        write_whole(self, request, head, b"" if request.method == "HEAD" else self._whole_body)
 
     async def write_eof(self, data: bytes = b"") -> None:
         return
+
+
+def as_response(reply: Reply) -> web.StreamResponse:
+    """The relay's reply as aiohttp's response: a whole answer becomes a WholeResponse."""
+    if isinstance(reply, WholeReply):
+        return WholeResponse(reply.status, reply.body, reply.headers)
+    return reply
