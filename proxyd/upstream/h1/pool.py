@@ -293,6 +293,7 @@ class H1Pool:
             self._open -= 1
             host.open -= 1
             self._wake()
+            self._check_drained()
             raise
 
     async def _connect(
@@ -325,6 +326,10 @@ class H1Pool:
             raise ConnectTimeout("connecting to the upstream timed out") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectError(f"cannot connect to the upstream: {type(exc).__name__}") from None
+        if self._closed:  # the pool closed while this one connected: it is not handed out
+            conn.counted = False  # the caller counts it out
+            conn.terminate()
+            raise PoolClosed("the upstream pool is closed")
         self._live.add(conn)
         return conn
 
@@ -353,6 +358,9 @@ class H1Pool:
             host.open -= 1
         self._open -= 1
         self._wake()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
         if not self._open and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)  # the last busy connection of a closing pool
 
@@ -417,7 +425,8 @@ class H1Pool:
     async def close(self, grace: float = 0.0) -> None:
         """Close the pool: hand out no more connections, close the idle ones at once, give
         those in use `grace` seconds to finish their request (each closes as it ends), then
-        terminate what is left. Requests waiting for a connection fail with PoolClosed."""
+        terminate what is left: its request (or stream) fails with PoolClosed. Requests waiting
+        for a connection, or still connecting, fail with PoolClosed."""
         self._closed = True
         if self._prune_timer is not None:
             self._prune_timer.cancel()

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from proxyd.upstream.h1.errors import H1Error, ProtocolError, ReadTimeout
+from proxyd.upstream.h1.errors import H1Error, PoolClosed, ProtocolError, ReadTimeout
 
 
 class BadTarget(ValueError):
@@ -102,6 +102,12 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# The states data_received tests on every read, as module globals: in Python 3.11 an Enum
+# member looked up on its class (State.BODY) costs ~60 ns, a global ~5. BODY is tested first.
+_WAITING = State.WAITING
+_BODY = State.BODY
+
+
 class Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses the answer with httptools.
 
@@ -176,7 +182,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state is not State.WAITING and state is not State.BODY:  # bytes nobody asked for
+        if state is not _BODY and state is not _WAITING:  # bytes nobody asked for
             self.close()
             return
         if self._timer is not None:  # only the head (or a whole answer) has a read timeout
@@ -193,9 +199,9 @@ class Connection(asyncio.Protocol):
         if self._waiter is None:  # in the pool (or on its way out of it): out at once
             self._lost_idle(self)
             return
-        if was is State.DONE:
+        if was is State.DONE or was is State.CLOSED:  # complete, or closed by us (who told it)
             return
-        if self._status >= 200 and self._until_close:  # a read-until-close body has ended
+        if was is State.BODY and self._until_close:  # the upstream ended a read-until-close body
             self._finish()
             return
         self._fail(ProtocolError("the upstream closed the connection", status=self._status))
@@ -363,7 +369,11 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def terminate(self) -> None:
-        """Close at once, dropping whatever is unsent (a connection still busy at shutdown)."""
+        """Close at once, dropping whatever is unsent (a connection still busy at shutdown); an
+        exchange in progress learns PoolClosed, never a clean end."""
+        state = self.state
+        if state is State.WAITING or state is State.BODY:
+            self._fail(PoolClosed("the upstream pool was closed", status=self._status))
         self.state = State.CLOSED
         if self.transport is not None:
             self.transport.abort()
