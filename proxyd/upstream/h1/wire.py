@@ -102,6 +102,12 @@ class State(Enum):
     CLOSED = "closed"
 
 
+class _PastTheAnswer(Exception):
+    """Raised in the parser's callback when a second answer begins: httptools stops there and
+    raises HttpParserCallbackError from feed_data. The exchange is complete; the connection,
+    whose wire is not clean, closes."""
+
+
 # The states data_received tests on every read, as module globals: in Python 3.11 an Enum
 # member looked up on its class (State.BODY) costs ~60 ns, a global ~5. BODY is tested first.
 _WAITING = State.WAITING
@@ -111,13 +117,12 @@ _BODY = State.BODY
 class Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses the answer with httptools.
 
-    Its life is one `State`; the per-answer facts beside it (keep-alive, bytes past the end,
-    a body that ends at close) are the HTTP parser's, reset for each exchange.
+    Its life is one `State`; the per-answer facts beside it (keep-alive, a body that ends at
+    close) are the HTTP parser's, reset for each exchange.
     """
 
     __slots__ = (
         "_body",
-        "_dirty",
         "_end_error",
         "_ended",
         "_headers",
@@ -170,7 +175,6 @@ class Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._keep_alive = False
-        self._dirty = False
         self._until_close = True  # no Content-Length and not chunked: the body ends at close
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -189,7 +193,7 @@ class Connection(asyncio.Protocol):
             self._last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except httptools.HttpParserError as exc:  # or _PastTheAnswer, from a callback
             self._fail(ProtocolError(f"malformed upstream answer: {exc}", status=self._status))
             self.close()
 
@@ -208,8 +212,8 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.state is State.DONE:  # bytes past the answer, in one read: the wire is not clean
-            self._dirty = True
+        if self.state is State.DONE:  # an answer past the answer, in the same read: stop the
+            raise _PastTheAnswer  # parser before its headers or body reach the caller
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = name.decode("latin-1")
@@ -348,7 +352,6 @@ class Connection(asyncio.Protocol):
         return (
             self.state is State.DONE
             and self._keep_alive
-            and not self._dirty
             and self.transport is not None
             and not self.transport.is_closing()
         )
