@@ -209,3 +209,58 @@ def test_a_plain_answer_still_works(loop: str) -> None:
             await pool.close()
 
     run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_head_that_never_ends_is_a_protocol_error(loop: str) -> None:
+    """An answer head still incomplete after MAX_HEAD bytes (one endless header, or endless
+    headers) fails at once as a ProtocolError instead of growing until the read timeout; a head
+    just under the limit, and a big body in the head's read, are fine."""
+    from proxyd.upstream.h1.wire import MAX_HEAD
+
+    async def endless(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        for _ in range(200):
+            w.write(b"a" * 1024)
+            await w.drain()
+            await asyncio.sleep(0.001)
+        await r.read()
+
+    async def many(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 20000)
+        await r.read()
+
+    big_body = b"x" * (4 * MAX_HEAD)
+    near = b"X-N: " + b"n" * (MAX_HEAD - 1024) + b"\r\n"
+
+    async def fine(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        for _ in range(2):
+            await r.readuntil(b"\r\n\r\n")
+            await r.readexactly(2)
+            extra = near if n == 1 else b""
+            w.write(
+                b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s"
+                % (extra, len(big_body), big_body)
+            )
+            await w.drain()
+        await r.read()
+
+    async def main() -> None:
+        pool = H1Pool(limit=10)
+        for script in (endless, many):
+            async with Wire(script) as wire:
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(ProtocolError) as caught:
+                    await post(pool, wire.url, read_timeout=5.0)
+                assert asyncio.get_running_loop().time() - started < 2.0
+                assert not caught.value.head_arrived
+        async with Wire(fine) as wire:
+            for _ in range(2):
+                got = await post(pool, wire.url)
+                assert (got.status, len(got.body)) == (200, len(big_body))
+        assert pool.open_connections == 1
+        await pool.close()
+
+    run_on(loop, main)

@@ -102,6 +102,11 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# The most bytes read while an answer's head is incomplete (h11, httpcore's parser, allows
+# 16 KiB; providers send 1-3 KiB). httptools buffers a header line however long it grows.
+MAX_HEAD = 64 * 1024
+
+
 class _PastTheAnswer(Exception):
     """Raised in the parser's callback when a second answer begins: httptools stops there and
     raises HttpParserCallbackError from feed_data. The exchange is complete; the connection,
@@ -125,6 +130,7 @@ class Connection(asyncio.Protocol):
         "_body",
         "_end_error",
         "_ended",
+        "_head_bytes",
         "_headers",
         "_keep_alive",
         "_last_read",
@@ -179,6 +185,7 @@ class Connection(asyncio.Protocol):
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
+        self._head_bytes = 0  # bytes read while the head was awaited (1xx heads included)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -186,15 +193,22 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state is not _BODY and state is not _WAITING:  # bytes nobody asked for
-            self.close()
-            return
+        head = state is not _BODY
+        if head:
+            if state is not _WAITING:  # bytes nobody asked for
+                self.close()
+                return
+            self._head_bytes += len(data)
         if self._timer is not None:  # only the head (or a whole answer) has a read timeout
             self._last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:  # or _PastTheAnswer, from a callback
             self._fail(ProtocolError(f"malformed upstream answer: {exc}", status=self._status))
+            self.close()
+            return
+        if head and self._head_bytes > MAX_HEAD and self.state is _WAITING:  # no end in sight
+            self._fail(ProtocolError("the upstream's answer head is too large"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
