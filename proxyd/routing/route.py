@@ -27,7 +27,7 @@ _Group = tuple[tuple[Channel, float], ...]
 _CACHE_LIMIT = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Route:
     """Where one request may go: its model's price and the channels permitted to serve it (in
     the state's order; `Router.plan` orders them per attempt run)."""

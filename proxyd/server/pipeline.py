@@ -42,7 +42,7 @@ _UNBOUNDED = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Arrival:
     """What is known of a request once it is authenticated: who, where from, when, which
     endpoint; the billing row's fixed part."""
@@ -161,52 +161,51 @@ class Pipeline:
 
         This is the one place a billing row is made. It never raises.
         """
-        usage, source = Usage(), "estimated" if outcome.offline else "upstream"
-        cost = 0
+        record = UsageRecord(
+            arrival.request_id,
+            arrival.wall,
+            arrival.key_id,
+            arrival.account_id,
+            call.model if call is not None else "",
+            arrival.endpoint,
+            outcome.upstream_model,
+            outcome.channel_id,
+            call.stream if call is not None else False,
+            outcome.status_code,
+            client_ip=arrival.client_ip,
+        )  # (positional up to status_code: a 25-keyword call costs twice the time)
+        error = outcome.final_error
+        if error is not None:
+            record.error_type = error.value
+        record.latency_ms = int((end - arrival.start) * 1000)
+        if outcome.first_byte_at is not None:
+            record.ttft_ms = int((outcome.first_byte_at - arrival.start) * 1000)
+        if outcome.offline:
+            record.usage_source = "estimated"
         if call is not None and outcome.delivered and not call.endpoint.counts:  # counts: free
             usage, estimated = self._usage(outcome, call)
-            source = "estimated" if estimated else "upstream"
+            record.prompt_tokens = usage.prompt_tokens
+            record.completion_tokens = usage.completion_tokens
+            record.cached_tokens = usage.cached_tokens
+            record.reasoning_tokens = usage.reasoning_tokens
+            record.cache_write_tokens = usage.cache_write_tokens
+            record.cache_write_1h_tokens = usage.cache_write_1h_tokens
+            record.service_tier = usage.service_tier
+            record.tool_calls = usage.tool_call_count
+            record.usage_source = "estimated" if estimated else "upstream"
             price = state.prices.get(call.model)
             if price is not None:  # what was delivered is billed, also to a client that left
-                cost = pricing.cost_nanos(price, usage)
+                record.cost_nanos = pricing.cost_nanos(price, usage)
                 for category, tokens in pricing.fallback_tokens(price, usage):
                     self.metrics.fallback_priced(category, tokens)
-        shortfall = 0
         if ticket is not None:  # cost the balance could not hold
             shortfall = ticket.finish(
-                tokens=usage.prompt_tokens + usage.completion_tokens, cost_nanos=cost
+                tokens=record.prompt_tokens + record.completion_tokens,
+                cost_nanos=record.cost_nanos,
             )
+            record.shortfall_nanos = shortfall
             if shortfall:
                 self.metrics.shortfall(shortfall)
-        error = outcome.final_error
-        first_byte = outcome.first_byte_at
-        record = UsageRecord(
-            request_id=arrival.request_id,
-            created_at=arrival.wall,
-            key_id=arrival.key_id,
-            account_id=arrival.account_id,
-            model=call.model if call is not None else "",
-            endpoint=arrival.endpoint,
-            upstream_model=outcome.upstream_model,
-            channel_id=outcome.channel_id,
-            stream=call.stream if call is not None else False,
-            status_code=outcome.status_code,
-            error_type=error.value if error is not None else None,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-            cache_write_1h_tokens=usage.cache_write_1h_tokens,
-            service_tier=usage.service_tier,
-            tool_calls=usage.tool_call_count,
-            cost_nanos=cost,
-            shortfall_nanos=shortfall,
-            latency_ms=int((end - arrival.start) * 1000),
-            ttft_ms=int((first_byte - arrival.start) * 1000) if first_byte is not None else None,
-            client_ip=arrival.client_ip,
-            usage_source=source,
-        )
         self.writer.submit(record)
         self.metrics.observe_request(record)
         self._request_log(record)

@@ -97,6 +97,11 @@ def write_whole(
     return True
 
 
+def was_sent(response: web.StreamResponse) -> bool:
+    """Whether `response` was written already (aiohttp's own flag)."""
+    return response._eof_sent
+
+
 def keep_alive_of(response: web.StreamResponse, request: web.BaseRequest) -> bool:
     """Whether the connection stays open after `response`: as set on it, else the request's
     (and it is set on the response from now on, as aiohttp's own prepare does)."""
@@ -130,6 +135,8 @@ class WholeResponse(web.StreamResponse):
         return self._whole_body
 
     async def prepare(self, request: web.BaseRequest) -> None:
+        if was_sent(self):  # aiohttp's request loop prepares it again after the handler did
+            return
         keep_alive = keep_alive_of(self, request)
         head = head_bytes(
             self.status,

@@ -117,6 +117,7 @@ class _PastTheAnswer(Exception):
 # member looked up on its class (State.BODY) costs ~60 ns, a global ~5. BODY is tested first.
 _WAITING = State.WAITING
 _BODY = State.BODY
+_NEW, _DONE, _IDLE, _CLOSED = State.NEW, State.DONE, State.IDLE, State.CLOSED  # per exchange
 
 
 class Connection(asyncio.Protocol):
@@ -163,7 +164,7 @@ class Connection(asyncio.Protocol):
         self.key = key
         self._lost_idle = lost_idle  # the pool's: an idle connection the upstream closed
         self.transport: asyncio.Transport | None = None
-        self.state = State.NEW
+        self.state = _NEW
         self.counted = True  # still counted in the pool's open connections
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
@@ -212,21 +213,21 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was, self.state = self.state, State.CLOSED
+        was, self.state = self.state, _CLOSED
         self.transport = None
         if self._waiter is None:  # in the pool (or on its way out of it): out at once
             self._lost_idle(self)
             return
-        if was is State.DONE or was is State.CLOSED:  # complete, or closed by us (who told it)
+        if was is _DONE or was is _CLOSED:  # complete, or closed by us (who told it)
             return
-        if was is State.BODY and self._until_close:  # the upstream ended a read-until-close body
+        if was is _BODY and self._until_close:  # the upstream ended a read-until-close body
             self._finish()
             return
         self._fail(ProtocolError("the upstream closed the connection", status=self._status))
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.state is State.DONE:  # an answer past the answer, in the same read: stop the
+        if self.state is _DONE:  # an answer past the answer, in the same read: stop the
             raise _PastTheAnswer  # parser before its headers or body reach the caller
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -238,8 +239,8 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._status = status = self._parser.get_status_code()
-        if status >= 200 and self.state is State.WAITING:
-            self.state = State.BODY
+        if status >= 200 and self.state is _WAITING:
+            self.state = _BODY
         if self._stream and status >= 200:  # the head is what a stream's caller waits for
             self._cancel_timer()
             waiter = self._waiter
@@ -268,8 +269,8 @@ class Connection(asyncio.Protocol):
         self._until_close = True
 
     def _finish(self) -> None:
-        if self.state is not State.CLOSED:
-            self.state = State.DONE
+        if self.state is not _CLOSED:
+            self.state = _DONE
         self._cancel_timer()
         if self._stream:
             self._end(None)
@@ -349,7 +350,7 @@ class Connection(asyncio.Protocol):
         `read_timeout` bounds only the wait for that head.
         """
         self._reset(stream)
-        self.state = State.WAITING
+        self.state = _WAITING
         if self._paused:  # a stream that ended in the read that paused it: read again
             self.resume_reading()
         waiter = self._waiter = self.loop.create_future()
@@ -364,7 +365,7 @@ class Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         """Whether the last exchange ended cleanly on a connection both sides keep open."""
         return (
-            self.state is State.DONE
+            self.state is _DONE
             and self._keep_alive
             and self.transport is not None
             and not self.transport.is_closing()
@@ -372,16 +373,16 @@ class Connection(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return self.state is State.CLOSED
+        return self.state is _CLOSED
 
     def release(self) -> None:
         """The exchange is over: back to IDLE (the pool keeps it, or closes it)."""
         self._waiter = None
-        if self.state is not State.CLOSED:
-            self.state = State.IDLE
+        if self.state is not _CLOSED:
+            self.state = _IDLE
 
     def close(self) -> None:
-        self.state = State.CLOSED
+        self.state = _CLOSED
         if self.transport is not None:
             self.transport.close()
 
@@ -389,8 +390,8 @@ class Connection(asyncio.Protocol):
         """Close at once, dropping whatever is unsent (a connection still busy at shutdown); an
         exchange in progress learns PoolClosed, never a clean end."""
         state = self.state
-        if state is State.WAITING or state is State.BODY:
+        if state is _WAITING or state is _BODY:
             self._fail(PoolClosed("the upstream pool was closed", status=self._status))
-        self.state = State.CLOSED
+        self.state = _CLOSED
         if self.transport is not None:
             self.transport.abort()
