@@ -22,6 +22,7 @@ from proxyd.upstream.h1.errors import (
     PoolTimeout,
 )
 from proxyd.upstream.h1.proxy import ProxyRoute, proxy_of
+from proxyd.upstream.h1.resolve import Resolver
 from proxyd.upstream.h1.wire import (
     Answer,
     Connection,
@@ -122,6 +123,7 @@ class H1Pool:
         limit_per_host: int = 0,
         keepalive_seconds: float = 30.0,
         acquire_timeout: float | None = None,
+        dns_ttl: float = 300.0,
     ) -> None:
         self.limit = limit
         self.acquire_timeout = acquire_timeout  # the longest wait for a free connection
@@ -137,6 +139,7 @@ class H1Pool:
         self._live: set[Connection] = set()  # every open connection, idle or busy
         self._drained: asyncio.Future[None] | None = None  # while close() waits for the busy
         self._verifying: ssl.SSLContext | None = None
+        self.resolver = Resolver(dns_ttl)  # upstream and proxy names, cached like aiohttp's
 
     @property
     def open_connections(self) -> int:
@@ -312,11 +315,9 @@ class H1Pool:
         try:
             async with asyncio.timeout(connect_timeout):
                 if route is None:
-                    _, conn = await loop.create_connection(
-                        protocol, target.host, target.port, ssl=context, server_hostname=hostname
-                    )
+                    conn = await self._dial(protocol, target.host, target.port, context, hostname)
                 elif route.http and not target.tls:  # requests go to the proxy itself
-                    _, conn = await loop.create_connection(protocol, route.host, route.port)
+                    conn = await self._dial(protocol, route.host, route.port, None, None)
                 else:  # a tunnel to the upstream; TLS to the upstream runs inside it
                     sock = await route.tunnel(target.host, target.port, connect_timeout)
                     _, conn = await loop.create_connection(
@@ -332,6 +333,32 @@ class H1Pool:
             raise PoolClosed("the upstream pool is closed")
         self._live.add(conn)
         return conn
+
+    async def _dial(
+        self,
+        protocol: Callable[[], Connection],
+        host: str,
+        port: int,
+        context: ssl.SSLContext | None,
+        hostname: str | None,
+    ) -> Connection:
+        """A connection to `host`:`port`, its addresses (cached) tried in order, as the loop's
+        create_connection tries a name's; a TLS failure is final."""
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        for family, ip in await self.resolver.addresses(host, port):
+            try:
+                _, conn = await loop.create_connection(
+                    protocol, ip, port, family=family, ssl=context, server_hostname=hostname
+                )
+            except ssl.SSLError:
+                raise
+            except OSError as exc:
+                last = exc
+                continue
+            return conn
+        self.resolver.forget(host, port)  # none answered: look the name up afresh next time
+        raise last if last is not None else OSError(f"no address for {host}")
 
     def _release(self, conn: Connection, reusable: bool) -> None:
         conn.release()
