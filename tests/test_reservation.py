@@ -110,11 +110,10 @@ async def test_paid_tool_calls_are_reserved_and_a_shortfall_is_recorded(
 
 def test_unbounded_markers() -> None:
     """Image URLs, file ids and previous responses are unbounded; inline base64 images are not."""
-    from proxyd.server.pipeline import _UNBOUNDED
+    from proxyd.server.pipeline import unbounded as raw_unbounded
 
     def unbounded(body: object) -> bool:
-        raw = orjson.dumps(body)
-        return any(m in raw for m in _UNBOUNDED)
+        return raw_unbounded(orjson.dumps(body))
 
     url_image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
     inline = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}

@@ -351,6 +351,14 @@ def cost_nanos(price: Price, u: Usage) -> int:
 
 def fallback_tokens(price: Price, u: Usage) -> list[tuple[str, int]]:
     """(rate field, tokens) billed through a fallback rate; empty for a complete price."""
+    if (
+        u.cached_tokens <= 0
+        and u.cache_write_tokens <= 0
+        and u.audio_input_tokens <= 0
+        and u.audio_output_tokens <= 0
+        and u.image_output_tokens <= 0
+    ):  # plain input and output only (most requests): those rates are never a fallback
+        return []
     r = _rates(levels_for(price, u.service_tier), max(u.prompt_tokens, 0))
     if not r.fallback:
         return []
