@@ -100,8 +100,9 @@ class Stream:
 
 
 def _proxy_refused() -> ConnectError:
-    """A 407 on a proxied call: the proxy's answer about the operator's proxy login, never the
-    upstream's, so it is a failed connection and never reaches a client."""
+    """A 407 from an HTTP proxy forwarding a plain-http call: the proxy's answer about the
+    operator's proxy login, never the upstream's, so it is a failed connection and never reaches
+    a client. (A tunnel's own 407, to CONNECT, is python-socks' ProxyError.)"""
     return ConnectError("the proxy refused the request (407)")
 
 
@@ -167,11 +168,13 @@ class H1Pool:
         `proxy` (`http://`, `socks5://`, `socks5h://`, with optional `user:pass@`) carries the
         connection; `connect_timeout` covers the proxy's handshake too.
         """
-        conn, head = await self._connection(url, headers, body, ssl_context, connect_timeout, proxy)
+        conn, head, forward = await self._connection(
+            url, headers, body, ssl_context, connect_timeout, proxy
+        )
         ok = False
         try:
             answer = await conn.send(head, body, read_timeout)
-            if answer.status == 407 and proxy is not None:
+            if answer.status == 407 and forward:
                 raise _proxy_refused()
             ok = conn.reusable()
             return answer
@@ -194,13 +197,15 @@ class H1Pool:
         `read_timeout` bounds the wait for the head only. The caller must `release` the stream.
         `proxy` as for `post`.
         """
-        conn, head = await self._connection(url, headers, body, ssl_context, connect_timeout, proxy)
+        conn, head, forward = await self._connection(
+            url, headers, body, ssl_context, connect_timeout, proxy
+        )
         try:
             answer = await conn.send(head, body, read_timeout, stream=True)
         except BaseException:
             self._release(conn, False)
             raise
-        if answer.status == 407 and proxy is not None:
+        if answer.status == 407 and forward:
             self._release(conn, False)
             raise _proxy_refused()
         return Stream(self, conn, answer.status, answer.headers)
@@ -213,14 +218,17 @@ class H1Pool:
         ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
         proxy: str | None,
-    ) -> tuple[Connection, bytes]:
-        """A connection for `url` (pooled or new) and the request head to write on it."""
+    ) -> tuple[Connection, bytes, bool]:
+        """A connection for `url` (pooled or new), the request head to write on it, and whether
+        the request goes to an HTTP proxy itself (whose 407 is about the proxy login; through a
+        tunnel a 407 is the upstream's answer)."""
         target = self._targets.get(url)
         if target is None:
             target = target_of(url)
             if len(self._targets) < 4096:
                 self._targets[url] = target
         route: ProxyRoute | None = None
+        forward = False
         if proxy is None:
             head = request_head(target, headers, len(body))
         else:
@@ -230,6 +238,7 @@ class H1Pool:
                 if len(self._proxies) < 4096:
                     self._proxies[proxy] = route
             if route.http and not target.tls:  # a plain request to the proxy, not a tunnel
+                forward = True
                 auth = route.authorization
                 if auth is not None:
                     headers = {**headers, "Proxy-Authorization": auth}
@@ -237,7 +246,7 @@ class H1Pool:
             else:
                 head = request_head(target, headers, len(body))
         conn = await self._acquire(target, ssl_context, connect_timeout, proxy, route)
-        return conn, head
+        return conn, head, forward
 
     async def _acquire(
         self,
