@@ -44,7 +44,8 @@ def paid_features(body: dict[str, Any]) -> Paid:
         tier, tier_field = st, "service_tier"
     if body.get("speed") == "fast":  # Anthropic fast mode
         tier, tier_field = "fast", "speed"
-    tools = tuple(_tools(body))
+    # most bodies name no tool at all: no generator for them
+    tools = tuple(_tools(body)) if "tools" in body or "web_search_options" in body else ()
     if tier is None and not tools:
         return NOTHING
     return Paid(tier, tier_field, tools)

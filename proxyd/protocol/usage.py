@@ -71,6 +71,8 @@ def tier_name(value: object) -> str | None:
 
 def _sub(u: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     v = u.get(key)
+    if type(v) is dict:  # what orjson makes: no ABC check (isinstance(v, Mapping) is slow)
+        return v
     return v if isinstance(v, Mapping) else _NONE
 
 
@@ -96,23 +98,37 @@ def parse_usage(u: Mapping[str, Any]) -> Usage:
     Cache writes with no TTL given are 5-minute writes. The shape decides the dialect.
     """
     if "prompt_tokens" in u or "completion_tokens" in u:
+        get = u.get
         pd = _sub(u, "prompt_tokens_details")
         cd = _sub(u, "completion_tokens_details")
-        prompt = _int(u.get("prompt_tokens"))
-        completion = _int(u.get("completion_tokens"))
-        total = _int(u.get("total_tokens"))
+        prompt = _int(get("prompt_tokens"))
+        completion = _int(get("completion_tokens"))
+        total = _int(get("total_tokens"))
         if total > prompt + completion:
             completion = total - prompt
-        cached = _int(pd.get("cached_tokens")) or _int(u.get("prompt_cache_hit_tokens"))
+        if pd:
+            cached = _int(pd.get("cached_tokens")) or _int(get("prompt_cache_hit_tokens"))
+            write, audio_in = _int(pd.get("cache_write_tokens")), _int(pd.get("audio_tokens"))
+        else:
+            cached, write, audio_in = _int(get("prompt_cache_hit_tokens")), 0, 0
+        if cd:
+            reasoning, audio_out = _int(cd.get("reasoning_tokens")), _int(cd.get("audio_tokens"))
+        else:
+            reasoning = audio_out = 0
+        tier = get("service_tier")
+        # positional (a call with keywords costs more): prompt, completion, cached, reasoning,
+        # cache_write, cache_write_1h, audio_input, audio_output, image_output, service_tier
         return Usage(
             prompt,
             completion,
             cached,
-            _int(cd.get("reasoning_tokens")),
-            cache_write_tokens=_int(pd.get("cache_write_tokens")),
-            audio_input_tokens=_int(pd.get("audio_tokens")),
-            audio_output_tokens=_int(cd.get("audio_tokens")),
-            service_tier=tier_name(u.get("service_tier")),
+            reasoning,
+            write,
+            0,
+            audio_in,
+            audio_out,
+            0,
+            None if tier is None else tier_name(tier),
         )
     if "cache_creation_input_tokens" in u or "cache_read_input_tokens" in u or "speed" in u:
         return _anthropic(u)
@@ -171,11 +187,11 @@ def usage_of_answer(obj: Mapping[str, Any]) -> Usage | None:
     tool-call output items.
     """
     u = obj.get("usage")
-    if not isinstance(u, Mapping):
+    if type(u) is not dict and not isinstance(u, Mapping):  # dict first: the ABC check is slow
         return None
     usage = parse_usage(u)
-    if usage.service_tier is None:
-        usage.service_tier = tier_name(obj.get("service_tier"))
+    if usage.service_tier is None and "service_tier" in obj:
+        usage.service_tier = tier_name(obj["service_tier"])
     if "output" in obj:
         calls = responses_tool_calls(obj.get("output"))
         if calls:
@@ -189,7 +205,7 @@ def usage_from_body(body: bytes | Mapping[str, Any]) -> Usage | None:
         obj = orjson.loads(body) if isinstance(body, bytes | bytearray | memoryview) else body
     except orjson.JSONDecodeError:
         return None
-    return usage_of_answer(obj) if isinstance(obj, Mapping) else None
+    return usage_of_answer(obj) if type(obj) is dict or isinstance(obj, Mapping) else None
 
 
 def event_data(event: bytes) -> bytes | None:

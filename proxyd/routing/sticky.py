@@ -20,6 +20,7 @@ import orjson
 _CLAUDE_CODE = "x-claude-code-session-id"
 _CODEX = ("session-id", "session_id", "thread-id", "thread_id")
 _HASH_BYTES = 1024  # of the system prompt and of the first user message, for the fallback id
+_SURROGATES = "surrogatepass"  # lone surrogates (valid JSON escapes) encode as themselves
 _MAX_ID = 200  # a client id longer than this is hashed (it is a dictionary key, and a Redis one)
 
 
@@ -90,9 +91,11 @@ def _opening_hash(body: Mapping[str, Any]) -> str:
                 break
     elif isinstance(items, str):
         first = items
-    head_system = _head(system).encode(errors="surrogatepass")
-    head_first = _head(first).encode(errors="surrogatepass")
-    return f"{zlib.crc32(head_system):08x}{zlib.crc32(head_first):08x}"
+    # 16 hex digits, as f"{crc_system:08x}{crc_first:08x}" at a third of its cost; an absent
+    # part hashes as the empty string (CRC 0)
+    crc_system = 0 if system is None else zlib.crc32(_head(system).encode("utf-8", _SURROGATES))
+    crc_first = 0 if first is None else zlib.crc32(_head(first).encode("utf-8", _SURROGATES))
+    return (crc_system << 32 | crc_first).to_bytes(8, "big").hex()
 
 
 def _head(part: object) -> str:
