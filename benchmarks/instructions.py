@@ -1,16 +1,18 @@
-"""Instructions per W2 request, counted by valgrind's callgrind: a figure that does not move with
+"""Instructions per request, counted by valgrind's callgrind: a figure that does not move with
 the machine's load, so commits can be compared on a shared 2-core host where CPU seconds vary by
 ±25 % between runs of one commit.
 
-    python -m benchmarks.instructions --rev HEAD --rev a39d9a1 [--requests 400]
+    python -m benchmarks.instructions --rev WORKTREE --rev a39d9a1 [--requests 400]
+        [--concurrency 1]   # W1's pattern (default 8 in flight, W2's non-stream body)
+        [--stream]          # streamed calls of 16 chunks 20 ms apart (W4/W5's pattern)
 
 For each revision, proxyd (that commit's tree, this checkout's virtualenv, the W2 config: billing
-into PostgreSQL, metrics on) runs under callgrind with instrumentation off; after a warm-up of
-non-stream requests (the W2 body) instrumentation is switched on, `--requests` more are sent
-(8 in flight), and the counters are dumped. The figure is the instructions proxyd's process
-executed (every thread: the event loop, the billing writer) divided by the requests. It counts
-instructions, not time: cache misses and syscalls' kernel time are not in it, and Python under
-valgrind runs ~50x slower, so it is for comparing commits, never a latency.
+into PostgreSQL, metrics on) runs under callgrind with instrumentation off; after a warm-up,
+instrumentation is switched on, `--requests` more are sent, and the counters are dumped. The
+figure is the instructions proxyd's process executed (every thread: the event loop, the billing
+writer) divided by the requests. It counts instructions, not time: cache misses and syscalls'
+kernel time are not in it, and Python under valgrind runs ~50x slower, so it is for comparing
+commits, never a latency.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import aiohttp
 
 from benchmarks import rig
 from benchmarks.workloads import _body
+
+STREAM_CHUNKS = 16
 
 
 def _start(
@@ -62,10 +66,10 @@ def _start(
     return proc, port
 
 
-async def _send(port: int, count: int, concurrency: int = 8) -> int:
+async def _send(port: int, count: int, concurrency: int = 8, stream: bool = False) -> int:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {rig.BENCH_SECRET}"}
-    body = _body(rig.INSTANT_MODEL, stream=False)
+    body = _body(rig.STREAM_MODEL if stream else rig.INSTANT_MODEL, stream=stream)
     left = count
     ok = 0
 
@@ -98,7 +102,14 @@ def _total(out: Path) -> int:
     return total
 
 
-def measure(rev: str, requests: int, warmup: int, mock_port: int) -> dict[str, Any]:
+def measure(
+    rev: str,
+    requests: int,
+    warmup: int,
+    mock_port: int,
+    concurrency: int = 8,
+    stream: bool = False,
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-instr-"))
     try:
         if rev == "WORKTREE":
@@ -109,10 +120,10 @@ def measure(rev: str, requests: int, warmup: int, mock_port: int) -> dict[str, A
         started = time.monotonic()
         proc, port = _start(tree, workdir, mock_port, out)
         try:
-            warm = asyncio.run(_send(port, warmup))
+            warm = asyncio.run(_send(port, warmup, concurrency, stream))
             time.sleep(1.0)  # the billing writer's flush of the warm-up rows
             _callgrind("--instr=on", str(proc.pid))
-            ok = asyncio.run(_send(port, requests))
+            ok = asyncio.run(_send(port, requests, concurrency, stream))
             time.sleep(1.0)  # their rows' flush is part of their cost
             _callgrind("--dump", str(proc.pid))
             _callgrind("--instr=off", str(proc.pid))
@@ -141,14 +152,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rev", action="append", required=True, help="a commit, or WORKTREE")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight (1: W1's pattern)"
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help=f"streamed calls of {STREAM_CHUNKS} chunks 20 ms apart instead (per chunk: divide)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed", file=sys.stderr)
         return 2
-    mock = rig.start_mock(Path(tempfile.mkdtemp()), instant=True, chunks=16, interval=0.01)
+    mock = rig.start_mock(
+        Path(tempfile.mkdtemp()), instant=not args.stream, chunks=STREAM_CHUNKS, interval=0.02
+    )
     try:
         for rev in args.rev:
-            result = measure(rev, args.requests, args.warmup, mock.port)
+            result = measure(
+                rev, args.requests, args.warmup, mock.port, args.concurrency, args.stream
+            )
             print(
                 f"{result['rev']:>10}  {result['per_request']:>12,} instructions per request"
                 f"  ({result['ok']}/{result['requests']} ok, {result['wall_s']} s)",
