@@ -290,6 +290,21 @@ def cost_numerator(price: Price, u: Usage) -> int:
     if prompt < 0:
         prompt = 0
     tier = u.service_tier
+    if (
+        tier is None
+        and not (
+            u.cached_tokens
+            or u.cache_write_tokens
+            or u.audio_input_tokens
+            or u.audio_output_tokens
+            or u.image_output_tokens
+            or u.tool_calls
+        )
+        and len(price.base) == 1
+    ):  # plain input and output at the base price (most requests): what the rest comes to
+        r = price.base[0][1]
+        comp = u.completion_tokens
+        return prompt * r.input + (comp * r.output if comp > 0 else 0)
     levels = price.base if tier is None else price.tiers.get(tier, price.base)
     r = levels[0][1]
     if len(levels) > 1:  # long-context levels: the highest threshold passed
