@@ -38,10 +38,10 @@ STREAM_CHUNKS = 16
 
 
 def _start(
-    tree: Path, workdir: Path, mock_port: int, out: Path
+    tree: Path, workdir: Path, mock_port: int, out: Path, extra: str = ""
 ) -> tuple[subprocess.Popen[bytes], int]:
     config = workdir / "proxyd.toml"
-    config.write_text(rig.proxyd_config(mock_port, mock_port, workdir))
+    config.write_text(rig.proxyd_config(mock_port, mock_port, workdir) + extra)
     port, control = rig.free_port(), rig.free_port()
     env = {
         **os.environ,
@@ -109,6 +109,7 @@ def measure(
     mock_port: int,
     concurrency: int = 8,
     stream: bool = False,
+    extra: str = "",
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-instr-"))
     try:
@@ -118,7 +119,7 @@ def measure(
             tree, short = rig.export_tree(rev, workdir)
         out = workdir / "callgrind.out"
         started = time.monotonic()
-        proc, port = _start(tree, workdir, mock_port, out)
+        proc, port = _start(tree, workdir, mock_port, out, extra)
         try:
             warm = asyncio.run(_send(port, warmup, concurrency, stream))
             time.sleep(1.0)  # the billing writer's flush of the warm-up rows
@@ -160,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"streamed calls of {STREAM_CHUNKS} chunks 20 ms apart instead (per chunk: divide)",
     )
+    parser.add_argument(
+        "--config",
+        default="",
+        help="TOML appended to the config, e.g. '[sticky]\\nenabled = false' to price a feature",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed", file=sys.stderr)
@@ -170,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rev in args.rev:
             result = measure(
-                rev, args.requests, args.warmup, mock.port, args.concurrency, args.stream
+                rev,
+                args.requests,
+                args.warmup,
+                mock.port,
+                args.concurrency,
+                args.stream,
+                "\n" + args.config.replace("\\n", "\n") + "\n",
             )
             print(
                 f"{result['rev']:>10}  {result['per_request']:>12,} instructions per request"
