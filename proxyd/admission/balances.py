@@ -121,7 +121,9 @@ class LocalLedger:
         account.reserved -= reservation.amount
         charge = settle_charge(account.balance, account.reserved, cost_nanos)
         account.balance -= charge
-        shortfall = max(0, cost_nanos - charge)
+        shortfall = cost_nanos - charge  # a comparison, not max(0, ...): this runs per request
+        if shortfall < 0:
+            shortfall = 0
         if shortfall and record:
             self.record_shortfall(reservation.account_id, shortfall)
         return shortfall

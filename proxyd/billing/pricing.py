@@ -395,14 +395,17 @@ def max_cost_nanos(
     dearest completion rate of every long-context level the prompt could reach in the requested
     tier; each paid tool at its maximum number of calls.
     """
-    prompt = max(prompt_tokens_bound, 0)
-    completion = max(max_completion_tokens, 0)
+    prompt = prompt_tokens_bound if prompt_tokens_bound > 0 else 0
+    completion = max_completion_tokens if max_completion_tokens > 0 else 0
     pm = cm = 0
-    for n, r in levels_for(price, tier):
+    levels = price.base if tier is None else price.tiers.get(tier, price.base)  # levels_for
+    for n, r in levels:  # plain comparisons: a max() call costs more than the rest of a level
         if prompt <= n:
             break
-        pm = max(pm, r.prompt_max)
-        cm = max(cm, r.completion_max)
+        if r.prompt_max > pm:
+            pm = r.prompt_max
+        if r.completion_max > cm:
+            cm = r.completion_max
     num = prompt * pm + completion * cm
     if tool_calls:
         for tool, calls in tool_calls.items():

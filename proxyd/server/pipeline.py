@@ -114,7 +114,11 @@ class Pipeline:
         """
         paid = paid_features(call.body)
         pricing.check_priced(price, paid)
-        calls = {t: max_calls(call.body, t, self.max_tool_calls) for t, _ in paid.tools}
+        calls = (  # most bodies name no paid tool: no comprehension for them
+            {t: max_calls(call.body, t, self.max_tool_calls) for t, _ in paid.tools}
+            if paid.tools
+            else None
+        )
         bound = pricing.max_cost_nanos(
             price,
             len(call.raw),
