@@ -94,7 +94,10 @@ def _opening_hash(body: Mapping[str, Any]) -> str:
     # 16 hex digits, as f"{crc_system:08x}{crc_first:08x}" at a third of its cost; an absent
     # part hashes as the empty string (CRC 0)
     crc_system = 0 if system is None else zlib.crc32(_head(system).encode("utf-8", _SURROGATES))
-    crc_first = 0 if first is None else zlib.crc32(_head(first).encode("utf-8", _SURROGATES))
+    if type(first) is str:  # a plain-text first message (most requests): _head's first case
+        crc_first = zlib.crc32(first[:_HASH_BYTES].encode("utf-8", _SURROGATES))
+    else:
+        crc_first = 0 if first is None else zlib.crc32(_head(first).encode("utf-8", _SURROGATES))
     return (crc_system << 32 | crc_first).to_bytes(8, "big").hex()
 
 
