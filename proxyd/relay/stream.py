@@ -176,18 +176,13 @@ async def _pump(resp: Streaming, pipe: _Pipe) -> None:
     """Relay `resp`'s body through `pipe` to its end; raise what broke it, if anything did."""
     pipe.upstream = resp
     resp.attach(pipe.feed, pipe.end)  # the h1 client calls the pipe from its parser
-    await _follow(pipe)
+    while not pipe.ended:  # the parser feeds the pipe; this task only drains a slow client
+        await pipe.wait()
+        await _unpause(pipe)
     if pipe.error is not None:
         raise pipe.error
     if pipe.splitter.pending():
         raise AttemptFailed(AttemptKind.RESET)  # the stream ended inside an event
-
-
-async def _follow(pipe: _Pipe) -> None:
-    """Wait while the upstream's parser feeds `pipe` itself; drain a client that fell behind."""
-    while not pipe.ended:
-        await pipe.wait()
-        await _unpause(pipe)
 
 
 async def _unpause(pipe: _Pipe) -> None:

@@ -8,8 +8,8 @@ model or its provider does not offer counting. One row per call, endpoint named,
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -40,13 +40,7 @@ _THREAD_BYTES = 64 * 1024
 def count_routes(p: Pipeline) -> list[web.RouteDef]:
     """The count endpoints' routes on the client listener."""
 
-    def handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await count(p, request, endpoint)
-
-        return handle
-
-    return [web.post(e.path, handler(e)) for e in COUNTING]
+    return [web.post(e.path, functools.partial(count, p, endpoint=e)) for e in COUNTING]
 
 
 async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:

@@ -7,9 +7,9 @@ queue in `finally`. Errors are rendered in the wire format of the endpoint that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -24,8 +24,6 @@ from proxyd.relay.relay import relay
 from proxyd.routing.route import route_call
 from proxyd.server.pipeline import Arrival, Pipeline
 from proxyd.server.respond import WholeResponse, as_response
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def new_request_id() -> str:
@@ -57,15 +55,10 @@ class ClientHandlers:
 
     def routes(self) -> list[web.RouteDef]:
         """The route table of the client listener."""
-        table = [web.post(e.path, self._completion_handler(e)) for e in ALL]
+        # partial, not a wrapper coroutine: one frame (and one coroutine) less per request
+        table = [web.post(e.path, functools.partial(self.completion, endpoint=e)) for e in ALL]
         table.append(web.get("/v1/models", self.models))
         return table
-
-    def _completion_handler(self, endpoint: Endpoint) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await self.completion(request, endpoint)
-
-        return handle
 
     async def completion(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         """authenticate → admit → route → relay → record (after the answer is on its way)."""
