@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import pickle
 import signal
 import subprocess
@@ -66,16 +65,8 @@ def count(rev: str, requests: int, warmup: int, mock_port: int) -> Counts:
     config.write_text(rig.proxyd_config(mock_port, mock_port, workdir))
     out = workdir / "counts.pickle"
     port, control = rig.free_port(), rig.free_port()
-    env = {
-        **os.environ,
-        "PROXYD_CONFIG": str(config),
-        "PROXYD_LISTEN": f"127.0.0.1:{port}",
-        "PROXYD_CONTROL_LISTEN": f"127.0.0.1:{control}",
-        "PROXYD_ADMIN_TOKEN": rig.ADMIN_TOKEN,
-        "PROXYD_DATABASE_URL": rig.DATABASE_URL,
-        "PYTHONHASHSEED": "0",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
-    }
+    env = rig.proxyd_env(config, port, control, rig.DATABASE_URL, tree)
+    env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts run to run
     log = (workdir / "proxyd.log").open("wb")
     argv = [sys.executable, "-c", _TRACER, str(out)]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree)

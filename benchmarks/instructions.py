@@ -43,16 +43,8 @@ def _start(
     config = workdir / "proxyd.toml"
     config.write_text(rig.proxyd_config(mock_port, mock_port, workdir) + extra)
     port, control = rig.free_port(), rig.free_port()
-    env = {
-        **os.environ,
-        "PROXYD_CONFIG": str(config),
-        "PROXYD_LISTEN": f"127.0.0.1:{port}",
-        "PROXYD_CONTROL_LISTEN": f"127.0.0.1:{control}",
-        "PROXYD_ADMIN_TOKEN": rig.ADMIN_TOKEN,
-        "PROXYD_DATABASE_URL": rig.DATABASE_URL,
-        "PYTHONHASHSEED": "0",  # the same dict and set layouts run to run
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
-    }
+    env = rig.proxyd_env(config, port, control, rig.DATABASE_URL, tree)
+    env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts run to run
     argv = [
         "valgrind",
         "--tool=callgrind",

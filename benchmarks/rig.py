@@ -237,6 +237,24 @@ def proxyd_available() -> bool:
     return done.returncode == 0
 
 
+def proxyd_env(
+    config: Path, port: int, control: int, database_url: str, tree: Path = CHECKOUT
+) -> dict[str, str]:
+    """The environment of a bench proxyd: its config file, listeners, admin token, billing
+    database, and `tree` (a baseline commit's exported tree) first on PYTHONPATH."""
+    env = {
+        **os.environ,
+        "PROXYD_CONFIG": str(config),
+        "PROXYD_LISTEN": f"127.0.0.1:{port}",
+        "PROXYD_CONTROL_LISTEN": f"127.0.0.1:{control}",
+        "PROXYD_ADMIN_TOKEN": ADMIN_TOKEN,
+        "PROXYD_DATABASE_URL": database_url,
+    }
+    if tree != CHECKOUT:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    return env
+
+
 def start_proxyd(
     logdir: Path,
     instant_port: int,
@@ -257,18 +275,9 @@ def start_proxyd(
     config = workdir / "proxyd.toml"
     config.write_text(proxyd_config(instant_port, paced_port, workdir, metrics=metrics))
     port, control = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PROXYD_CONFIG": str(config),
-        "PROXYD_LISTEN": f"127.0.0.1:{port}",
-        "PROXYD_CONTROL_LISTEN": f"127.0.0.1:{control}",
-        "PROXYD_ADMIN_TOKEN": ADMIN_TOKEN,
-        "PROXYD_DATABASE_URL": database_url,
-    }
+    env = proxyd_env(config, port, control, database_url, tree)
     if tls is not None:  # HTTPS on the client listener: (certificate chain, key) files
         env["PROXYD_TLS_CERT"], env["PROXYD_TLS_KEY"] = tls
-    if tree != CHECKOUT:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     try:
         svc = _spawn(name, pinned(PROXY_CORE, proxyd_argv()), port, logdir, env=env, cwd=tree)
     except RuntimeError:

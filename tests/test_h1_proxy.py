@@ -9,28 +9,19 @@ import base64
 import contextlib
 import ssl
 import struct
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
-import uvloop
 
 from proxyd.upstream.h1 import ConnectError, H1Pool
 from tests.conftest import SECRET, StartProxy, StartServer, channel, key, make_config, server_url
 from tests.fakes import FakeProvider, Step, chat_body, chat_events
+from tests.test_h1 import LOOPS, run_on
 
-LOOPS = ["asyncio", "uvloop"]
 USER, PASSWORD = "relay", "p@ss:w0rd"  # characters a URL must escape
-
-
-def run_on(kind: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    if kind == "uvloop":
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -9,14 +9,13 @@ import ssl
 import pytest
 
 from proxyd.upstream.h1 import ConnectError, H1Pool
+from tests.test_h1 import LOOPS, run_on
 from tests.test_h1_proxy import (
-    LOOPS,
     HttpProxy,
     Socks5,
     _listen,
     _shutdown,
     call,
-    run_on,
     throwaway_tls,
 )
 

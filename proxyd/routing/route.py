@@ -64,7 +64,7 @@ def route_call(state: State, key: KeyRecord, call: Call, *, offline: bool = Fals
     endpoint = call.endpoint
     if endpoint.translatable:
         return Route(price, channels)
-    native = _native(channels, endpoint.protocol)
+    native = state.native_route(model, endpoint.protocol)
     if native or offline:
         return Route(price, native)
     raise UpstreamFailure(
@@ -72,25 +72,6 @@ def route_call(state: State, key: KeyRecord, call: Call, *, offline: bool = Fals
         status=503,
         error_type=ErrorType.NO_CHANNEL,
     )
-
-
-# The channels of one protocol, per route tuple (held, so its id stays unique) and protocol:
-# the same tuple object every time, so the router's grouping cache keeps working.
-_NATIVE: dict[tuple[int, str], tuple[tuple[Channel, ...], tuple[Channel, ...]]] = {}
-
-
-def _native(channels: tuple[Channel, ...], protocol: str) -> tuple[Channel, ...]:
-    hit = _NATIVE.get((id(channels), protocol))
-    if hit is not None and hit[0] is channels:
-        return hit[1]
-    if all(c.type == protocol for c in channels):
-        native = channels
-    else:
-        native = tuple(c for c in channels if c.type == protocol)
-    if len(_NATIVE) >= _CACHE_LIMIT:
-        _NATIVE.clear()
-    _NATIVE[(id(channels), protocol)] = (channels, native)
-    return native
 
 
 class HealthView(Protocol):

@@ -7,8 +7,9 @@ aiohttp's StreamResponse whose events go straight to the transport through `Flow
 
 With `proxyd/server/connection.py`, the only module that touches aiohttp's server internals:
 here a response's sent flags (`StreamResponse._eof_sent`, `_keep_alive`) and the protocol's
-write pause (`writing_paused`, `_drain_helper`), each behind one function or `FlowControl`,
-guarded by tests/test_connection_internals.py. Never logs or keeps a body.
+write pause (`writing_paused`, `_drain_helper`): the first only in `WholeResponse.prepare`,
+the second only in `FlowControl`; guarded by tests/test_connection_internals.py. Never logs
+or keeps a body.
 """
 
 from __future__ import annotations
@@ -81,41 +82,6 @@ class FlowControl:
         await self._protocol._drain_helper()
 
 
-def write_whole(
-    response: web.StreamResponse, request: web.BaseRequest, head: bytes, body: bytes
-) -> bool:
-    """Write a whole response (its `head` and `body`) in one transport write and mark it sent,
-    so aiohttp's `write_eof` has nothing left to do; False if it had been written already.
-    Raises ConnectionResetError for a client that left."""
-    if response._eof_sent:  # aiohttp's own flag for a response already written
-        return False
-    response._eof_sent = True
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("the client went away before the response")
-    transport.write(head + body)
-    return True
-
-
-def was_sent(response: web.StreamResponse) -> bool:
-    """Whether `response` was written already (aiohttp's own flag)."""
-    return response._eof_sent
-
-
-def keep_alive_of(response: web.StreamResponse, request: web.BaseRequest) -> bool:
-    """Whether the connection stays open after `response`: as set on it, else the request's
-    (and it is set on the response from now on, as aiohttp's own prepare does)."""
-    keep_alive = response._keep_alive
-    if keep_alive is None:
-        keep_alive = response._keep_alive = request.keep_alive
-    return keep_alive
-
-
-def server_line(request: web.BaseRequest) -> str:
-    """The configured `Server:` header line of the request's connection ("" by default)."""
-    return getattr(request.protocol, "server_line", "")
-
-
 class WholeResponse(web.StreamResponse):
     """A complete response (status, headers, body) written in one go when aiohttp prepares it.
 
@@ -135,17 +101,23 @@ class WholeResponse(web.StreamResponse):
         return self._whole_body
 
     async def prepare(self, request: web.BaseRequest) -> None:
-        if was_sent(self):  # aiohttp's request loop prepares it again after the handler did
+        if self._eof_sent:  # aiohttp's own flag: its request loop prepares it again
             return
-        keep_alive = keep_alive_of(self, request)
+        keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
         head = head_bytes(
             self.status,
-            self._whole_lines + server_line(request),  # "" unless one is configured
+            # the configured Server header line, "" by default (proxyd/server/connection.py)
+            self._whole_lines + getattr(request.protocol, "server_line", ""),
             len(self._whole_body),
             http10=request.version < (1, 1),
             keep_alive=keep_alive,
         )
-        write_whole(self, request, head, b"" if request.method == "HEAD" else self._whole_body)
+        self._keep_alive = keep_alive
+        self._eof_sent = True
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away before the response")
+        transport.write(head + (b"" if request.method == "HEAD" else self._whole_body))
 
     async def write_eof(self, data: bytes = b"") -> None:
         return

@@ -113,6 +113,24 @@ class State:
     channels: tuple[Channel, ...] = ()
     channels_push: ChannelsPush | None = None
     routes: Mapping[str, tuple[Channel, ...]] = field(default_factory=dict)
+    # (model, protocol) -> that protocol's channels of the model, made on first use and kept
+    # with this state (init=False: a replace() for a new push starts an empty one)
+    _native: dict[tuple[str, str], tuple[Channel, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def native_route(self, model: str, protocol: str) -> tuple[Channel, ...]:
+        """The channels of `model` that speak `protocol`: the route itself when all do, else
+        one filtered tuple made once per state (the router caches its grouping per tuple)."""
+        found = self._native.get((model, protocol))
+        if found is None:
+            route = self.routes.get(model, ())
+            if all(c.type == protocol for c in route):
+                found = route
+            else:
+                found = tuple(c for c in route if c.type == protocol)
+            self._native[(model, protocol)] = found
+        return found
 
     def served(self, model: str) -> bool:
         """A model is served when some channel has it and it has a price."""
