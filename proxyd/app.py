@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 
-from proxyd.admission.admit import Admission, AdmissionSettings, Ledger, Limits
+from proxyd.admission.admit import Admission, AdmissionSettings, Joint, Ledger, Limits
 from proxyd.admission.balances import LocalLedger
 from proxyd.admission.clientip import client_address, parse_networks
 from proxyd.admission.limits import LocalLimits
+from proxyd.admission.spend import SpendWindows
 from proxyd.billing.migrate import migrate, retention_task
 from proxyd.billing.opener import open_sink
 from proxyd.billing.spool import Spool
@@ -31,6 +32,7 @@ from proxyd.observability.metrics import CONTENT_TYPE, Metrics
 from proxyd.observability.observe import wire_sources
 from proxyd.protocol import estimate
 from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisSessions, RedisStore
+from proxyd.redis_store.admit import RedisAdmission
 from proxyd.redis_store.spend import RedisSpend
 from proxyd.relay.relay import Relay
 from proxyd.routing.health import ChannelHealth
@@ -133,10 +135,15 @@ def build_parts(
     share = config.redis.fallback_instances * workers
     limits: Limits
     ledger: Ledger
+    spend: SpendWindows | None = None
+    joint: Joint | None = None
     if redis:
-        limits = RedisLimits(redis, share=share)
+        redis_limits = RedisLimits(redis, share=share)
         allowance = config.redis.fallback_balance_nanos
-        ledger = RedisLedger(redis, share=share, allowance=allowance)
+        redis_ledger = RedisLedger(redis, share=share, allowance=allowance)
+        redis_spend = RedisSpend(redis)
+        limits, ledger, spend = redis_limits, redis_ledger, redis_spend
+        joint = RedisAdmission(redis_limits, redis_spend, redis_ledger)
     elif shared is not None:
         limits, ledger = shared
     else:
@@ -145,7 +152,8 @@ def build_parts(
     admission = Admission(
         limits=limits,
         ledger=ledger,
-        spend=RedisSpend(redis) if redis else None,
+        spend=spend,
+        joint=joint,
         settings=AdmissionSettings(
             default_max_tokens=a.default_max_tokens,
             resale_window_seconds=a.resale_window_seconds,

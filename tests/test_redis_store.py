@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.crc import key_slot
 from structlog.testing import capture_logs
 
-from proxyd.admission.admit import Admission, AdmissionSettings
+from proxyd.admission.admit import Admission, AdmissionSettings, Ticket
 from proxyd.admission.balances import BalanceView
+from proxyd.admission.spend import calendar_period
 from proxyd.errors import ErrorType, InsufficientQuota, ProxydError, RateLimited
 from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
-from proxyd.state.store import VersionConflict
+from proxyd.redis_store.admit import RedisAdmission
+from proxyd.redis_store.spend import RedisSpend
+from proxyd.state.store import KeyRecord, VersionConflict
 from tests.test_limits import make_key
 
 pytestmark = pytest.mark.redis
@@ -97,6 +103,186 @@ class TcpProxy:
         self._writers.clear()
         await self._server.wait_closed()
         await asyncio.sleep(0.05)
+
+
+def shared_admission(store: RedisStore) -> Admission:
+    """Admission as the app wires it with Redis: limits, spend and balance in one call."""
+    limits, ledger, spend = RedisLimits(store), RedisLedger(store), RedisSpend(store)
+    return Admission(
+        limits=limits,
+        ledger=ledger,
+        spend=spend,
+        joint=RedisAdmission(limits, spend, ledger),
+        settings=AdmissionSettings(),
+    )
+
+
+async def admit(admission: Admission, key: KeyRecord, cost: int, tokens: int = 10) -> Ticket:
+    return await admission.admit(
+        key, model="m", client_ip="", user_agent="", est_tokens=tokens, max_cost_nanos=cost
+    )
+
+
+async def count_commands(store: RedisStore) -> list[tuple[object, ...]]:
+    """Record every command the store's client sends from now on (one per round trip), with
+    every script loaded first (a script's first run anywhere costs a SCRIPT LOAD)."""
+    for script in store.scripts.values():
+        await store.client.script_load(script.script)
+    sent: list[tuple[object, ...]] = []
+    send: Callable[..., Awaitable[object]] = store.client.execute_command
+
+    async def counting(*args: object, **options: object) -> object:
+        sent.append(args)
+        return await send(*args, **options)
+
+    store.client.execute_command = counting  # type: ignore[method-assign]
+    return sent
+
+
+async def dump(prefix: str) -> dict[bytes, object]:
+    """Every key under `prefix` with its value (hashes and sorted sets), to compare states."""
+    client: Redis = Redis.from_url(REDIS)
+    out: dict[bytes, object] = {}
+    try:
+        async for k in client.scan_iter(match=prefix + "*"):
+            kind = await client.type(k)
+            if kind == b"hash":
+                out[k] = await client.hgetall(k)
+            elif kind == b"zset":
+                out[k] = await client.zrange(k, 0, -1)
+            else:
+                out[k] = kind
+    finally:
+        await client.aclose()
+    return out
+
+
+SPEND = (("window_5h", 10**6), ("daily", 10**6), ("weekly", 10**6), ("monthly", 10**6))
+
+
+async def test_admission_is_one_round_trip_in_one_cluster_slot(open_store: Open) -> None:
+    """Limits, four spend windows and the balance: one EVALSHA, its keys all in one slot."""
+    store = await open_store()
+    admission = shared_admission(store)
+    await admission.ledger.set_balance("a1", 1, 10**9)
+    key = make_key(rpm=100, tpm=10**6, max_concurrency=5, spend_limits=SPEND)
+    (await admit(admission, key, 100)).finish(tokens=10, cost_nanos=60)  # loads the script
+    await store.drain()
+    sent = await count_commands(store)
+    ticket = await admit(admission, key, 100)
+    assert len(sent) == 1
+    assert sent[0][0] == "EVALSHA"
+    numkeys = int(str(sent[0][2]))
+    keys = [str(k).encode() for k in sent[0][3 : 3 + numkeys]]
+    assert numkeys == 3 + 3 + 4  # balance, limits, four windows
+    assert len({key_slot(k) for k in keys}) == 1
+    assert all(b"{a1}" in k for k in keys)
+    assert ticket.headers["x-ratelimit-remaining-requests"] == "98"
+    assert (await admission.limits.key_view(key))["in_flight"] == 1
+    assert (await admission.ledger.view("a1")).reserved_nanos == 100
+    ticket.finish(tokens=10, cost_nanos=40)
+    await store.drain()
+    stored = await dump(store.prefix)
+    assert {key_slot(k) for k in stored if b"{a1}" in k} == {key_slot(keys[0])}
+    assert (await admission.ledger.view("a1")).balance_nanos == 10**9 - 100
+    assert all(v["spent_nanos"] == 100 for v in (await admission.spend.view(key)).values())
+
+
+async def test_a_balance_redis_forgot_is_put_back_and_the_call_made_again(
+    open_store: Open,
+) -> None:
+    """A missing balance: the first call takes nothing, the balance is re-seeded from this
+    instance's view, the second call admits (three round trips, the rare case)."""
+    store = await open_store()
+    admission = shared_admission(store)
+    await admission.ledger.set_balance("a1", 1, 1000)
+    key = make_key(rpm=60, max_concurrency=3, spend_limits=(("daily", 10**6),))
+    (await admit(admission, key, 100)).finish(tokens=10, cost_nanos=100)
+    await store.drain()
+    client: Redis = Redis.from_url(REDIS)
+    try:
+        await client.delete(f"{store.prefix}acct:{{a1}}:b")  # this test's own key
+    finally:
+        await client.aclose()
+    sent = await count_commands(store)
+    ticket = await admit(admission, key, 100)
+    assert [c[0] for c in sent] == ["EVALSHA"] * 3  # admit (missing), seed_missing, admit
+    assert ticket.headers["x-ratelimit-remaining-requests"] == "58"  # one request each
+    assert (await admission.limits.key_view(key))["in_flight"] == 1
+    assert (await admission.spend.view(key))["daily"]["spent_nanos"] == 100
+    ticket.finish(tokens=10, cost_nanos=100)
+    await store.drain()
+    assert await admission.ledger.view("a1") == BalanceView(800, 0, 1)
+    assert (await admission.spend.view(key))["daily"]["spent_nanos"] == 200
+
+
+async def test_spend_of_the_old_key_layout_is_carried_over(open_store: Open) -> None:
+    """Windows an instance of the key-tagged layout left (`spend:{<key id>}:...`) are adopted,
+    once per key: a rolling upgrade does not reset a cap."""
+    store = await open_store()
+    admission = shared_admission(store)
+    await admission.ledger.set_balance("a1", 1, 10**6)
+    now = int(time.time())
+    client: Redis = Redis.from_url(REDIS)
+    try:  # what the previous release wrote (this test's own prefix)
+        day = calendar_period("daily", now)[0]
+        await client.hset(f"{store.prefix}spend:{{k1}}:daily:{day}", mapping={"s": 900, "r": 0})
+        five = f"{store.prefix}spend:{{k1}}:window_5h"
+        await client.hset(five, mapping={"s": 500, "r": 0, "t": now - 100})
+    finally:
+        await client.aclose()
+    key = make_key(spend_limits=(("window_5h", 10**6), ("daily", 1000)))
+    with pytest.raises(InsufficientQuota, match="daily spend limit"):
+        await admit(admission, key, 101)
+    sent = await count_commands(store)
+    ticket = await admit(admission, key, 100)
+    assert len(sent) == 1  # carried over once: later admissions are one round trip again
+    ticket.finish(tokens=10, cost_nanos=100)
+    await store.drain()
+    view = await admission.spend.view(key)
+    assert view["daily"]["spent_nanos"] == 1000
+    assert view["window_5h"]["spent_nanos"] == 600
+
+
+@pytest.mark.parametrize("refused", ["balance", "spend", "rate", "concurrency"])
+async def test_a_refusal_takes_nothing_from_any_part(open_store: Open, refused: str) -> None:
+    """Whichever part refuses, buckets, slots, spend windows and balance stay as they were."""
+    store = await open_store()
+    admission = shared_admission(store)
+    await admission.ledger.set_balance("a1", 1, 1000)
+    key = make_key(rpm=3, tpm=10**6, max_concurrency=2, spend_limits=(("daily", 700),))
+    held = await admit(admission, key, 300)  # one in flight: a slot, a reservation, 300 spent
+    other = await admit(admission, key, 100)
+    other.finish(tokens=10, cost_nanos=100)
+    await store.drain()
+    if refused == "rate":  # the third request of the minute takes the last one
+        (await admit(admission, key, 1)).finish(tokens=10, cost_nanos=0)
+        await store.drain()
+    elif refused == "concurrency":
+        key = make_key(rpm=3, tpm=10**6, max_concurrency=1, spend_limits=(("daily", 700),))
+    before = await dump(store.prefix)
+    sent = await count_commands(store)
+    cost = {"balance": 601, "spend": 301}.get(refused, 1)  # 1000 - 300 - 100; 700 - 400
+    with pytest.raises(ProxydError) as refusal:
+        await admit(admission, key, cost)
+    assert len(sent) == 1
+    expected = {
+        "balance": ErrorType.INSUFFICIENT_QUOTA,
+        "spend": ErrorType.INSUFFICIENT_QUOTA,
+        "rate": ErrorType.RATE_LIMITED,
+        "concurrency": ErrorType.CONCURRENCY_LIMITED,
+    }[refused]
+    assert refusal.value.error_type == expected
+    if refused == "spend":
+        assert "daily spend limit" in refusal.value.message
+    after = await dump(store.prefix)
+    balance = f"{store.prefix}acct:{{a1}}:b".encode()
+    for state in (before, after):  # the balance's change counter counts refusals too
+        state[balance].pop(b"n", None)  # type: ignore[attr-defined]
+    assert after == before
+    held.finish(tokens=10, cost_nanos=300)
+    await store.drain()
+    assert await admission.ledger.view("a1") == BalanceView(600, 0, 1)
 
 
 def in_fallback(store: RedisStore) -> bool:
@@ -266,11 +452,8 @@ async def test_balance_never_negative_with_real_redis(
     stores = [RedisStore(REDIS, prefix=prefix) for _ in range(4)]
     for s in stores:
         await s.start()
-    ledgers = [RedisLedger(s) for s in stores]
-    admissions = [
-        Admission(limits=RedisLimits(s), ledger=ledger, settings=AdmissionSettings())
-        for s, ledger in zip(stores, ledgers, strict=True)
-    ]
+    admissions = [shared_admission(s) for s in stores]
+    ledgers = [cast(RedisLedger, a.ledger) for a in admissions]
     await admissions[0].ledger.set_balance("a1", 1, balance)
     key = make_key(max_concurrency=5, rpm=100_000, tpm=10**8)
     rng = random.Random(seed)
@@ -385,13 +568,13 @@ async def test_fallback_and_recovery_through_a_cut_connection(open_store: Open) 
 
 
 async def test_cancelled_remote_admissions_leave_nothing(open_store: Open) -> None:
-    """Requests cancelled at any point of a shared admission leave no slot or reservation."""
+    """Requests cancelled at any point of a shared admission leave no slot, request, token,
+    spend or balance reservation behind."""
     store = await open_store()
-    admission = Admission(
-        limits=RedisLimits(store), ledger=RedisLedger(store), settings=AdmissionSettings()
-    )
+    admission = shared_admission(store)
     await admission.ledger.set_balance("a1", 1, 10**9)
-    key = make_key(max_concurrency=50)
+    key = make_key(max_concurrency=50, rpm=60, spend_limits=SPEND)
+    admitted = 0
     for i in range(40):
         task = asyncio.create_task(
             admission.admit(
@@ -402,11 +585,19 @@ async def test_cancelled_remote_admissions_leave_nothing(open_store: Open) -> No
         task.cancel()
         result = await asyncio.gather(task, return_exceptions=True)
         if not isinstance(result[0], BaseException):
+            admitted += 1
             result[0].finish(tokens=1, cost_nanos=0)
     await store.drain()
-    assert (await admission.limits.key_view(key))["in_flight"] == 0
+    view = await admission.limits.key_view(key)
+    assert view["in_flight"] == 0
+    # each admitted request keeps its request; the cancelled ones gave theirs back (1 a second
+    # refills meanwhile)
+    assert 60 - admitted <= view["requests"]["remaining"] <= 61 - admitted
     assert (await admission.ledger.view("a1")).reserved_nanos == 0
     assert not store.leases
+    windows = [v for k, v in (await dump(store.prefix)).items() if b":spend:" in k]
+    assert windows
+    assert all(int(w[b"r"]) == 0 for w in windows)  # type: ignore[index]
 
 
 async def test_broadcast_reaches_other_instances_only(open_store: Open) -> None:

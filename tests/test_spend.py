@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from redis.crc import key_slot
 
 from proxyd.admission.spend import LocalSpend, calendar_period
 from proxyd.errors import InsufficientQuota
@@ -189,6 +190,10 @@ async def test_windows_redis_forgot_are_reseeded_not_read_as_zero(
     try:
         keys = [k async for k in r.scan_iter(match=f"{prefix}spend:*")]
         assert len(keys) == 2
+        # tagged with the account, like its balance: one cluster slot for the whole admission
+        assert all(k.startswith(f"{prefix}spend:{{acct-1}}:k1:".encode()) for k in keys)
+        balance = f"{prefix}acct:{{acct-1}}:b".encode()
+        assert {key_slot(k) for k in keys} == {key_slot(balance)}
         await r.delete(*keys)  # this test's own keys only
     finally:
         await r.aclose()

@@ -1,7 +1,9 @@
 """Admit: decide whether an authenticated request may run, and hold what it reserved until it ends.
 
-Order: model, client address, resale, requests, tokens, concurrency, balance. A refusal returns
-everything already taken before raising. Raises only proxyd.errors; never reads a body.
+Order: model, client address, resale, requests, tokens, concurrency, spend windows, balance. A
+refusal returns everything already taken before raising. Limits, spend windows and balance shared
+with other processes are asked together (`Joint`: one round trip to Redis or the supervisor).
+Raises only proxyd.errors; never reads a body.
 """
 
 from __future__ import annotations
@@ -42,6 +44,19 @@ class Ledger(Protocol):
     async def seed_balance(self, account_id: str, version: int, balance_nanos: int) -> bool: ...
     async def credit(self, account_id: str, credit_id: str, amount_nanos: int) -> bool: ...
     async def view(self, account_id: str) -> BalanceView: ...
+
+
+Admitted = tuple[LimitGrant, SpendReservation | None, Reservation]
+
+
+class Joint(Protocol):
+    """Limits, spend windows and balance taken together, all or nothing, in one round trip
+    (redis_store.RedisAdmission, supervisor.shared.SupervisorAdmission)."""
+
+    async def admit(self, key: KeyRecord, tokens: int, amount: int) -> Admitted | None:
+        """What the request took, or the first refusal having taken nothing; None when the
+        shared store cannot answer now (admission then goes part by part, locally)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +145,12 @@ class Admission:
         resale: ResaleWatch | None = None,
         settings: AdmissionSettings,
         spend: SpendWindows | None = None,
+        joint: Joint | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.limits = limits
+        self.joint = joint
         self.ledger = ledger
         self.spend: SpendWindows = spend if spend is not None else LocalSpend()
         self.settings = settings
@@ -166,6 +183,11 @@ class Admission:
                 "This API key is in use by too many different clients and is blocked for now.",
                 error_type=ErrorType.RESALE_BLOCKED,
             )
+        if self.joint is not None:
+            admitted = await self.joint.admit(key, est_tokens, max_cost_nanos)
+            if admitted is not None:
+                grant, spent, reservation = admitted
+                return Ticket(self.limits, self.ledger, grant, reservation, self.spend, spent)
         grant = await self.limits.acquire(key, est_tokens)
         spent = None
         try:

@@ -60,6 +60,7 @@ class SpendReservation:
     periods: tuple[tuple[str, str], ...]  # (window, period id) charged at settle
     remote: bool = False
     settled: bool = False
+    account_id: str = ""  # shared reservations: the account whose hash tag the windows carry
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 
 from proxyd.admission.balances import BalanceView, LocalLedger, Reservation, insufficient_quota
-from proxyd.redis_store.scripts import MISSING
+from proxyd.redis_store.scripts import MISSING, admit_args
 from proxyd.redis_store.store import FAILURES, RedisStore, RedisUnavailable
 from proxyd.state.store import VersionConflict
 
@@ -60,32 +60,46 @@ class RedisLedger:
         base = f"{self.store.prefix}acct:{{{account_id}}}:"
         return [base + "b", base + "l", base + "e", base + "cr"]
 
+    def keys(self, account_id: str) -> list[str]:
+        """The balance hash, its lease amounts and lease expiries (KEYS 1-3 of ADMIT)."""
+        return self._keys(account_id)[:3]
+
     async def reserve(self, account_id: str, amount: int) -> Reservation:
         """Set `amount` aside in Redis, or raise 429 `insufficient_quota` setting nothing aside."""
         if amount < 0:
             raise ValueError("a reservation cannot be negative")
         if self.store.fallback_active:
             return self.local.reserve_now(account_id, amount)
-        keys = self._keys(account_id)[:3]
+        keys = self.keys(account_id)
         lease = self.store.new_lease()
+        args = admit_args([0, 0, 0, 0], 0, 0, "", self.store.lease_ms, amount, lease, 0, 0, [])
+        keys = [*keys, keys[0], keys[0], keys[0]]  # no limits part: stand-ins of the same slot
         try:
-            result = await self.store.call("reserve", keys, [amount, lease, self.store.lease_ms])
-            if int(result[0]) == MISSING and await self._reseed(account_id):
-                result = await self.store.call(
-                    "reserve", keys, [amount, lease, self.store.lease_ms]
-                )
+            result = await self.store.call("admit", keys, args)
+            if int(result[0]) == MISSING and await self.reseed(account_id):
+                result = await self.store.call("admit", keys, args)
         except RedisUnavailable:
             return self.local.reserve_now(account_id, amount)
         except BaseException:  # cancelled mid-call: the reservation may exist; release it
-            self.store.submit("settle", keys, [lease, 0])
+            self.undo(account_id, lease)
             raise
-        ok, balance, reserved, version, seq = (int(x) for x in result)
-        if ok == MISSING:  # known nowhere: no balance to spend
+        return self.reserved(account_id, amount, lease, result)
+
+    def undo(self, account_id: str, lease: str) -> None:
+        """Release a reservation a call the caller left may have made (in the background)."""
+        self.store.submit("settle", self.keys(account_id), [lease, 0])
+
+    def reserved(self, account_id: str, amount: int, lease: str, result: list[Any]) -> Reservation:
+        """The reservation an ADMIT answer gives (the balance's part; statuses 1-3 are not the
+        ledger's to answer), or the 429 `insufficient_quota` (status 4, or MISSING)."""
+        status = int(result[0])
+        if status == MISSING:  # known nowhere: no balance to spend
             raise insufficient_quota()
+        balance, reserved, version, seq = (int(x) for x in result[6:10])
         self._mirror(account_id, balance, reserved, version, seq)
-        if not ok:
+        if status != 0:
             raise insufficient_quota()
-        self.store.leases[lease] = (keys[2], False)
+        self.store.leases[lease] = (self.keys(account_id)[2], False)
         return Reservation(account_id, amount, lease=lease, remote=True)
 
     def _mirror(self, account_id: str, balance: int, reserved: int, version: int, seq: int) -> None:
@@ -129,7 +143,7 @@ class RedisLedger:
             version, balance = found
         return version, max(0, balance)
 
-    async def _reseed(self, account_id: str) -> bool:
+    async def reseed(self, account_id: str) -> bool:
         """Put back a balance Redis forgot (RedisUnavailable if it is away); False if unknown."""
         seed = await self._seed(account_id)
         if seed is None:
@@ -226,7 +240,7 @@ class RedisLedger:
         try:
             result = await self.store.call("credit", keys, [credit_id, amount_nanos])
             if int(result[0]) == MISSING:  # unknown anywhere: the credit starts the balance
-                await self._reseed(account_id) or await self.store.call(
+                await self.reseed(account_id) or await self.store.call(
                     "seed_missing", keys[:1], [self.local.view_now(account_id).version, 0]
                 )
                 result = await self.store.call("credit", keys, [credit_id, amount_nanos])
@@ -251,7 +265,7 @@ class RedisLedger:
         balance, reserved, version = raw
         if balance is None:  # Redis forgot it (or never had it): put back what this side knows
             try:
-                if await self._reseed(account_id):
+                if await self.reseed(account_id):
                     raw = await self.store.client.hmget(
                         self._keys(account_id)[0], ["bal", "res", "ver"]
                     )

@@ -7,7 +7,7 @@ from typing import Any
 
 from proxyd.admission.buckets import duration_text
 from proxyd.admission.limits import LimitGrant, LocalLimits, concurrency_limited, rate_limited
-from proxyd.redis_store.scripts import UNIT
+from proxyd.redis_store.scripts import UNIT, admit_args
 from proxyd.redis_store.store import RedisStore, RedisUnavailable
 from proxyd.state.store import KeyRecord
 
@@ -45,12 +45,15 @@ class RedisLimits:
             max_concurrency=max(1, key.max_concurrency // n) if key.max_concurrency else None,
         )
 
-    def _keys(self, key_id: str) -> list[str]:
-        base = f"{self.store.prefix}lim:{{{key_id}}}:"
+    def keys(self, key: KeyRecord) -> list[str]:
+        """The key's request bucket, token bucket and lease zset, tagged with its account (so a
+        request's limit, spend and balance keys share one Redis Cluster slot)."""
+        base = f"{self.store.prefix}lim:{{{key.account_id}}}:{key.id}:"
         return [base + "r", base + "t", base + "c"]
 
     @staticmethod
-    def _rates(key: KeyRecord) -> list[int]:
+    def rates(key: KeyRecord) -> list[int]:
+        """ARGV 1-4 of the bucket scripts: request rate and cap, token rate and cap."""
         return [
             key.rpm or 0,
             key.burst_requests or key.rpm or 0,
@@ -58,25 +61,47 @@ class RedisLimits:
             key.burst_tokens or key.tpm or 0,
         ]
 
+    def lease_for(self, key: KeyRecord) -> str:
+        """A fresh concurrency lease for a key with a concurrency limit, else ''."""
+        return self.store.new_lease() if key.max_concurrency else ""
+
     async def acquire(self, key: KeyRecord, tokens: int) -> LimitGrant:
         """Take one request, the tokens and a slot in Redis, or raise the 429; never partial."""
         if not (key.rpm or key.tpm or key.max_concurrency):
             return self.local.acquire_now(key, tokens)
         if self.store.fallback_active:
             return self.local.acquire_now(self._fallback(key), tokens)
-        keys = self._keys(key.id)
-        cap = key.max_concurrency or 0
-        lease = self.store.new_lease() if cap else ""
-        args = [*self._rates(key), tokens, cap, lease, self.store.lease_ms]
+        keys = self.keys(key)
+        lease = self.lease_for(key)
+        args = admit_args(
+            self.rates(key),
+            tokens,
+            key.max_concurrency or 0,
+            lease,
+            self.store.lease_ms,
+            None,
+            "",
+            0,
+            0,
+            [],
+        )
         try:
-            result = await self.store.call("acquire", keys, args)
+            result = await self.store.call("admit", keys[:1] * 3 + keys, args)
         except RedisUnavailable:
             return self.local.acquire_now(self._fallback(key), tokens)
         except BaseException:
             if lease:  # cancelled mid-call: the slot may have been taken; free it
-                self.store.submit("release", keys, [*self._rates(key), 0, 0, lease])
+                self.undo(key, lease)
             raise
-        status, wait_r, wait_t, level_r, level_t, _ = (int(x) for x in result)
+        return self.granted(key, tokens, lease, result)
+
+    def undo(self, key: KeyRecord, lease: str) -> None:
+        """Free a slot a call the caller left may have taken (in the background)."""
+        self.store.submit("release", self.keys(key), [*self.rates(key), 0, 0, lease])
+
+    def granted(self, key: KeyRecord, tokens: int, lease: str, result: list[Any]) -> LimitGrant:
+        """The grant an ADMIT answer gives (the limits' part), or its 429 (status 1 or 2)."""
+        status, wait_r, wait_t, level_r, level_t = (int(x) for x in result[:5])
         headers: dict[str, str] = {}
         if key.rpm:
             _bucket_headers("requests", key.rpm, level_r, key.burst_requests or key.rpm, headers)
@@ -85,9 +110,11 @@ class RedisLimits:
         if status == 1:
             raise rate_limited(wait_r * 1000, wait_t * 1000, headers)
         if status == 2:
-            raise concurrency_limited(cap)
+            raise concurrency_limited(key.max_concurrency or 0)
+        if not (key.rpm or key.tpm or key.max_concurrency):  # nothing of it in Redis
+            return self.local.acquire_now(key, tokens)
         if lease:
-            self.store.leases[lease] = (keys[2], True)
+            self.store.leases[lease] = (self.keys(key)[2], True)
         return LimitGrant(key.id, tokens, headers, lease=lease or None, remote=True, key=key)
 
     def release(self, grant: LimitGrant, *, tokens: int | None) -> None:
@@ -103,13 +130,13 @@ class RedisLimits:
         back_r = 1 if tokens is None else 0
         back_t = grant.tokens if tokens is None else grant.tokens - tokens
         if grant.key is not None and (back_r or back_t or grant.lease):
-            args = [*self._rates(grant.key), back_r, back_t, grant.lease or ""]
-            self.store.submit("release", self._keys(grant.key_id), args)
+            args = [*self.rates(grant.key), back_r, back_t, grant.lease or ""]
+            self.store.submit("release", self.keys(grant.key), args)
 
     async def key_view(self, key: KeyRecord) -> dict[str, Any]:
         """Live shared state of a key for the control API (local while Redis is away)."""
         try:
-            result = await self.store.call("view", self._keys(key.id), self._rates(key))
+            result = await self.store.call("view", self.keys(key), self.rates(key))
         except RedisUnavailable:
             view = self.local.view_now(self._fallback(key))
             view["fallback"] = True

@@ -1,10 +1,13 @@
 """The Lua scripts behind every shared change in Redis: buckets, leases, balances, credits.
 
-Pure data: text only, no redis import. Each script reads Redis's own clock (TIME), so instances
-never race on time; money is kept exact in two-part integers because Lua numbers are doubles.
+Pure data: text and the argument layout of ADMIT, no redis import. Each script reads Redis's own
+clock (TIME), so instances never race on time; money is kept exact in two-part integers because
+Lua numbers are doubles.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 UNIT = 60_000  # one token, in (milliseconds x tokens-per-minute): integer levels in Lua doubles
 _NOW = "local _t = redis.call('TIME') local now = _t[1] * 1000 + math.floor(_t[2] / 1000) "
@@ -22,24 +25,6 @@ _BUCKET = (
     + "  redis.call('PEXPIRE', k, math.ceil((cap - l) / rate) + 1000) end "
     + "local rr, rc = tonumber(ARGV[1]), tonumber(ARGV[2]) * U "
     + "local tr, tc = tonumber(ARGV[3]), tonumber(ARGV[4]) * U "
-)
-ACQUIRE = (  # ARGV 5 tokens, 6 max concurrency (0: none), 7 lease, 8 lease ttl ms
-    _BUCKET
-    + "local tokens = tonumber(ARGV[5]) local mc = tonumber(ARGV[6]) "
-    + "local lr, lt, wr, wt, n = 0, 0, 0, 0, 0 "
-    + "if rr > 0 then lr = level(KEYS[1], rr, rc) "
-    + "  if lr < U then wr = math.ceil((U - lr) / rr) end end "
-    + "if tr > 0 then lt = level(KEYS[2], tr, tc) local need = math.min(tokens * U, tc) "
-    + "  if lt < need then wt = math.ceil((need - lt) / tr) end end "
-    + "if mc > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) "
-    + "  n = redis.call('ZCARD', KEYS[3]) end "
-    + "if wr > 0 or wt > 0 then return {1, wr, wt, lr, lt, n} end "
-    + "if mc > 0 and n >= mc then return {2, 0, 0, lr, lt, n} end "
-    + "if rr > 0 then lr = lr - U store(KEYS[1], lr, rr, rc) end "
-    + "if tr > 0 then lt = lt - tokens * U store(KEYS[2], lt, tr, tc) end "
-    + "if mc > 0 then redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), ARGV[7]) "
-    + "  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[8]) + 1000) n = n + 1 end "
-    + "return {0, 0, 0, lr, lt, n}"
 )
 RELEASE = (  # ARGV 5 requests back, 6 tokens back (negative: charge more), 7 lease or ''
     _BUCKET
@@ -80,27 +65,9 @@ _PAIRS = (
     + "  redis.call('ZREM', KEYS[3], m) end "
 )
 # A balance Redis does not hold (a restart that came back empty, an eviction) is never read as
-# zero: RESERVE, SETTLE and CREDIT answer MISSING (-1) and change nothing, and the ledger puts the
+# zero: ADMIT, SETTLE and CREDIT answer MISSING (-1) and change nothing, and the ledger puts the
 # balance back with SEED_MISSING before it asks again.
 MISSING = -1
-RESERVE = (  # KEYS bal hash, lease amounts, lease expiries; ARGV amount, lease, ttl ms
-    _NOW
-    + _PAIRS
-    + "local v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
-    + "if not v[1] then return {-1, '0', '0', '-1', 0} end "
-    + "for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do unreserve(m) end "
-    + "v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
-    + "local bal, res, ver = v[1] or '0', v[2] or '0', v[3] or '-1' "
-    + "local bh, bl = P(bal) local rh, rl = P(res) local ah, al = P(ARGV[1]) "
-    + "local n = redis.call('HINCRBY', KEYS[1], 'n', 1) "
-    + "if not lt(rh, rl, bh, bl) then return {0, bal, res, ver, n} end "
-    + "local fh, fl = sub(bh, bl, rh, rl) "
-    + "if lt(fh, fl, ah, al) then return {0, bal, res, ver, n} end "
-    + "redis.call('HINCRBY', KEYS[1], 'res', ARGV[1]) res = redis.call('HGET', KEYS[1], 'res') "
-    + "redis.call('HSET', KEYS[2], ARGV[2], ARGV[1]) "
-    + "redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2]) "
-    + "return {1, bal, res, ver, n}"
-)
 SETTLE = (  # ARGV lease ('' for a request admitted locally), cost
     # returns {charge, balance, reserved, version, n} after it, or {-1, ...} (MISSING)
     _PAIRS
@@ -145,43 +112,9 @@ KEEP_LATEST = (  # KEYS 1 a kind's latest pushed state; ARGV 1 its version, 2 it
     + "redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2]) return 1"
 )
 
-# Spend windows. Per window KEYS[i]; ARGV 1 amount, 2 now (unix seconds, an integer string),
-# then four per window: limit, kind ('5h' or 'cal'), aux (5h: the mirror's window start, 0 for
-# none; cal: ttl seconds), seed (the mirror's spent, put back where Redis holds no window).
-# Hash fields: s spent, r reserved, t the 5-hour window's start. Adds are HINCRBY (exact
-# 64-bit); comparisons are Lua doubles, exact because limits stay below 2**53.
-SPEND_RESERVE = (
-    "local amt = tonumber(ARGV[1]) local now = tonumber(ARGV[2]) "
-    "local st, fresh = {}, {} "
-    "for i = 1, #KEYS do "
-    "  local b = 2 + (i - 1) * 4 local lim = tonumber(ARGV[b + 1]) "
-    "  local five = ARGV[b + 2] == '5h' "
-    "  local v = redis.call('HMGET', KEYS[i], 's', 'r', 't') "
-    "  local spent, res, start = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0 "
-    "  if spent == nil then res = 0 "
-    "    if five then local ss = tonumber(ARGV[b + 3]) "
-    "      if ss > 0 and now < ss + 18000 then spent = tonumber(ARGV[b + 4]) start = ss "
-    "        fresh[i] = 'seed5h' end "
-    "    else spent = tonumber(ARGV[b + 4]) fresh[i] = 'seed' end end "
-    "  if five and (spent == nil or now >= start + 18000) then "
-    "    spent = 0 res = 0 start = now fresh[i] = 'open' end "
-    "  if spent + res + amt > lim then return {i, start, spent, res} end "
-    "  st[i] = {start, spent} end "
-    "local out = {0} "
-    "for i = 1, #KEYS do "
-    "  local b = 2 + (i - 1) * 4 local f = fresh[i] "
-    "  if f == 'open' then redis.call('DEL', KEYS[i]) "
-    "    redis.call('HSET', KEYS[i], 's', 0, 'r', 0, 't', ARGV[2]) "
-    "    redis.call('EXPIRE', KEYS[i], 18060) "
-    "  elseif f == 'seed5h' then "
-    "    redis.call('HSET', KEYS[i], 's', ARGV[b + 4], 'r', 0, 't', ARGV[b + 3]) "
-    "    redis.call('EXPIRE', KEYS[i], st[i][1] + 18060 - now) "
-    "  elseif f == 'seed' then redis.call('HSET', KEYS[i], 's', ARGV[b + 4], 'r', 0) "
-    "    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[b + 3])) end "
-    "  redis.call('HINCRBY', KEYS[i], 'r', ARGV[1]) "
-    "  out[#out + 1] = st[i][1] out[#out + 1] = st[i][2] end "
-    "return out"
-)
+# Spend windows: one hash per window and period. Fields: s spent, r reserved, t the 5-hour
+# window's start. Adds are HINCRBY (exact 64-bit); comparisons are Lua doubles, exact because
+# limits stay below 2**53.
 SPEND_SETTLE = (  # ARGV 1 amount reserved, 2 cost, then per window the 5h start ('0': calendar)
     "for i = 1, #KEYS do local t = ARGV[2 + i] "
     "  if redis.call('EXISTS', KEYS[i]) == 1 and "
@@ -198,15 +131,150 @@ SPEND_VIEW = (  # per window {spent or -1, 5h start or 0}
     "return out"
 )
 
+# Admission: a request's limits, spend windows and balance reservation in one script, one round
+# trip. Everything is checked first, in the refusal order of proxyd.admission.admit (requests and
+# tokens, concurrency, each spend window, balance), and only then applied: a refusal changes
+# nothing but housekeeping (expired leases swept, the balance's change counter). Every key of a
+# call carries the account's hash tag, so a call's keys share one Redis Cluster slot.
+#
+# KEYS 1 balance hash, 2 its lease amounts, 3 its lease expiries (`acct:{<account>}:b|l|e`);
+#      4, 5, 6 the key's request bucket, token bucket, lease zset (`lim:{<account>}:<key>:r|t|c`);
+#      7.. the key's spend windows (`spend:{<account>}:<key>:<window>[:<period>]`).
+# ARGV 1-4 request rate and cap, token rate and cap (0: no bucket), 5 tokens, 6 max concurrency
+#      (0: none), 7 concurrency lease ('' for none), 8 lease ttl ms, 9 amount to reserve on the
+#      balance ('': the call has no balance part), 10 balance lease, 11 spend amount, 12 now (unix
+#      seconds, the spend windows' clock), then four per spend window: limit, kind ('5h' or
+#      'cal'), aux (5h: the mirror's window start, 0 for none; cal: ttl seconds), seed (the
+#      mirror's spent, put back where Redis holds no window).
+# A part the caller does not use is off by its arguments (rates and concurrency 0, amount '',
+# no window keys); its keys are then never touched (any key of the same slot stands in).
+# Returns {status, wait requests, wait tokens, request level, token level, in flight, balance,
+# reserved, balance version, balance change counter, window, ...}: status 0 admitted, then per
+# window its start and spent; 1 rate limited; 2 concurrency; 3 spend window `window` (1-based)
+# full, then its start and spent; 4 balance too low; MISSING no balance in Redis. Levels and
+# counts are as after the call; the balance fields are those seen ('0', '0', '-1', 0 unused).
+ADMIT_ARGS = 12  # ARGV before the spend windows' four each
+ADMIT_KEYS = 6  # KEYS before the spend windows
+ADMIT = (
+    _BUCKET
+    + _PAIRS
+    + "local tokens, mc = tonumber(ARGV[5]), tonumber(ARGV[6]) "
+    + "local lvr, lvt, wr, wt, n = 0, 0, 0, 0, 0 "
+    + "if rr > 0 then lvr = level(KEYS[4], rr, rc) "
+    + "  if lvr < U then wr = math.ceil((U - lvr) / rr) end end "
+    + "if tr > 0 then lvt = level(KEYS[5], tr, tc) local need = math.min(tokens * U, tc) "
+    + "  if lvt < need then wt = math.ceil((need - lvt) / tr) end end "
+    + "if mc > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now) "
+    + "  n = redis.call('ZCARD', KEYS[6]) end "
+    + "local out = {0, wr, wt, lvr, lvt, n, '0', '0', '-1', 0, 0} "
+    + "if wr > 0 or wt > 0 then out[1] = 1 return out end "
+    + "if mc > 0 and n >= mc then out[1] = 2 return out end "
+    # spend windows: check each (seeding or opening only in the plan `fresh`)
+    + "local amt, snow = tonumber(ARGV[11]), tonumber(ARGV[12]) local st, fresh = {}, {} "
+    + "for i = 7, #KEYS do local b = 13 + (i - 7) * 4 local lim = tonumber(ARGV[b]) "
+    + "  local five = ARGV[b + 1] == '5h' "
+    + "  local v = redis.call('HMGET', KEYS[i], 's', 'r', 't') "
+    + "  local spent, res, start = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0 "
+    + "  if spent == nil then res = 0 "
+    + "    if five then local ss = tonumber(ARGV[b + 2]) "
+    + "      if ss > 0 and snow < ss + 18000 then spent = tonumber(ARGV[b + 3]) start = ss "
+    + "        fresh[i] = 'seed5h' end "
+    + "    else spent = tonumber(ARGV[b + 3]) fresh[i] = 'seed' end end "
+    + "  if five and (spent == nil or snow >= start + 18000) then "
+    + "    spent = 0 res = 0 start = snow fresh[i] = 'open' end "
+    + "  if spent + res + amt > lim then "
+    + "    out[1] = 3 out[11] = i - 6 out[12] = start out[13] = spent return out end "
+    + "  st[i] = {start, spent} end "
+    # balance: never read a missing one as zero; sweep expired reservations, then check
+    + "local ledger = ARGV[9] ~= '' "
+    + "if ledger then "
+    + "  if not redis.call('HGET', KEYS[1], 'bal') then out[1] = -1 return out end "
+    + "  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do "
+    + "    unreserve(m) end "
+    + "  local v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
+    + "  local bal, res = v[1] or '0', v[2] or '0' "
+    + "  out[7] = bal out[8] = res out[9] = v[3] or '-1' "
+    + "  out[10] = redis.call('HINCRBY', KEYS[1], 'n', 1) "
+    + "  local bh, bl = P(bal) local rh, rl = P(res) local ah, al = P(ARGV[9]) "
+    + "  if not lt(rh, rl, bh, bl) then out[1] = 4 return out end "
+    + "  local fh, fl = sub(bh, bl, rh, rl) "
+    + "  if lt(fh, fl, ah, al) then out[1] = 4 return out end end "
+    # everything holds: apply everything
+    + "if rr > 0 then lvr = lvr - U store(KEYS[4], lvr, rr, rc) end "
+    + "if tr > 0 then lvt = lvt - tokens * U store(KEYS[5], lvt, tr, tc) end "
+    + "if mc > 0 then redis.call('ZADD', KEYS[6], now + tonumber(ARGV[8]), ARGV[7]) "
+    + "  redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[8]) + 1000) n = n + 1 end "
+    + "out[4] = lvr out[5] = lvt out[6] = n "
+    + "for i = 7, #KEYS do local b = 13 + (i - 7) * 4 local f = fresh[i] "
+    + "  if f == 'open' then redis.call('DEL', KEYS[i]) "
+    + "    redis.call('HSET', KEYS[i], 's', 0, 'r', 0, 't', ARGV[12]) "
+    + "    redis.call('EXPIRE', KEYS[i], 18060) "
+    + "  elseif f == 'seed5h' then "
+    + "    redis.call('HSET', KEYS[i], 's', ARGV[b + 3], 'r', 0, 't', ARGV[b + 2]) "
+    + "    redis.call('EXPIRE', KEYS[i], st[i][1] + 18060 - snow) "
+    + "  elseif f == 'seed' then redis.call('HSET', KEYS[i], 's', ARGV[b + 3], 'r', 0) "
+    + "    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[b + 2])) end "
+    + "  redis.call('HINCRBY', KEYS[i], 'r', ARGV[11]) "
+    + "  out[#out + 1] = st[i][1] out[#out + 1] = st[i][2] end "
+    + "if ledger then redis.call('HINCRBY', KEYS[1], 'res', ARGV[9]) "
+    + "  out[8] = redis.call('HGET', KEYS[1], 'res') "
+    + "  redis.call('HSET', KEYS[2], ARGV[10], ARGV[9]) "
+    + "  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), ARGV[10]) end "
+    + "return out"
+)
+ADMIT_UNDO = (  # KEYS and ARGV of an ADMIT call whose answer never came (the caller left):
+    # gives back what it took, if it took anything (its balance lease is there); 1 if it did
+    _BUCKET
+    + _PAIRS
+    + "if ARGV[9] == '' or not redis.call('HGET', KEYS[2], ARGV[10]) then return 0 end "
+    + "unreserve(ARGV[10]) "
+    + "if ARGV[7] ~= '' then redis.call('ZREM', KEYS[6], ARGV[7]) end "
+    + "local function give(k, add, rate, cap) "
+    + "  store(k, math.min(cap, level(k, rate, cap) + add * U), rate, cap) end "
+    + "if rr > 0 then give(KEYS[4], 1, rr, rc) end "
+    + "if tr > 0 then give(KEYS[5], tonumber(ARGV[5]), tr, tc) end "
+    + "for i = 7, #KEYS do if redis.call('EXISTS', KEYS[i]) == 1 and "
+    + "  redis.call('HINCRBY', KEYS[i], 'r', -tonumber(ARGV[11])) < 0 then "
+    + "  redis.call('HSET', KEYS[i], 'r', 0) end end "
+    + "return 1"
+)
+
+
+def admit_args(
+    rates: list[int],
+    tokens: int,
+    cap: int,
+    lease: str,
+    lease_ms: int,
+    amount: int | None,
+    balance_lease: str,
+    spend_amount: int,
+    now: int,
+    windows: list[Any],
+) -> list[Any]:
+    """ARGV of an ADMIT call (see above); `amount` None leaves the balance out."""
+    return [
+        *rates,
+        tokens,
+        cap,
+        lease,
+        lease_ms,
+        "" if amount is None else amount,
+        balance_lease,
+        spend_amount,
+        now,
+        *windows,
+    ]
+
+
 SCRIPTS = {
-    "spend_reserve": SPEND_RESERVE,
+    "admit": ADMIT,
+    "admit_undo": ADMIT_UNDO,
     "spend_settle": SPEND_SETTLE,
     "spend_view": SPEND_VIEW,
-    "acquire": ACQUIRE,
     "release": RELEASE,
     "view": VIEW,
     "refresh": REFRESH,
-    "reserve": RESERVE,
     "settle": SETTLE,
     "set": SET,
     "credit": CREDIT,

@@ -1,9 +1,10 @@
 """Spend windows shared by every instance through Redis; the local windows while it is away.
 
-One script reserves under every cap of a key at once (`SPEND_RESERVE`), so two instances never
-both take the last room under a cap. The local windows mirror each Redis answer, so a fallback
-starts from what Redis last said, and a window Redis no longer holds (it restarted empty) is put
-back from that mirror, never read as zero.
+One script reserves under every cap of a key at once (`ADMIT`, with the key's limits and its
+account's balance when admission asks), so two instances never both take the last room under a
+cap. The local windows mirror each Redis answer, so a fallback starts from what Redis last said,
+and a window Redis no longer holds (it restarted empty) is put back from that mirror, never read
+as zero.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from proxyd.admission.spend import (
     over_window,
     spend_view,
 )
-from proxyd.redis_store.store import RedisStore, RedisUnavailable
+from proxyd.redis_store.scripts import admit_args
+from proxyd.redis_store.store import FAILURES, RedisStore, RedisUnavailable
 from proxyd.state.store import KeyRecord
 
 
@@ -36,25 +38,61 @@ class RedisSpend:
         self.store = store
         self.local = local or LocalSpend(clock=clock)
         self.clock = clock
+        self.carried: set[str] = set()  # keys whose windows of the old key layout were read
 
-    def _key(self, key_id: str, window: str, period: str | None) -> str:
-        base = f"{self.store.prefix}spend:{{{key_id}}}:{window}"
+    async def carry_over(self, key: KeyRecord, now: int) -> None:
+        """Once per key and process: adopt the spend the windows of the previous key layout
+        (`spend:{<key id>}:<window>[:<period>]`, before the account hash tag) hold, so a rolling
+        upgrade keeps every cap; a window Redis holds under the new layout is left as it is.
+
+        One round trip on a key's first admission only. Drop once no instance older than the
+        account-tagged layout can run.
+        """
+        self.carried.add(key.id)
+        base = f"{self.store.prefix}spend:{{{key.id}}}:"
+        names = []
+        for window, _ in key.spend_limits:
+            if window == "window_5h":
+                names.append(base + window)
+            else:
+                names.append(f"{base}{window}:{calendar_period(window, now)[0]}")
+        try:
+            async with self.store.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hmget(name, ["s", "t"])
+                rows = await pipe.execute()
+        except FAILURES:  # not worth a fallback: the windows start from this process's view
+            return
+        for (window, _), (spent, start) in zip(key.spend_limits, rows, strict=True):
+            if spent is None:
+                continue
+            if window == "window_5h":
+                if start is None or now >= int(start) + FIVE_HOURS:
+                    continue
+                period, reset = str(int(start)), float(int(start) + FIVE_HOURS)
+            else:
+                period, reset = calendar_period(window, now)
+            self.local.seed(key.id, window, period, reset, int(spent))
+
+    def _key(self, account_id: str, key_id: str, window: str, period: str | None) -> str:
+        base = f"{self.store.prefix}spend:{{{account_id}}}:{key_id}:{window}"
         return base if period is None else f"{base}:{period}"
 
-    def _plan(self, key: KeyRecord, now: int) -> tuple[list[str], list[Any], list[float]]:
-        """Redis keys, script arguments and (calendar) reset times of the key's windows."""
+    def plan(self, key: KeyRecord, now: int) -> tuple[list[str], list[Any], list[float]]:
+        """Redis keys, ADMIT arguments (four per window) and (calendar) reset times of the key's
+        windows; keys tagged with the key's account, like its limits and balance."""
         keys: list[str] = []
         args: list[Any] = []
         resets: list[float] = []
         for window, limit in key.spend_limits:
             if window == "window_5h":
                 known = self.local.open_window(key.id, window, now)
-                keys.append(self._key(key.id, window, None))
+                keys.append(self._key(key.account_id, key.id, window, None))
                 args += [limit, "5h", int(known[0]) if known else 0, known[1] if known else 0]
                 resets.append(0.0)
             else:
                 period, reset = calendar_period(window, now)
-                keys.append(self._key(key.id, window, period))
+                keys.append(self._key(key.account_id, key.id, window, period))
                 args += [
                     limit,
                     "cal",
@@ -71,27 +109,39 @@ class RedisSpend:
         if self.store.fallback_active:
             return self.local.reserve_now(key, amount)
         now = int(self.clock())
-        keys, args, resets = self._plan(key, now)
-        try:
-            result = await self.store.call("spend_reserve", keys, [amount, now, *args])
+        if key.id not in self.carried:
+            await self.carry_over(key, now)
+        keys, windows, resets = self.plan(key, now)
+        args = admit_args([0, 0, 0, 0], 0, 0, "", 0, None, "", amount, now, windows)
+        try:  # no limits nor balance part: stand-ins of the same slot for their keys
+            result = await self.store.call("admit", keys[:1] * 6 + keys, args)
         except RedisUnavailable:
             return self.local.reserve_now(key, amount)
-        r = [int(x) for x in result]
-        if r[0] != 0:
-            i = r[0] - 1
+        return self.reserved(key, amount, now, resets, result)
+
+    def reserved(
+        self, key: KeyRecord, amount: int, now: int, resets: list[float], result: list[Any]
+    ) -> SpendReservation:
+        """The reservation an ADMIT answer gives (the windows' part), or the 429 naming the
+        window that is full (status 3); the local windows adopt what Redis said."""
+        if int(result[0]) == 3:
+            i = int(result[10]) - 1
             window, limit = key.spend_limits[i]
-            reset = r[1] + FIVE_HOURS if window == "window_5h" else resets[i]
+            reset = int(result[11]) + FIVE_HOURS if window == "window_5h" else resets[i]
             raise over_window(window, limit, reset, now)
+        r = [int(x) for x in result[11:]]
         periods = []
         for i, (window, _) in enumerate(key.spend_limits):
-            start, spent = r[1 + 2 * i], r[2 + 2 * i]
+            start, spent = r[2 * i], r[2 * i + 1]
             if window == "window_5h":
                 period, reset = str(start), float(start + FIVE_HOURS)
             else:
                 period, reset = calendar_period(window, now)
             self.local.seed(key.id, window, period, reset, spent)
             periods.append((window, period))
-        return SpendReservation(key.id, amount, tuple(periods), remote=True)
+        return SpendReservation(
+            key.id, amount, tuple(periods), remote=True, account_id=key.account_id
+        )
 
     def settle(self, reservation: SpendReservation, cost_nanos: int) -> None:
         """Swap the reservation for the real cost in Redis (in the background)."""
@@ -105,7 +155,11 @@ class RedisSpend:
         keys, args = [], []
         for window, period in reservation.periods:
             five = window == "window_5h"
-            keys.append(self._key(reservation.key_id, window, None if five else period))
+            keys.append(
+                self._key(
+                    reservation.account_id, reservation.key_id, window, None if five else period
+                )
+            )
             args.append(period if five else "0")
             # the mirror, for a re-seed should Redis lose the window
             self.local.add_spent(reservation.key_id, window, period, cost)
@@ -116,7 +170,7 @@ class RedisSpend:
         if not key.spend_limits or self.store.fallback_active:
             return self.local.view_now(key)
         now = int(self.clock())
-        keys, _, resets = self._plan(key, now)
+        keys, _, resets = self.plan(key, now)
         try:
             r = [int(x) for x in await self.store.call("spend_view", keys, [])]
         except RedisUnavailable:

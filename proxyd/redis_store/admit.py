@@ -1,0 +1,83 @@
+"""One request's limits, spend windows and balance reservation in Redis: one script, one round trip.
+
+Checks everything, then applies everything (`scripts.ADMIT`), so a refusal takes nothing. All the
+keys of a call carry the account's hash tag: one Redis Cluster slot. Never waits for Redis while
+it is away (the caller then admits locally, part by part).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxyd.admission.admit import Admitted
+from proxyd.redis_store.ledger import RedisLedger
+from proxyd.redis_store.limits import RedisLimits
+from proxyd.redis_store.scripts import MISSING, admit_args
+from proxyd.redis_store.spend import RedisSpend
+from proxyd.redis_store.store import RedisUnavailable
+from proxyd.state.store import KeyRecord
+
+
+class RedisAdmission:
+    """The shared limits, spend windows and ledger of an instance, asked together."""
+
+    def __init__(self, limits: RedisLimits, spend: RedisSpend, ledger: RedisLedger) -> None:
+        self.limits = limits
+        self.spend = spend
+        self.ledger = ledger
+        self.store = ledger.store
+
+    async def admit(self, key: KeyRecord, tokens: int, amount: int) -> Admitted | None:
+        """Take the request, tokens, a slot, room under every spend cap and `amount` of the
+        balance, or raise the first refusal (the order of proxyd.admission.admit) taking nothing.
+
+        None while Redis is away: the caller admits locally, part by part. A balance Redis forgot
+        is put back and the call made again (the one case of two round trips).
+        """
+        if amount < 0:
+            raise ValueError("a reservation cannot be negative")
+        store = self.store
+        if store.fallback_active:
+            return None
+        limits, spend, ledger = self.limits, self.spend, self.ledger
+        lease = limits.lease_for(key)
+        balance_lease = store.new_lease()
+        now = 0
+        window_keys: list[str] = []
+        windows: list[Any] = []
+        resets: list[float] = []
+        if key.spend_limits:
+            now = int(spend.clock())
+            if key.id not in spend.carried:
+                await spend.carry_over(key, now)
+            window_keys, windows, resets = spend.plan(key, now)
+        keys = [*ledger.keys(key.account_id), *limits.keys(key), *window_keys]
+        args = admit_args(
+            limits.rates(key),
+            tokens,
+            key.max_concurrency or 0,
+            lease,
+            store.lease_ms,
+            amount,
+            balance_lease,
+            amount,
+            now,
+            windows,
+        )
+        try:
+            result = await store.call("admit", keys, args)
+            if int(result[0]) == MISSING and await ledger.reseed(key.account_id):
+                result = await store.call("admit", keys, args)
+        except RedisUnavailable:
+            return None
+        except BaseException:  # the caller left mid-call: give back whatever the call took
+            store.submit("admit_undo", keys, args)
+            raise
+        status = int(result[0])
+        if status == 4 or status == MISSING:
+            ledger.reserved(key.account_id, amount, balance_lease, result)  # raises
+        if status == 3:
+            spend.reserved(key, amount, now, resets, result)  # raises
+        grant = limits.granted(key, tokens, lease, result)  # raises for 1 and 2
+        spent = spend.reserved(key, amount, now, resets, result) if key.spend_limits else None
+        return grant, spent, ledger.reserved(key.account_id, amount, balance_lease, result)
