@@ -57,12 +57,13 @@ raise SystemExit(main())
 Counts = dict[tuple[str, str], int]
 
 
-def count(rev: str, requests: int, warmup: int, mock_port: int) -> Counts:
-    """Bytecodes per function over `requests` W2 requests of revision `rev`."""
+def count(rev: str, requests: int, warmup: int, mock_port: int, extra: str = "") -> Counts:
+    """Bytecodes per function over `requests` W2 requests of revision `rev` (`extra`: TOML
+    appended to its config)."""
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-bytecodes-"))
     tree = rig.CHECKOUT if rev == "WORKTREE" else rig.export_tree(rev, workdir)[0]
     config = workdir / "proxyd.toml"
-    config.write_text(rig.proxyd_config(mock_port, mock_port, workdir))
+    config.write_text(rig.proxyd_config(mock_port, mock_port, workdir) + extra)
     out = workdir / "counts.pickle"
     port, control = rig.free_port(), rig.free_port()
     env = rig.proxyd_env(config, port, control, rig.DATABASE_URL, tree)
@@ -99,10 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--top", type=int, default=40, help="functions shown (largest change)")
+    parser.add_argument(
+        "--base-config",
+        default="",
+        help="TOML appended to the base's config, e.g. '[sticky]\\nenabled = false' with "
+        "--base WORKTREE to see what a feature runs",
+    )
     args = parser.parse_args(argv)
+    extra = "\n" + args.base_config.replace("\\n", "\n") + "\n" if args.base_config else ""
     mock = rig.start_mock(Path(tempfile.mkdtemp()), instant=True, chunks=16, interval=0.02)
     try:
-        base = count(args.base, args.requests, args.warmup, mock.port)
+        base = count(args.base, args.requests, args.warmup, mock.port, extra)
         new = count(args.rev, args.requests, args.warmup, mock.port)
     finally:
         rig.stop(mock)

@@ -38,10 +38,11 @@ STREAM_CHUNKS = 16
 
 
 def _start(
-    tree: Path, workdir: Path, mock_port: int, out: Path, extra: str = ""
+    tree: Path, workdir: Path, mock_port: int, out: Path, extra: str = "", credentials: int = 1
 ) -> tuple[subprocess.Popen[bytes], int]:
     config = workdir / "proxyd.toml"
-    config.write_text(rig.proxyd_config(mock_port, mock_port, workdir) + extra)
+    text = rig.proxyd_config(mock_port, mock_port, workdir, credentials=credentials)
+    config.write_text(text + extra)
     port, control = rig.free_port(), rig.free_port()
     env = rig.proxyd_env(config, port, control, rig.DATABASE_URL, tree)
     env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts run to run
@@ -102,6 +103,7 @@ def measure(
     concurrency: int = 8,
     stream: bool = False,
     extra: str = "",
+    credentials: int = 1,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-instr-"))
     try:
@@ -111,7 +113,7 @@ def measure(
             tree, short = rig.export_tree(rev, workdir)
         out = workdir / "callgrind.out"
         started = time.monotonic()
-        proc, port = _start(tree, workdir, mock_port, out, extra)
+        proc, port = _start(tree, workdir, mock_port, out, extra, credentials)
         try:
             warm = asyncio.run(_send(port, warmup, concurrency, stream))
             time.sleep(1.0)  # the billing writer's flush of the warm-up rows
@@ -158,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="TOML appended to the config, e.g. '[sticky]\\nenabled = false' to price a feature",
     )
+    parser.add_argument(
+        "--credentials",
+        type=int,
+        default=1,
+        help="API keys on the non-stream channel (more than one: sticky sessions have a choice)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed", file=sys.stderr)
@@ -175,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.concurrency,
                 args.stream,
                 "\n" + args.config.replace("\\n", "\n") + "\n",
+                args.credentials,
             )
             print(
                 f"{result['rev']:>10}  {result['per_request']:>12,} instructions per request"

@@ -164,20 +164,31 @@ tpm = {tpm}
 """
 
 
-def _channel(channel_id: str, port: int, model: str) -> str:
-    """One `[[state.channels.channels]]` table: a mock provider on `port` serving `model`."""
+def _channel(channel_id: str, port: int, model: str, credentials: int = 1) -> str:
+    """One `[[state.channels.channels]]` table: a mock provider on `port` serving `model` (with
+    `credentials` API keys: more than one gives sticky sessions a choice to keep)."""
+    keys = (
+        'api_key = "mock"'
+        if credentials == 1
+        else "api_keys = [" + ", ".join(f'"mock-{i}"' for i in range(credentials)) + "]"
+    )
     return f"""\
 [[state.channels.channels]]
 id = "{channel_id}"
 type = "openai"
 base_url = "http://127.0.0.1:{port}/v1"
-api_key = "mock"
+{keys}
 models = ["{model}"]
 """
 
 
 def proxyd_config(
-    instant_port: int, paced_port: int, workdir: Path, *, metrics: bool = True
+    instant_port: int,
+    paced_port: int,
+    workdir: Path,
+    *,
+    metrics: bool = True,
+    credentials: int = 1,
 ) -> str:
     """The TOML state proxyd starts with: a bench key, a rate-limited key, a key allowed the
     stream model only (its calls to the instant model get 403), and two mock channels."""
@@ -216,7 +227,7 @@ output = "0.60"
 [state.channels]
 version = 1
 
-{_channel("mock-instant", instant_port, INSTANT_MODEL)}
+{_channel("mock-instant", instant_port, INSTANT_MODEL, credentials)}
 {_channel("mock-paced", paced_port, STREAM_MODEL)}
 [state.balances."acct-bench"]
 version = 1

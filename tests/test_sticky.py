@@ -179,6 +179,38 @@ async def test_turns_of_a_session_stay_on_one_channel_and_credential(
     assert 'proxyd_sticky_sessions_total{result="hit"} 9.0' in metrics
 
 
+async def test_a_route_without_a_choice_opens_no_session(
+    start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """One channel with one credential leaves nothing to keep a session on: no session is
+    opened (nothing counted, nothing remembered); the same channel with two credentials pins."""
+    fake = FakeProvider(Step(body=anthropic_body("ok")))
+    server = await start_server(fake.app())
+    single = channel("solo", url_of(server), type="anthropic", models=["claude-x"])
+    double = channel("duo", url_of(server), type="anthropic", models=["claude-y"])
+    del double["api_key"]
+    double["api_keys"] = ["cred-a", "cred-b"]
+    client, parts = await start_proxy(make_config(tmp_path, [single, double]))
+    headers = {**ANT, "x-claude-code-session-id": "sess-1"}
+    for _ in range(3):
+        body = {
+            "model": "claude-x",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "t"}],
+        }
+        assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
+    assert (parts.sticky.hits, parts.sticky.misses, len(parts.sticky)) == (0, 0, 0)
+    for _ in range(3):
+        body = {
+            "model": "claude-y",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "t"}],
+        }
+        assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
+    assert (parts.sticky.hits, parts.sticky.misses, len(parts.sticky)) == (2, 1, 1)
+    assert len({seen.headers["x-api-key"] for seen in fake.seen[3:]}) == 1
+
+
 async def test_without_stickiness_turns_spread(
     start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
 ) -> None:

@@ -9,16 +9,17 @@ healthy, and failover still decides retries (the session then moves with the req
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
+from zlib import crc32 as _crc32
 
 import orjson
 
 # The session headers of the coding agents, in the order they are believed.
 _CLAUDE_CODE = "x-claude-code-session-id"
 _CODEX = ("session-id", "session_id", "thread-id", "thread_id")
+_CODEX_NAMES = frozenset(_CODEX)
 _HASH_BYTES = 1024  # of the system prompt and of the first user message, for the fallback id
 _SURROGATES = "surrogatepass"  # lone surrogates (valid JSON escapes) encode as themselves
 _MAX_ID = 200  # a client id longer than this is hashed (it is a dictionary key, and a Redis one)
@@ -42,10 +43,11 @@ def session_id(headers: Mapping[str, str], body: Mapping[str, Any]) -> str:
             found = _from_user_id(user)
             if found:
                 return _short("u:" + found)
-    for name in _CODEX:
-        value = headers.get(name)
-        if value:
-            return _short("h:" + value)
+    if not headers.keys().isdisjoint(_CODEX_NAMES):  # one C call where most requests have none
+        for name in _CODEX:
+            value = headers.get(name)
+            if value:
+                return _short("h:" + value)
     cache_key = body.get("prompt_cache_key")
     if isinstance(cache_key, str) and cache_key:
         return _short("p:" + cache_key)
@@ -75,29 +77,44 @@ def _short(value: str) -> str:
 
 def _opening_hash(body: Mapping[str, Any]) -> str:
     """CRC-32s of the start of the system prompt and of the first user message (stable across
-    processes, cheap; a collision only puts two conversations on the same channel)."""
-    system = body.get("system", body.get("instructions"))
+    processes, cheap; a collision only puts two conversations on the same channel).
+
+    On every request without a stated session id: straight-line code for the usual shapes
+    (exact `dict`/`list`/`str` types, as the JSON parser makes them), `_head` for the rest.
+    """
+    system = body.get("system")
+    if system is None:
+        system = body.get("instructions")
+    items = body.get("messages")
+    if items is None:
+        items = body.get("input")
     first = None
-    items = body.get("messages", body.get("input"))
-    if isinstance(items, list):
+    if type(items) is list:
         for item in items:
             if not isinstance(item, dict):
                 continue
             role = item.get("role")
-            if role in ("system", "developer") and system is None:
-                system = item.get("content")
-            elif role == "user":
+            if role == "user":
                 first = item.get("content")
                 break
-    elif isinstance(items, str):
+            if system is None and (role == "system" or role == "developer"):
+                system = item.get("content")
+    elif type(items) is str:
         first = items
     # 16 hex digits, as f"{crc_system:08x}{crc_first:08x}" at a third of its cost; an absent
     # part hashes as the empty string (CRC 0)
-    crc_system = 0 if system is None else zlib.crc32(_head(system).encode("utf-8", _SURROGATES))
-    if type(first) is str:  # a plain-text first message (most requests): _head's first case
-        crc_first = zlib.crc32(first[:_HASH_BYTES].encode("utf-8", _SURROGATES))
+    if system is None:
+        crc_system = 0
+    elif type(system) is str:
+        crc_system = _crc32(system[:_HASH_BYTES].encode("utf-8", _SURROGATES))
     else:
-        crc_first = 0 if first is None else zlib.crc32(_head(first).encode("utf-8", _SURROGATES))
+        crc_system = _crc32(_head(system).encode("utf-8", _SURROGATES))
+    if first is None:
+        crc_first = 0
+    elif type(first) is str:
+        crc_first = _crc32(first[:_HASH_BYTES].encode("utf-8", _SURROGATES))
+    else:
+        crc_first = _crc32(_head(first).encode("utf-8", _SURROGATES))
     return (crc_system << 32 | crc_first).to_bytes(8, "big").hex()
 
 
@@ -136,7 +153,7 @@ class Pin:
 class Session:
     """One request's view of its session: the pin found, and `settle` once a channel served."""
 
-    __slots__ = ("_table", "key", "opened", "pin", "track")
+    __slots__ = ("_table", "channel_id", "key", "opened", "pin", "track")
 
     def __init__(
         self, table: StickyTable, key: str, pin: Pin | None, opened: float, track: bool
@@ -144,26 +161,30 @@ class Session:
         self._table = table
         self.key = key
         self.pin = pin
+        self.channel_id = pin.channel_id if pin is not None else None  # the channel to try first
         self.opened = opened
         self.track = track
 
-    @property
-    def channel_id(self) -> str | None:
-        """The channel to try first, if the session has one."""
-        pin = self.pin
-        return pin.channel_id if pin is not None else None
-
     def credential(self, channel_id: str) -> int | None:
         """The credential index to use on `channel_id`, if the session was there."""
-        pin = self.pin
-        if pin is not None and pin.channel_id == channel_id:
-            return pin.credential
+        if channel_id == self.channel_id:
+            return self.pin.credential  # type: ignore[union-attr]  # channel_id set: pin too
         return None
 
     def settle(self, channel_id: str, credential: int) -> None:
         """A channel answered: remember it (a hit, a first placement, or a move)."""
-        if self.track:
-            self._table.settle(self, channel_id, credential)
+        if not self.track:
+            return
+        pin = self.pin
+        if pin is not None and pin.channel_id == channel_id and pin.credential == credential:
+            table = self._table  # a hit (most turns): the TTL slides from when it was opened
+            table.hits += 1
+            pin.expires = self.opened + table.ttl
+            if table.on_renew is not None and self.opened - pin.shared_at > table.ttl / 4:
+                pin.shared_at = self.opened
+                table.on_renew(self.key)
+            return
+        self._table.settle(self, channel_id, credential)
 
 
 class StickyTable:
@@ -214,21 +235,19 @@ class StickyTable:
         return Session(self, key, pin, now, track)
 
     def settle(self, session: Session, channel_id: str, credential: int) -> None:
-        """Record where `session` was served; the TTL slides from the time it was opened."""
+        """Record where `session` was served; the TTL slides from the time it was opened.
+
+        (`Session.settle` counts a hit itself; this places a new session or moves one.)
+        """
         pin = session.pin
-        expires = session.opened + self.ttl
         if pin is not None and pin.channel_id == channel_id and pin.credential == credential:
-            self.hits += 1
-            pin.expires = expires
-            if self.on_renew is not None and session.opened - pin.shared_at > self.ttl / 4:
-                pin.shared_at = session.opened
-                self.on_renew(session.key)
+            session.settle(channel_id, credential)
             return
         if pin is None:
             self.misses += 1
         else:
             self.moves += 1
-        self.put(session.key, channel_id, credential, expires, session.opened)
+        self.put(session.key, channel_id, credential, session.opened + self.ttl, session.opened)
         if self.on_settle is not None:
             self.on_settle(session.key, channel_id, credential)
 

@@ -75,7 +75,9 @@ async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.St
                     outcome,
                     request_id=request_id,
                     extra_headers={},
-                    session=await p.session(key.id, call, request.headers, track=False),
+                    session=await p.session(
+                        key.id, call, request.headers, route.channels, track=False
+                    ),
                 )
             )
         if response is None or response.status in NOT_OFFERED:

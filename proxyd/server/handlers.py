@@ -101,7 +101,7 @@ class ClientHandlers:
                     outcome,
                     request_id=request_id,
                     extra_headers=ticket.headers,
-                    session=await p.session(key.id, call, request.headers),
+                    session=await p.session(key.id, call, request.headers, route.channels),
                 )
             finally:
                 if call.stream:

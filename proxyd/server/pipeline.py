@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,14 +27,14 @@ from proxyd.protocol.usage import Usage, completion_text, usage_from_body
 from proxyd.relay.outcome import Outcome
 from proxyd.relay.relay import Relay
 from proxyd.routing.sticky import Session, StickyTable, session_id
-from proxyd.state.store import State, StateStore
+from proxyd.state.store import Channel, State, StateStore
 
 # Body parts naming state the provider holds or fetches (a previous response, a conversation,
 # an uploaded file, an image by URL), whose tokens the body's bytes cannot bound. An inline
-# (base64) image is bounded by its bytes.
-_UNBOUNDED = re.compile(
-    rb'"previous_response_id"|"conversation"|"file_id"|"(?:image_)?url": ?"http'
-)  # one scan of the body, not one per marker
+# (base64) image is bounded by its bytes. `unbounded` finds the fixed names with `in` (a C
+# substring search: 3.5k instructions for W2's body against 9.5k for one regular expression,
+# whose engine stops at every quote); the URL's pattern runs only where a key ends in `url`.
+_BY_URL = re.compile(rb'"(?:image_)?url": ?"http')
 
 
 @dataclass(slots=True)
@@ -53,7 +53,12 @@ class Arrival:
 
 def unbounded(raw: bytes) -> bool:
     """Whether a body names provider-side state whose tokens its bytes cannot bound."""
-    return _UNBOUNDED.search(raw) is not None
+    return (
+        b'"previous_response_id"' in raw
+        or b'"conversation"' in raw
+        or b'"file_id"' in raw
+        or (b'url"' in raw and _BY_URL.search(raw) is not None)
+    )
 
 
 class SharedSessions(Protocol):
@@ -132,14 +137,21 @@ class Pipeline:
 
     # -- session ----------------------------------------------------------------------------
     async def session(
-        self, key_id: str, call: Call, headers: Mapping[str, str], *, track: bool = True
+        self,
+        key_id: str,
+        call: Call,
+        headers: Mapping[str, str],
+        channels: Sequence[Channel],
+        *,
+        track: bool = True,
     ) -> Session | None:
-        """The request's sticky session (None with sticky sessions off).
+        """The request's sticky session among its route's `channels` (None with sticky sessions
+        off, or when the route leaves no choice: one channel with one credential).
 
         A session this process has no pin for is looked up once in the shared store, if any.
         """
         table = self.sticky
-        if table is None:
+        if table is None or (len(channels) == 1 and len(channels[0].api_keys) == 1):
             return None
         sid = session_id(headers, call.body)
         now = self._clock()
