@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 
-from proxyd.admission.admit import Admission, AdmissionSettings, Joint, Ledger, Limits
+from proxyd.admission.admit import (
+    Admission,
+    AdmissionSettings,
+    Joint,
+    Ledger,
+    Limits,
+    SharedParts,
+)
 from proxyd.admission.balances import LocalLedger
 from proxyd.admission.clientip import client_address, parse_networks
 from proxyd.admission.limits import LocalLimits
@@ -110,14 +117,15 @@ def build_parts(
     store: StateStore | None = None,
     *,
     tokenizer: estimate.Tokenizer | None = None,
-    shared: tuple[Limits, Ledger] | None = None,
+    shared: SharedParts | None = None,
     workers: int = 1,
 ) -> Parts:
     """Create every part (nothing started yet).
 
     A worker of several passes the tokenizer loaded before the fork, its `workers` count (the
     Redis fallback then takes a fair share of each key's limits) and, without Redis, `shared`:
-    the limits and ledger its supervisor keeps for all workers.
+    the limits, spend windows and ledger its supervisor keeps for all workers, with their joint
+    admission (one round trip).
     """
     store = store or StateStore()
     metrics = Metrics(enabled=config.metrics_enabled)
@@ -145,7 +153,7 @@ def build_parts(
         limits, ledger, spend = redis_limits, redis_ledger, redis_spend
         joint = RedisAdmission(redis_limits, redis_spend, redis_ledger)
     elif shared is not None:
-        limits, ledger = shared
+        limits, ledger, spend, joint = shared.limits, shared.ledger, shared.spend, shared.joint
     else:
         limits, ledger = LocalLimits(), LocalLedger()
     a = config.admission

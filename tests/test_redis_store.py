@@ -180,8 +180,11 @@ async def test_admission_is_one_round_trip_in_one_cluster_slot(open_store: Open)
     assert ticket.headers["x-ratelimit-remaining-requests"] == "98"
     assert (await admission.limits.key_view(key))["in_flight"] == 1
     assert (await admission.ledger.view("a1")).reserved_nanos == 100
+    del sent[:]
     ticket.finish(tokens=10, cost_nanos=40)
     await store.drain()
+    assert len(sent) == 1  # its end: one more (in the background)
+    assert sent[0][:2] == ("EVALSHA", store.scripts["finish"].sha)
     stored = await dump(store.prefix)
     assert {key_slot(k) for k in stored if b"{a1}" in k} == {key_slot(keys[0])}
     assert (await admission.ledger.view("a1")).balance_nanos == 10**9 - 100
@@ -242,6 +245,29 @@ async def test_spend_of_the_old_key_layout_is_carried_over(open_store: Open) -> 
     view = await admission.spend.view(key)
     assert view["daily"]["spent_nanos"] == 1000
     assert view["window_5h"]["spent_nanos"] == 600
+
+
+async def test_a_balance_forgotten_mid_request_is_put_back_at_its_end(open_store: Open) -> None:
+    """Redis forgets the balance while a request runs: its end frees the slot and settles the
+    window once, then puts the balance back and charges it (never read as zero)."""
+    store = await open_store()
+    admission = shared_admission(store)
+    await admission.ledger.set_balance("a1", 1, 1000)
+    key = make_key(rpm=60, max_concurrency=1, spend_limits=(("daily", 10**6),))
+    ticket = await admit(admission, key, 300)
+    client: Redis = Redis.from_url(REDIS)
+    try:
+        await client.delete(f"{store.prefix}acct:{{a1}}:b")  # this test's own key
+    finally:
+        await client.aclose()
+    ticket.finish(tokens=10, cost_nanos=100)
+    await store.drain()
+    assert await admission.ledger.view("a1") == BalanceView(900, 0, 1)
+    assert (await admission.spend.view(key))["daily"]["spent_nanos"] == 100
+    view = await admission.limits.key_view(key)
+    assert view["in_flight"] == 0
+    assert view["requests"]["remaining"] == 59
+    (await admit(admission, key, 800)).finish(tokens=10, cost_nanos=0)  # the slot is free
 
 
 @pytest.mark.parametrize("refused", ["balance", "spend", "rate", "concurrency"])

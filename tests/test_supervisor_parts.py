@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from proxyd.admission.balances import BalanceView
 from proxyd.errors import RateLimited
 from proxyd.observability import merge
 from proxyd.supervisor.frames import FrameBuffer, FrameError, encode
@@ -14,7 +17,7 @@ from proxyd.supervisor.hub import Hub
 def test_frames_split_anywhere_come_back_whole_and_in_order() -> None:
     """Messages cut at every byte boundary are returned whole, in order, once each."""
     messages = [
-        {"op": "acquire", "id": i, "key": ["k", "a", 10, None, None, None, 2]} for i in range(5)
+        {"op": "acquire", "id": i, "key": ["k", "a", 10, None, None, None, 2, []]} for i in range(5)
     ]
     data = b"".join(encode(m) for m in messages)
     for cut in range(1, len(data)):
@@ -30,14 +33,23 @@ def test_a_frame_that_is_not_an_object_is_refused() -> None:
         FrameBuffer().feed(raw[:0] + len(body).to_bytes(4, "big") + body)
 
 
-def _key(rpm: int | None = 3, cap: int | None = None) -> list[object]:
-    return ["k1", "a1", rpm, None, None, None, cap]
+def _key(rpm: int | None = 3, cap: int | None = None, spend: int | None = None) -> list[object]:
+    return ["k1", "a1", rpm, None, None, None, cap, [["daily", spend]] if spend else []]
+
+
+def ask(hub: Hub, pid: int, message: dict[str, Any]) -> dict[str, Any] | None:
+    """One message to the hub as a worker sends it (with an id); the answer without it."""
+    reply = hub.handle(pid, {**message, "id": 7})
+    if reply is None:
+        return None
+    assert reply.pop("id") == 7
+    return reply
 
 
 def test_hub_admits_exactly_rpm_for_every_worker_together() -> None:
     """Two workers asking for one key: the bucket is one, so rpm = 3 admits 3 in total."""
     hub = Hub()
-    answers = [hub.handle(pid, {"op": "acquire", "key": _key(), "tokens": 0}) for pid in (1, 2) * 3]
+    answers = [ask(hub, pid, {"op": "acquire", "key": _key(), "tokens": 0}) for pid in (1, 2) * 3]
     granted = [a for a in answers if a is not None and "grant" in a]
     refused = [a for a in answers if a is not None and "refused" in a]
     assert len(granted) == 3
@@ -49,32 +61,32 @@ def test_hub_admits_exactly_rpm_for_every_worker_together() -> None:
 def test_hub_frees_a_dead_workers_slots_and_reservations() -> None:
     """A worker that dies holding a slot and a reservation: both come back; others keep theirs."""
     hub = Hub()
-    hub.handle(9, {"op": "set_balance", "account": "a1", "version": 1, "balance": 100})
-    held = hub.handle(1, {"op": "acquire", "key": _key(None, cap=1), "tokens": 0})
+    ask(hub, 9, {"op": "set_balance", "account": "a1", "version": 1, "balance": 100})
+    held = ask(hub, 1, {"op": "acquire", "key": _key(None, cap=1), "tokens": 0})
     assert held is not None
     assert "grant" in held
-    assert hub.handle(1, {"op": "reserve", "account": "a1", "amount": 100}) == {"res": 2}
-    blocked = hub.handle(2, {"op": "acquire", "key": _key(None, cap=1), "tokens": 0})
+    assert ask(hub, 1, {"op": "reserve", "account": "a1", "amount": 100}) == {"res": 2}
+    blocked = ask(hub, 2, {"op": "acquire", "key": _key(None, cap=1), "tokens": 0})
     assert blocked is not None
     assert "refused" in blocked
     assert hub.forget(1) == (1, 1)
-    again = hub.handle(2, {"op": "acquire", "key": _key(None, cap=1), "tokens": 0})
+    again = ask(hub, 2, {"op": "acquire", "key": _key(None, cap=1), "tokens": 0})
     assert again is not None
     assert "grant" in again
-    assert hub.handle(2, {"op": "view_balance", "account": "a1"}) == {"view": [100, 0, 1]}
+    assert ask(hub, 2, {"op": "view_balance", "account": "a1"}) == {"view": [100, 0, 1]}
 
 
 def test_hub_settles_and_reports_conflicts() -> None:
     """Settling charges the cost once; an older balance version comes back as a conflict."""
     hub = Hub()
-    hub.handle(1, {"op": "set_balance", "account": "a1", "version": 2, "balance": 1000})
-    res = hub.handle(1, {"op": "reserve", "account": "a1", "amount": 600})
+    ask(hub, 1, {"op": "set_balance", "account": "a1", "version": 2, "balance": 1000})
+    res = ask(hub, 1, {"op": "reserve", "account": "a1", "amount": 600})
     assert res is not None
-    assert "refused" in (hub.handle(2, {"op": "reserve", "account": "a1", "amount": 600}) or {})
-    hub.handle(1, {"op": "settle", "res": res["res"], "cost": 250})
-    hub.handle(1, {"op": "settle", "res": res["res"], "cost": 250})  # a second settle is ignored
-    assert hub.handle(1, {"op": "view_balance", "account": "a1"}) == {"view": [750, 0, 2]}
-    conflict = hub.handle(1, {"op": "set_balance", "account": "a1", "version": 1, "balance": 5})
+    assert "refused" in (ask(hub, 2, {"op": "reserve", "account": "a1", "amount": 600}) or {})
+    ask(hub, 1, {"op": "settle", "res": res["res"], "cost": 250})
+    ask(hub, 1, {"op": "settle", "res": res["res"], "cost": 250})  # a second settle is ignored
+    assert ask(hub, 1, {"op": "view_balance", "account": "a1"}) == {"view": [750, 0, 2]}
+    conflict = ask(hub, 1, {"op": "set_balance", "account": "a1", "version": 1, "balance": 5})
     assert conflict == {"conflict": ["balance", 1, 2]}
 
 
@@ -113,8 +125,8 @@ def test_rate_limited_refusal_survives_the_channel() -> None:
     from proxyd.supervisor.shared import _raise_refusal
 
     hub = Hub()
-    hub.handle(1, {"op": "acquire", "key": _key(rpm=1), "tokens": 0})
-    reply = hub.handle(1, {"op": "acquire", "key": _key(rpm=1), "tokens": 0})
+    ask(hub, 1, {"op": "acquire", "key": _key(rpm=1), "tokens": 0})
+    reply = ask(hub, 1, {"op": "acquire", "key": _key(rpm=1), "tokens": 0})
     assert reply is not None
     with pytest.raises(RateLimited) as caught:
         _raise_refusal(reply)
@@ -122,3 +134,118 @@ def test_rate_limited_refusal_survives_the_channel() -> None:
     assert caught.value.retry_after is not None
     assert caught.value.retry_after > 0
     assert "retry-after-ms" in caught.value.headers
+
+
+def test_hub_admits_all_or_nothing_and_one_finish_gives_everything_back() -> None:
+    """One `admit`: a refused balance leaves the bucket, slot and spend window untouched; one
+    `finish` frees the slot, settles spend and balance; a dead worker's tickets are freed."""
+    hub = Hub()
+    ask(hub, 9, {"op": "set_balance", "account": "a1", "version": 1, "balance": 500})
+    key = _key(rpm=3, cap=3, spend=700)
+
+    def admit(pid: int, ticket: int, amount: int) -> dict[str, Any]:
+        reply = ask(
+            hub, pid, {"op": "admit", "key": key, "tokens": 10, "amount": amount, "t": ticket}
+        )
+        assert reply is not None
+        return reply
+
+    assert admit(1, 1, 300)["headers"]["x-ratelimit-remaining-requests"] == "2"
+    refused = admit(2, 1, 300)  # spend 600 <= 700 would fit; balance 500 - 300 does not
+    assert refused["refused"]["error_type"] == "insufficient_quota"
+    assert (
+        admit(2, 2, 200)["headers"]["x-ratelimit-remaining-requests"] == "1"
+    )  # the refused took none
+    view = ask(hub, 1, {"op": "key_view", "key": key})
+    assert view is not None
+    assert view["view"]["in_flight"] == 2
+    spend = admit(1, 3, 300)  # the window: 500 reserved + 300 > 700
+    assert "daily spend limit" in spend["refused"]["message"]
+    hub.handle(1, {"op": "finish", "t": 1, "tokens": 10, "cost": 250})
+    hub.handle(1, {"op": "finish", "t": 1, "tokens": 10, "cost": 250})  # once only
+    assert ask(hub, 1, {"op": "view_balance", "account": "a1"}) == {"view": [250, 200, 1]}
+    spend_view = ask(hub, 1, {"op": "spend_view", "key": key})
+    assert spend_view is not None
+    assert spend_view["view"]["daily"]["spent_nanos"] == 250
+    assert hub.forget(2) == (1, 1)  # worker 2 died holding ticket 2
+    assert ask(hub, 1, {"op": "view_balance", "account": "a1"}) == {"view": [250, 0, 1]}
+    view = ask(hub, 1, {"op": "key_view", "key": key})
+    assert view is not None
+    assert view["view"]["in_flight"] == 0
+
+
+async def test_a_worker_admits_in_one_message_and_finishes_in_one() -> None:
+    """Through a real channel: an admission is one request answered once, its end one
+    notification; a caller that leaves mid-admission gives everything back."""
+    import asyncio
+    import socket
+
+    from proxyd.admission.admit import Admission, AdmissionSettings
+    from proxyd.supervisor.link import Link
+    from proxyd.supervisor.shared import shared_parts
+    from tests.test_limits import make_key
+
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    hub, frames, seen = Hub(), FrameBuffer(), []
+    release = asyncio.Event()
+
+    async def supervisor() -> None:  # the supervisor's side: the hub, answering in order
+        loop = asyncio.get_running_loop()
+        while data := await loop.sock_recv(theirs, 65536):
+            for message in frames.feed(data):
+                seen.append(message["op"])
+                if message["op"] == "admit" and message["t"] == 2:
+                    await release.wait()  # hold the answer: the worker gives up meanwhile
+                reply = hub.handle(1, message)
+                if reply is not None:
+                    await loop.sock_sendall(theirs, encode(reply))
+
+    serving = asyncio.create_task(supervisor())
+    link = Link(ours, slot=0, workers=2)
+    await link.start()
+    try:
+        parts = shared_parts(link)
+        admission = Admission(
+            limits=parts.limits,
+            ledger=parts.ledger,
+            spend=parts.spend,
+            joint=parts.joint,
+            settings=AdmissionSettings(),
+        )
+        await parts.ledger.set_balance("a1", 1, 1000)
+        key = make_key(rpm=10, max_concurrency=1, spend_limits=(("daily", 10_000),))
+        seen.clear()
+        ticket = await admission.admit(
+            key, model="m", client_ip="", user_agent="", est_tokens=5, max_cost_nanos=100
+        )
+        assert seen == ["admit"]
+        ticket.finish(tokens=5, cost_nanos=60)
+        cancelled = asyncio.create_task(
+            admission.admit(
+                key, model="m", client_ip="", user_agent="", est_tokens=5, max_cost_nanos=100
+            )
+        )
+        for _ in range(100):
+            if seen == ["admit", "finish", "admit"]:
+                break
+            await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        assert (await asyncio.gather(cancelled, return_exceptions=True))[0].__class__ is (
+            asyncio.CancelledError
+        )
+        for _ in range(100):
+            if len(seen) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == ["admit", "finish", "admit", "finish"]
+        assert await parts.ledger.view("a1") == BalanceView(940, 0, 1)
+        assert (await parts.limits.key_view(key))["in_flight"] == 0
+        assert (await parts.spend.view(key))["daily"]["spent_nanos"] == 60
+    finally:
+        link.close()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        theirs.close()

@@ -127,6 +127,43 @@ async def test_balance_spent_from_both_workers_is_exact_and_never_negative(
         await proxyd.kill()
 
 
+async def test_a_spend_cap_is_one_window_for_every_worker_without_redis(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A daily cap spent from both workers, no Redis: one window in the supervisor, so the
+    charges stay under the cap (two windows would let each worker spend nearly all of it) and
+    the control API shows every worker's spend."""
+    mock = await start_server(create_mock_app(instant=True))
+    cap = 1_000_000  # about ten reservations of ~90,000 nanos; a request costs ~20,000
+    st = state(server_url(mock), spend_limits={"daily_nanos": cap})
+    proxyd = await _proxyd(tmp_path, st)
+    try:
+        pinned = await proxyd.pinned()
+        url = proxyd.url("/v1/chat/completions")
+
+        async def run(session: aiohttp.ClientSession) -> list[int]:
+            statuses = []
+            for _ in range(80):
+                status, body = await chat(session, url, max_tokens=20)
+                statuses.append(status)
+                if status == 429:
+                    assert b"daily spend limit" in body
+                    break
+            return statuses
+
+        results = await asyncio.gather(*(run(s) for s in pinned.values()))
+        assert all(r[-1] == 429 and 200 in r for r in results), results
+        rows = await _wait_rows(tmp_path, sum(len(r) for r in results))
+        charged = sum(cost for _, status, cost in rows if status == 200)
+        assert 0.5 * cap < charged <= cap
+        status, body = await proxyd.push("GET", "/keys/k1")
+        assert status == 200
+        assert body["spend"]["daily"]["spent_nanos"] == charged
+        assert body["balance"]["reserved_nanos"] == 0
+    finally:
+        await proxyd.kill()
+
+
 async def test_a_revocation_pushed_once_is_refused_by_every_worker(
     tmp_path: Path, start_server: StartServer
 ) -> None:

@@ -58,6 +58,21 @@ class Joint(Protocol):
         shared store cannot answer now (admission then goes part by part, locally)."""
         ...
 
+    def finish(self, admitted: Admitted, *, tokens: int | None, cost_nanos: int) -> int:
+        """Give back what `admit` took (see Ticket.finish); the shortfall known at once."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SharedParts:
+    """Limits, ledger and spend windows another process keeps for this one, and their joint
+    admission (a worker's supervisor)."""
+
+    limits: Limits
+    ledger: Ledger
+    spend: SpendWindows
+    joint: Joint
+
 
 @dataclass(frozen=True, slots=True)
 class AdmissionSettings:
@@ -77,6 +92,7 @@ class Ticket:
     __slots__ = (
         "_done",
         "_grant",
+        "_joint",
         "_ledger",
         "_limits",
         "_reservation",
@@ -93,8 +109,10 @@ class Ticket:
         reservation: Reservation,
         spend: SpendWindows | None = None,
         spent: SpendReservation | None = None,
+        joint: Joint | None = None,
     ) -> None:
         self.headers = grant.headers
+        self._joint = joint
         self._limits = limits
         self._ledger = ledger
         self._grant = grant
@@ -118,20 +136,49 @@ class Ticket:
         if self._done:
             return 0
         self._done = True
-        try:
-            self._limits.release(self._grant, tokens=tokens)
-        except Exception:  # finish runs in the handler's finally and must not raise
-            log.exception("limits_release_failed", key_id=self._grant.key_id)
-        if self._spend is not None and self._spent is not None:
+        if self._joint is not None:  # given back together, as it was taken
             try:
-                self._spend.settle(self._spent, cost_nanos)
-            except Exception:
-                log.exception("spend_settle_failed", key_id=self._grant.key_id)
+                admitted = (self._grant, self._spent, self._reservation)
+                return self._joint.finish(admitted, tokens=tokens, cost_nanos=cost_nanos)
+            except Exception:  # finish runs in the handler's finally and must not raise
+                log.exception("admission_finish_failed", key_id=self._grant.key_id)
+                return 0
+        return finish_parts(
+            self._limits,
+            self._spend,
+            self._ledger,
+            (self._grant, self._spent, self._reservation),
+            tokens=tokens,
+            cost_nanos=cost_nanos,
+        )
+
+
+def finish_parts(
+    limits: Limits,
+    spend: SpendWindows | None,
+    ledger: Ledger,
+    admitted: Admitted,
+    *,
+    tokens: int | None,
+    cost_nanos: int,
+) -> int:
+    """Give back a request's grant, spend and balance reservations, each apart: one failing
+    does not keep the others (a billing row must still be written); never raises."""
+    grant, spent, reservation = admitted
+    try:
+        limits.release(grant, tokens=tokens)
+    except Exception:  # finish runs in the handler's finally and must not raise
+        log.exception("limits_release_failed", key_id=grant.key_id)
+    if spend is not None and spent is not None:
         try:
-            return self._ledger.settle(self._reservation, cost_nanos)
-        except Exception:  # same: the billing row must still be written
-            log.exception("ledger_settle_failed", account_id=self._reservation.account_id)
-            return 0
+            spend.settle(spent, cost_nanos)
+        except Exception:
+            log.exception("spend_settle_failed", key_id=grant.key_id)
+    try:
+        return ledger.settle(reservation, cost_nanos)
+    except Exception:  # same: the billing row must still be written
+        log.exception("ledger_settle_failed", account_id=reservation.account_id)
+        return 0
 
 
 class Admission:
@@ -187,7 +234,9 @@ class Admission:
             admitted = await self.joint.admit(key, est_tokens, max_cost_nanos)
             if admitted is not None:
                 grant, spent, reservation = admitted
-                return Ticket(self.limits, self.ledger, grant, reservation, self.spend, spent)
+                return Ticket(
+                    self.limits, self.ledger, grant, reservation, self.spend, spent, self.joint
+                )
         grant = await self.limits.acquire(key, est_tokens)
         spent = None
         try:

@@ -61,6 +61,7 @@ class SpendReservation:
     remote: bool = False
     settled: bool = False
     account_id: str = ""  # shared reservations: the account whose hash tag the windows carry
+    lease: str | None = None  # reservations a supervisor holds: its id there
 
 
 @dataclass(slots=True)

@@ -81,3 +81,30 @@ class RedisAdmission:
         grant = limits.granted(key, tokens, lease, result)  # raises for 1 and 2
         spent = spend.reserved(key, amount, now, resets, result) if key.spend_limits else None
         return grant, spent, ledger.reserved(key.account_id, amount, balance_lease, result)
+
+    def finish(self, admitted: Admitted, *, tokens: int | None, cost_nanos: int) -> int:
+        """Free the slot, correct the tokens, settle the spend windows and the balance: one
+        script (FINISH) in the background, queued while Redis is away; a balance Redis forgot
+        is put back and charged after it (see RedisLedger.settle_op)."""
+        grant, spent, reservation = admitted
+        store, ledger = self.store, self.ledger
+        released = self.limits.give_back(grant, tokens=tokens)
+        settled = self.spend.settling(spent, cost_nanos) if spent is not None else None
+        lease = ledger.settling(reservation, cost_nanos)
+        if lease is None:  # not the ledger's to settle again: send the rest on its own
+            if released is not None:
+                store.submit("release", *released)
+            if settled is not None and spent is not None:
+                store.submit("spend_settle", settled[0], [spent.amount, cost_nanos, *settled[1]])
+            return 0
+        account_id = reservation.account_id
+        keys = ledger.keys(account_id)
+        keys += released[0] if released is not None else keys[:1] * 3  # stand-ins: one slot
+        args: list[Any] = released[1] if released is not None else [0, 0, 0, 0, 0, 0, ""]
+        args += [lease, cost_nanos, spent.amount if spent is not None else 0]
+        if settled is not None:
+            keys += settled[0]
+            args += settled[1]
+        finish = store.scripts["finish"]
+        store.run(ledger.settle_op(account_id, cost_nanos, lambda: finish(keys=keys, args=args)))
+        return 0

@@ -17,6 +17,7 @@ log = structlog.get_logger("proxyd.redis")
 # Where a forgotten balance comes from when this instance never saw the account: the control
 # plane's snapshot, as (version, balance_nanos), or None when it does not know the account.
 BalanceSource = Callable[[str], Awaitable[tuple[int, int] | None]]
+Call = Callable[[], Awaitable[Any]]  # one script call, made when the background work runs
 
 
 class RedisLedger:
@@ -167,21 +168,41 @@ class RedisLedger:
 
     def settle(self, reservation: Reservation, cost_nanos: int) -> int:
         """Release and charge in the background; the shortfall is counted when Redis answers."""
+        lease = self.settling(reservation, cost_nanos)
+        if lease is not None:
+            keys = self.keys(reservation.account_id)
+            settle = self.store.scripts["settle"]
+            self.store.run(
+                self.settle_op(
+                    reservation.account_id,
+                    cost_nanos,
+                    lambda: settle(keys=keys, args=[lease, cost_nanos]),
+                )
+            )
+        return 0
+
+    def settling(self, reservation: Reservation, cost_nanos: int) -> str | None:
+        """Settle once: the balance lease Redis must release ('' for a reservation made in a
+        fallback, which is charged in Redis too, clamped there), or None if settled already."""
         if reservation.settled:
-            return 0
-        account_id = reservation.account_id
+            return None
         if not reservation.remote:  # admitted during a fallback: charge Redis too, clamped there
             self.local.settle(reservation, cost_nanos, record=False)
-            lease = ""
-        else:
-            reservation.settled = True
-            lease = reservation.lease or ""
-            self.store.leases.pop(lease, None)
-        keys = self._keys(account_id)[:3]
+            return ""
+        reservation.settled = True
+        lease = reservation.lease or ""
+        self.store.leases.pop(lease, None)
+        return lease
+
+    def settle_op(self, account_id: str, cost_nanos: int, first: Call) -> Call:
+        """The background work of a settlement whose first call is `first` (SETTLE, or FINISH
+        with a request's limits and windows): a balance Redis forgot is put back and charged
+        with SETTLE; the answer is mirrored and a shortfall counted."""
+        keys = self.keys(account_id)
         scripts = self.store.scripts
 
         async def op() -> None:
-            result = await scripts["settle"](keys=keys, args=[lease, cost_nanos])
+            result = await first()
             if int(result[0]) == MISSING:  # Redis forgot the balance: put it back, then charge
                 seed = await self._seed(account_id)
                 if seed is None:
@@ -195,8 +216,7 @@ class RedisLedger:
             if cost_nanos > charge:
                 self.local.record_shortfall(account_id, cost_nanos - charge)
 
-        self.store.run(op)
-        return 0
+        return op
 
     async def set_balance(self, account_id: str, version: int, balance_nanos: int) -> None:
         """Replace the balance everywhere; VersionConflict when `version` is below the current."""

@@ -119,19 +119,29 @@ class RedisLimits:
 
     def release(self, grant: LimitGrant, *, tokens: int | None) -> None:
         """End a grant once; shared work runs in the background (see LocalLimits.release)."""
+        given = self.give_back(grant, tokens=tokens)
+        if given is not None:
+            self.store.submit("release", given[0], given[1])
+
+    def give_back(
+        self, grant: LimitGrant, *, tokens: int | None
+    ) -> tuple[list[str], list[Any]] | None:
+        """End a grant once: a local one at once; for a shared one, the bucket keys and the
+        RELEASE arguments (rates, requests back, tokens back, lease) still to send to Redis, or
+        None when there is nothing to send."""
         if not grant.remote:
             self.local.release(grant, tokens=tokens)
-            return
+            return None
         if grant.released:
-            return
+            return None
         grant.released = True
         if grant.lease is not None:
             self.store.leases.pop(grant.lease, None)
         back_r = 1 if tokens is None else 0
         back_t = grant.tokens if tokens is None else grant.tokens - tokens
-        if grant.key is not None and (back_r or back_t or grant.lease):
-            args = [*self.rates(grant.key), back_r, back_t, grant.lease or ""]
-            self.store.submit("release", self.keys(grant.key), args)
+        if grant.key is None or not (back_r or back_t or grant.lease):
+            return None
+        return self.keys(grant.key), [*self.rates(grant.key), back_r, back_t, grant.lease or ""]
 
     async def key_view(self, key: KeyRecord) -> dict[str, Any]:
         """Live shared state of a key for the control API (local while Redis is away)."""

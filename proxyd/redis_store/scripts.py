@@ -26,14 +26,24 @@ _BUCKET = (
     + "local rr, rc = tonumber(ARGV[1]), tonumber(ARGV[2]) * U "
     + "local tr, tc = tonumber(ARGV[3]), tonumber(ARGV[4]) * U "
 )
+
+
+def _release(r: str, t: str, c: str, back_r: str, back_t: str, lease: str) -> str:
+    """Free the concurrency lease `lease` of zset `c`, give `back_r` requests and `back_t` tokens
+    to buckets `r` and `t` (after _BUCKET)."""
+    return (
+        f"if {lease} ~= '' then redis.call('ZREM', {c}, {lease}) end "
+        + f"local ar, at = tonumber({back_r}), tonumber({back_t}) "
+        + "local function give(k, add, rate, cap) "
+        + "  store(k, math.min(cap, level(k, rate, cap) + add * U), rate, cap) end "
+        + f"if rr > 0 and ar ~= 0 then give({r}, ar, rr, rc) end "
+        + f"if tr > 0 and at ~= 0 then give({t}, at, tr, tc) end "
+    )
+
+
 RELEASE = (  # ARGV 5 requests back, 6 tokens back (negative: charge more), 7 lease or ''
     _BUCKET
-    + "if ARGV[7] ~= '' then redis.call('ZREM', KEYS[3], ARGV[7]) end "
-    + "local ar, at = tonumber(ARGV[5]), tonumber(ARGV[6]) "
-    + "local function give(k, add, rate, cap) "
-    + "  store(k, math.min(cap, level(k, rate, cap) + add * U), rate, cap) end "
-    + "if rr > 0 and ar ~= 0 then give(KEYS[1], ar, rr, rc) end "
-    + "if tr > 0 and at ~= 0 then give(KEYS[2], at, tr, tc) end "
+    + _release("KEYS[1]", "KEYS[2]", "KEYS[3]", "ARGV[5]", "ARGV[6]", "ARGV[7]")
     + "return 1"
 )
 VIEW = (
@@ -68,22 +78,30 @@ _PAIRS = (
 # zero: ADMIT, SETTLE and CREDIT answer MISSING (-1) and change nothing, and the ledger puts the
 # balance back with SEED_MISSING before it asks again.
 MISSING = -1
+
+
+def _settle(lease: str, cost: str) -> str:
+    """Release the balance lease `lease` and charge `cost` (the ledger's rules); the answer."""
+    return (
+        "if redis.call('HEXISTS', KEYS[1], 'bal') == 0 then return {'-1', '0', '0', '-1', 0} end "
+        + f"if {lease} ~= '' then unreserve({lease}) end "
+        + "local function after(c) local n = redis.call('HINCRBY', KEYS[1], 'n', 1) "
+        + "  local w = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
+        + "  return {c, w[1], w[2] or '0', w[3] or '-1', n} end "
+        + "local v = redis.call('HMGET', KEYS[1], 'bal', 'res') "
+        + f"local bh, bl = P(v[1]) local rh, rl = P(v[2]) local ch, cl = P({cost}) "
+        + "if not lt(rh, rl, bh, bl) then return after('0') end "
+        + "local fh, fl = sub(bh, bl, rh, rl) "
+        + "if lt(fh, fl, ch, cl) then ch, cl = fh, fl end "
+        + "local charge = S(ch, cl) "
+        + "if charge ~= '0' then redis.call('HINCRBY', KEYS[1], 'bal', '-' .. charge) end "
+        + "return after(charge)"
+    )
+
+
 SETTLE = (  # ARGV lease ('' for a request admitted locally), cost
     # returns {charge, balance, reserved, version, n} after it, or {-1, ...} (MISSING)
-    _PAIRS
-    + "if redis.call('HEXISTS', KEYS[1], 'bal') == 0 then return {'-1', '0', '0', '-1', 0} end "
-    + "if ARGV[1] ~= '' then unreserve(ARGV[1]) end "
-    + "local function after(c) local n = redis.call('HINCRBY', KEYS[1], 'n', 1) "
-    + "  local w = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
-    + "  return {c, w[1], w[2] or '0', w[3] or '-1', n} end "
-    + "local v = redis.call('HMGET', KEYS[1], 'bal', 'res') "
-    + "local bh, bl = P(v[1]) local rh, rl = P(v[2]) local ch, cl = P(ARGV[2]) "
-    + "if not lt(rh, rl, bh, bl) then return after('0') end "
-    + "local fh, fl = sub(bh, bl, rh, rl) "
-    + "if lt(fh, fl, ch, cl) then ch, cl = fh, fl end "
-    + "local charge = S(ch, cl) "
-    + "if charge ~= '0' then redis.call('HINCRBY', KEYS[1], 'bal', '-' .. charge) end "
-    + "return after(charge)"
+    _PAIRS + _settle("ARGV[1]", "ARGV[2]")
 )
 SET = (  # KEYS bal hash; ARGV version, balance, strict (seed); returns {applied, ver, bal, res}
     "local v = redis.call('HMGET', KEYS[1], 'ver', 'res') "
@@ -115,14 +133,23 @@ KEEP_LATEST = (  # KEYS 1 a kind's latest pushed state; ARGV 1 its version, 2 it
 # Spend windows: one hash per window and period. Fields: s spent, r reserved, t the 5-hour
 # window's start. Adds are HINCRBY (exact 64-bit); comparisons are Lua doubles, exact because
 # limits stay below 2**53.
+
+
+def _spend_settle(first: int, amount: str, cost: str, starts: int) -> str:
+    """Swap the reservation `amount` for `cost` in the windows KEYS[first..]; the window at
+    KEYS[first + j] takes ARGV[starts + j] as its 5-hour start ('0': a calendar window)."""
+    return (
+        f"for i = {first}, #KEYS do local t = ARGV[{starts - first} + i] "
+        + "  if redis.call('EXISTS', KEYS[i]) == 1 and "
+        + "     (t == '0' or redis.call('HGET', KEYS[i], 't') == t) then "
+        + f"    if redis.call('HINCRBY', KEYS[i], 'r', -tonumber({amount})) < 0 then "
+        + "      redis.call('HSET', KEYS[i], 'r', 0) end "
+        + f"    redis.call('HINCRBY', KEYS[i], 's', {cost}) end end "
+    )
+
+
 SPEND_SETTLE = (  # ARGV 1 amount reserved, 2 cost, then per window the 5h start ('0': calendar)
-    "for i = 1, #KEYS do local t = ARGV[2 + i] "
-    "  if redis.call('EXISTS', KEYS[i]) == 1 and "
-    "     (t == '0' or redis.call('HGET', KEYS[i], 't') == t) then "
-    "    if redis.call('HINCRBY', KEYS[i], 'r', -tonumber(ARGV[1])) < 0 then "
-    "      redis.call('HSET', KEYS[i], 'r', 0) end "
-    "    redis.call('HINCRBY', KEYS[i], 's', ARGV[2]) end end "
-    "return 1"
+    _spend_settle(1, "ARGV[1]", "ARGV[2]", 3) + "return 1"
 )
 SPEND_VIEW = (  # per window {spent or -1, 5h start or 0}
     "local out = {} "
@@ -228,15 +255,23 @@ ADMIT_UNDO = (  # KEYS and ARGV of an ADMIT call whose answer never came (the ca
     + _PAIRS
     + "if ARGV[9] == '' or not redis.call('HGET', KEYS[2], ARGV[10]) then return 0 end "
     + "unreserve(ARGV[10]) "
-    + "if ARGV[7] ~= '' then redis.call('ZREM', KEYS[6], ARGV[7]) end "
-    + "local function give(k, add, rate, cap) "
-    + "  store(k, math.min(cap, level(k, rate, cap) + add * U), rate, cap) end "
-    + "if rr > 0 then give(KEYS[4], 1, rr, rc) end "
-    + "if tr > 0 then give(KEYS[5], tonumber(ARGV[5]), tr, tc) end "
+    + _release("KEYS[4]", "KEYS[5]", "KEYS[6]", "1", "ARGV[5]", "ARGV[7]")
     + "for i = 7, #KEYS do if redis.call('EXISTS', KEYS[i]) == 1 and "
     + "  redis.call('HINCRBY', KEYS[i], 'r', -tonumber(ARGV[11])) < 0 then "
     + "  redis.call('HSET', KEYS[i], 'r', 0) end end "
     + "return 1"
+)
+
+FINISH = (  # KEYS as ADMIT; ARGV 1-4 rates as ADMIT, 5 requests back, 6 tokens back (negative:
+    # charge more), 7 concurrency lease or '', 8 balance lease ('' for none), 9 cost, 10 the spend
+    # amount reserved, then per spend window its 5-hour start ('0' for a calendar window).
+    # RELEASE, SPEND_SETTLE and SETTLE of one request in one call; answers as SETTLE (MISSING
+    # when Redis holds no balance: the limits and windows are done, the balance is not).
+    _BUCKET
+    + _PAIRS
+    + _release("KEYS[4]", "KEYS[5]", "KEYS[6]", "ARGV[5]", "ARGV[6]", "ARGV[7]")
+    + _spend_settle(7, "ARGV[10]", "ARGV[9]", 11)
+    + _settle("ARGV[8]", "ARGV[9]")
 )
 
 
@@ -270,6 +305,7 @@ def admit_args(
 SCRIPTS = {
     "admit": ADMIT,
     "admit_undo": ADMIT_UNDO,
+    "finish": FINISH,
     "spend_settle": SPEND_SETTLE,
     "spend_view": SPEND_VIEW,
     "release": RELEASE,

@@ -145,14 +145,25 @@ class RedisSpend:
 
     def settle(self, reservation: SpendReservation, cost_nanos: int) -> None:
         """Swap the reservation for the real cost in Redis (in the background)."""
+        settled = self.settling(reservation, cost_nanos)
+        if settled is not None:
+            keys, starts = settled
+            self.store.submit("spend_settle", keys, [reservation.amount, cost_nanos, *starts])
+
+    def settling(
+        self, reservation: SpendReservation, cost_nanos: int
+    ) -> tuple[list[str], list[str]] | None:
+        """Settle once: a local reservation at once; for a shared one, count the cost in the
+        mirror and return the window keys and their 5-hour starts ('0': calendar) that Redis must
+        still settle (SPEND_SETTLE), or None."""
         if reservation.settled:
-            return
+            return None
         if not reservation.remote:
             self.local.settle(reservation, cost_nanos)
-            return
+            return None
         reservation.settled = True
         cost = max(cost_nanos, 0)
-        keys, args = [], []
+        keys, starts = [], []
         for window, period in reservation.periods:
             five = window == "window_5h"
             keys.append(
@@ -160,10 +171,10 @@ class RedisSpend:
                     reservation.account_id, reservation.key_id, window, None if five else period
                 )
             )
-            args.append(period if five else "0")
+            starts.append(period if five else "0")
             # the mirror, for a re-seed should Redis lose the window
             self.local.add_spent(reservation.key_id, window, period, cost)
-        self.store.submit("spend_settle", keys, [reservation.amount, cost, *args])
+        return keys, starts
 
     async def view(self, key: KeyRecord) -> dict[str, Any]:
         """Each capped window's limit, settled spend and reset time, as Redis holds them."""

@@ -32,26 +32,32 @@ class FrameBuffer:
     __slots__ = ("_data",)
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        self._data = b""  # the start of a frame still incomplete
 
-    def feed(self, data: bytes) -> list[Message]:
-        """Add `data`; return every message now complete, in order."""
-        self._data += data
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Add `data`; return every message now complete, in order.
+
+        Whole frames are parsed where they lie (a receive buffer the caller reuses, or bytes):
+        only an incomplete frame's start is copied, to wait for the rest.
+        """
+        view = memoryview(self._data + data if self._data else data)
         out: list[Message] = []
-        buf = self._data
+        n = len(view)
         start = 0
-        while len(buf) - start >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buf, start)
-            if size > MAX_FRAME:
-                raise FrameError(f"frame of {size} bytes")
-            end = start + _HEADER.size + size
-            if len(buf) < end:
-                break
-            message = orjson.loads(bytes(buf[start + _HEADER.size : end]))
-            if not isinstance(message, dict):
-                raise FrameError("a frame must hold a JSON object")
-            out.append(message)
-            start = end
-        if start:
-            del buf[:start]
+        try:
+            while n - start >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(view, start)
+                if size > MAX_FRAME:
+                    raise FrameError(f"frame of {size} bytes")
+                end = start + _HEADER.size + size
+                if n < end:
+                    break
+                message = orjson.loads(view[start + _HEADER.size : end])
+                if type(message) is not dict:
+                    raise FrameError("a frame must hold a JSON object")
+                out.append(message)
+                start = end
+            self._data = view[start:].tobytes() if start < n else b""
+        finally:
+            view.release()
         return out

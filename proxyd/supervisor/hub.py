@@ -1,8 +1,10 @@
-"""The supervisor's shared limits and ledger: what every worker asks when there is no Redis.
+"""The supervisor's shared limits, spend windows and ledger: what every worker asks without Redis.
 
-Runs on the supervisor's one thread, one message at a time, so a key's bucket and an account's
-balance are exact across workers (never N times the limit). Uses the local implementations of
-proxyd.admission as they are; never awaits, never reads a body.
+Runs on the supervisor's one thread, one message at a time, so a key's bucket, its spend windows
+and an account's balance are exact across workers (never N times the limit). A request is
+admitted by one `admit` message (limits, spend windows, balance: all or nothing) and given back
+by one `finish`. Uses the local implementations of proxyd.admission as they are; never awaits,
+never reads a body.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from typing import Any, cast
 
 from proxyd.admission.balances import LocalLedger, Reservation
 from proxyd.admission.limits import LimitGrant, LocalLimits
+from proxyd.admission.spend import LocalSpend, SpendReservation
 from proxyd.errors import ProxydError
 from proxyd.state.store import KeyRecord, VersionConflict
 from proxyd.supervisor.frames import Message
 
-# What a worker sends of a key: only the fields the limits read.
-KeyLimits = tuple[str, str, int | None, int | None, int | None, int | None, int | None]
+# What a worker sends of a key: only the fields the limits and spend windows read.
+KeyLimits = tuple[
+    str,
+    str,
+    int | None,
+    int | None,
+    int | None,
+    int | None,
+    int | None,
+    tuple[tuple[str, int], ...],
+]
 
 
 def key_limits(key: KeyRecord) -> KeyLimits:
@@ -32,6 +44,7 @@ def key_limits(key: KeyRecord) -> KeyLimits:
         key.burst_requests,
         key.burst_tokens,
         key.max_concurrency,
+        key.spend_limits,
     )
 
 
@@ -69,40 +82,89 @@ class LimitKey:
     burst_requests: int | None
     burst_tokens: int | None
     max_concurrency: int | None
+    spend_limits: tuple[tuple[str, int], ...]
+
+
+# One admitted request: its grant, spend reservation (None: the key has no cap), reservation.
+Held = tuple[LimitGrant, SpendReservation | None, Reservation]
 
 
 class Hub:
-    """Grants and reservations of every worker, held by id until released or settled."""
+    """Admitted requests, grants and reservations of every worker, held until given back."""
 
     def __init__(self) -> None:
         self.limits = LocalLimits()
         self.ledger = LocalLedger()
-        self._keys: dict[str, KeyRecord] = {}  # LimitKeys, typed as what LocalLimits takes
+        self.spend = LocalSpend()
+        # key id -> (the wire form last seen, the LimitKey made of it, typed as what the local
+        # limits take): an unchanged key costs one list comparison a message
+        self._keys: dict[str, tuple[list[Any], KeyRecord]] = {}
+        self._held: dict[tuple[int, int], Held] = {}  # (owner pid, ticket) -> what it holds
         self._grants: dict[int, tuple[int, LimitGrant]] = {}  # id -> (owner pid, grant)
         self._reservations: dict[int, tuple[int, Reservation]] = {}
+        self._spends: dict[int, tuple[int, SpendReservation]] = {}
         self._ids = itertools.count(1)
 
     def _key(self, wire: list[Any]) -> KeyRecord:
-        kid, account, rpm, tpm, burst_r, burst_t, cap = wire
-        known = cast(LimitKey | None, self._keys.get(kid))
-        if known is not None and (
-            known.account_id,
-            known.rpm,
-            known.tpm,
-            known.burst_requests,
-            known.burst_tokens,
-            known.max_concurrency,
-        ) == (account, rpm, tpm, burst_r, burst_t, cap):
-            return cast(KeyRecord, known)
-        # LocalLimits reads only these fields of a key; the rest of a KeyRecord stays with the
-        # workers (authentication and policy are theirs).
-        record = cast(KeyRecord, LimitKey(kid, account, rpm, tpm, burst_r, burst_t, cap))
-        self._keys[kid] = record
+        known = self._keys.get(wire[0])
+        if known is not None and known[0] == wire:
+            return known[1]
+        kid, account, rpm, tpm, burst_r, burst_t, cap, spend = wire
+        windows = tuple((str(w), int(limit)) for w, limit in spend)
+        # The local limits and spend windows read only these fields of a key; the rest of a
+        # KeyRecord stays with the workers (authentication and policy are theirs).
+        record = cast(KeyRecord, LimitKey(kid, account, rpm, tpm, burst_r, burst_t, cap, windows))
+        self._keys[kid] = (wire, record)
         return record
 
+    def admit(self, pid: int, m: Message) -> Message:
+        """Limits, spend windows and balance of one request: all taken, or none and the first
+        refusal raised (the order of proxyd.admission.admit)."""
+        key = self._key(m["key"])
+        amount = m["amount"]
+        grant = self.limits.acquire_now(key, m["tokens"])
+        spent = None
+        try:
+            if key.spend_limits:
+                spent = self.spend.reserve_now(key, amount)
+            reservation = self.ledger.reserve_now(key.account_id, amount)
+        except ProxydError:
+            self.limits.release(grant, tokens=None)
+            if spent is not None:
+                self.spend.settle(spent, 0)
+            raise
+        self._held[(pid, m["t"])] = (grant, spent, reservation)
+        return {"headers": grant.headers, "id": m["id"]}
+
+    def finish(self, pid: int, m: Message) -> None:
+        """Give back what an admitted request holds: its slot, its tokens corrected to the real
+        count (None: it never ran), its spend and balance reservations for the real cost."""
+        held = self._held.pop((pid, m["t"]), None)
+        if held is None:  # refused, or finished already
+            return
+        grant, spent, reservation = held
+        cost = m["cost"]
+        self.limits.release(grant, tokens=m["tokens"])
+        if spent is not None:
+            self.spend.settle(spent, cost)
+        self.ledger.settle(reservation, cost)
+
     def handle(self, pid: int, message: Message) -> Message | None:
-        """Answer one worker request (None for a notification that needs no answer)."""
+        """Answer one worker request, with its `id` (None for a notification)."""
         op = message["op"]
+        if op == "finish":
+            self.finish(pid, message)
+            return None
+        if op == "admit":
+            try:
+                return self.admit(pid, message)
+            except ProxydError as exc:
+                return {**refusal(exc), "id": message["id"]}
+        if op == "spend_settle":
+            spending = self._spends.pop(message["spend"], None)
+            if spending is not None:
+                self.spend.settle(spending[1], message["cost"])
+            return None
         if op == "release":
             found = self._grants.pop(message["grant"], None)
             if found is not None:
@@ -114,11 +176,13 @@ class Hub:
                 self.ledger.settle(held[1], message["cost"])
             return None
         try:
-            return self._request(pid, op, message)
+            reply = self._request(pid, op, message)
         except ProxydError as exc:
-            return refusal(exc)
+            reply = refusal(exc)
         except VersionConflict as exc:
-            return {"conflict": [exc.kind, exc.pushed, exc.current]}
+            reply = {"conflict": [exc.kind, exc.pushed, exc.current]}
+        reply["id"] = message["id"]
+        return reply
 
     def _request(self, pid: int, op: str, m: Message) -> Message:
         if op == "acquire":
@@ -131,6 +195,15 @@ class Hub:
             rid = next(self._ids)
             self._reservations[rid] = (pid, reservation)
             return {"res": rid}
+        if op == "spend_reserve":
+            spending = self.spend.reserve_now(self._key(m["key"]), m["amount"])
+            if spending is None:
+                return {"spend": None}
+            sid = next(self._ids)
+            self._spends[sid] = (pid, spending)
+            return {"spend": sid}
+        if op == "spend_view":
+            return {"view": self.spend.view_now(self._key(m["key"]))}
         if op == "key_view":
             return {"view": self.limits.view_now(self._key(m["key"])) | {"shared": True}}
         if op == "set_balance":
@@ -151,6 +224,15 @@ class Hub:
 
     def forget(self, pid: int) -> tuple[int, int]:
         """A worker died: free its slots and reservations; returns how many of each."""
+        tickets = [t for t in self._held if t[0] == pid]
+        for ticket in tickets:
+            grant, spent, reservation = self._held.pop(ticket)
+            self.limits.release(grant, tokens=grant.tokens)  # it ran: keep what it used
+            if spent is not None:
+                self.spend.settle(spent, 0)
+            self.ledger.settle(reservation, 0)
+        for sid in [s for s, (owner, _) in self._spends.items() if owner == pid]:
+            self.spend.settle(self._spends.pop(sid)[1], 0)
         grants = [g for g, (owner, _) in self._grants.items() if owner == pid]
         for gid in grants:
             _, grant = self._grants.pop(gid)
@@ -159,4 +241,4 @@ class Hub:
         for rid in held:
             _, reservation = self._reservations.pop(rid)
             self.ledger.settle(reservation, 0)
-        return len(grants), len(held)
+        return len(tickets) + len(grants), len(tickets) + len(held)

@@ -90,13 +90,14 @@ class Link:
         self._write(encode(message))
 
     async def request(self, message: Message) -> Message:
-        """Send a request and wait for its reply."""
+        """Send a request (its `id` is set here) and wait for its reply."""
         if self._transport is None or self._closed:
             raise SupervisorGone("no channel to the supervisor")
         rid = next(self._ids)
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
-        self._write(encode({**message, "id": rid}))
+        message["id"] = rid
+        self._write(encode(message))
         try:
             return await future
         finally:
@@ -116,7 +117,8 @@ class Link:
         except Exception as exc:  # one bad message must not stop the channel
             log.exception("supervisor_request_failed", op=op)
             reply = {"error": type(exc).__name__}
-        self.notify({**reply, "id": message["id"]})
+        reply["id"] = message["id"]
+        self.notify(reply)
 
     def lost(self) -> None:
         was_open = not self._closed

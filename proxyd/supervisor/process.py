@@ -62,6 +62,8 @@ class Supervisor:
         self._procs: dict[int, WorkerProc] = {}
         self._dirty: set[WorkerProc] = set()
         self._sel = selectors.DefaultSelector()
+        self._buffer = bytearray(1 << 18)  # what one read of a worker's channel takes at most
+        self._view = memoryview(self._buffer)
         self._signals: list[int] = []
         self._restart_at: dict[int, float] = {}
         self._failures: dict[int, int] = {}
@@ -133,8 +135,10 @@ class Supervisor:
                     self._drain_wakeup()
             while self._dirty:  # one write per worker per turn, however many replies it has
                 self._flush(self._dirty.pop())
-            self._handle_signals()
-            self._timers()
+            if self._signals:
+                self._handle_signals()
+            if self._restart_at or self.rounds.waiting or self._kill_at:
+                self._timers()
         log.info("supervisor_stopped", status=self._exit)
         return self._exit
 
@@ -191,17 +195,17 @@ class Supervisor:
         if mask & selectors.EVENT_WRITE:
             self._flush(proc)
         if mask & selectors.EVENT_READ:
-            try:
-                data = sock.recv(1 << 18)
+            try:  # into one buffer reused for every read (recv(n) would allocate n bytes each)
+                size = sock.recv_into(self._buffer)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                data = b""
-            if not data:
+                size = 0
+            if not size:
                 self._unregister(proc)
                 return
             try:
-                messages = proc.frames.feed(data)
+                messages = proc.frames.feed(self._view[:size])
             except FrameError:
                 log.exception("worker_channel_garbled", worker=proc.slot, pid=proc.pid)
                 self._unregister(proc)
@@ -255,7 +259,7 @@ class Supervisor:
         else:
             reply = self.hub.handle(proc.pid, message)
             if reply is not None:
-                self.send(proc, {**reply, "id": message["id"]})
+                self.send(proc, reply)
 
     def _ready(self, proc: WorkerProc) -> None:
         proc.ready = True
@@ -372,6 +376,8 @@ class Supervisor:
         self._restart_at[proc.slot] = time.monotonic() + delay
 
     def _timeout(self) -> float | None:
+        if not (self._restart_at or self.rounds.waiting or self._kill_at):
+            return None  # the common case: nothing is due, wait for the workers
         others = (self.rounds.next_deadline(), self._kill_at)
         dues = [*self._restart_at.values(), *(d for d in others if d is not None)]
         if not dues:

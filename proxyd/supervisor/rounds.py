@@ -86,6 +86,11 @@ class Rounds:
             round_.parts.append((str(proc.slot), message["families"]))
         self._maybe_done(sid)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether any push or scrape still waits for answers."""
+        return bool(self._rounds)
+
     def gone(self, pid: int) -> None:
         """A worker died: stop waiting for it."""
         for sid, round_ in list(self._rounds.items()):

@@ -1,16 +1,20 @@
-"""Limits and balances a worker keeps in the supervisor (no Redis, several workers).
+"""Limits, spend windows and balances a worker keeps in the supervisor (no Redis, several workers).
 
-Each admission is one round trip over the local channel to the supervisor's hub, which holds
-every key's buckets and slots and every account's balance exactly once; releases and
-settlements are notifications. Implements admission's `Limits` and `Ledger` protocols.
+Each admission is one round trip over the local channel to the supervisor's hub (one `admit`
+message: limits, spend windows and balance, all or nothing), which holds every key's buckets,
+slots and windows and every account's balance exactly once; giving them back is one `finish`
+notification. Implements admission's `Joint`, `Limits`, `Ledger` and `SpendWindows` protocols.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from proxyd.admission.admit import Admitted, SharedParts
 from proxyd.admission.balances import BalanceView, Reservation
 from proxyd.admission.limits import LimitGrant
+from proxyd.admission.spend import SpendReservation
 from proxyd.errors import ErrorType, InsufficientQuota, ProxydError, RateLimited
 from proxyd.state.store import KeyRecord, VersionConflict
 from proxyd.supervisor.frames import Message
@@ -37,6 +41,85 @@ def _raise_refusal(reply: Message) -> None:
     if conflict is not None:
         raise VersionConflict(*conflict)
     reply_value(reply)
+
+
+class SupervisorAdmission:
+    """A request's limits, spend windows and balance, taken and given back in the supervisor."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._tickets = itertools.count(1)  # this worker's ids of its admitted requests
+
+    async def admit(self, key: KeyRecord, tokens: int, amount: int) -> Admitted:
+        """Take everything in one request, or raise the first refusal having taken nothing."""
+        if amount < 0:
+            raise ValueError("a reservation cannot be negative")
+        ticket = next(self._tickets)
+        wire = key_limits(key)
+        message = {"op": "admit", "key": wire, "tokens": tokens, "amount": amount, "t": ticket}
+        try:
+            reply = await self.link.request(message)
+        except BaseException:  # the caller left: give back whatever the admission took
+            self.link.notify({"op": "finish", "t": ticket, "tokens": None, "cost": 0})
+            raise
+        _raise_refusal(reply)
+        lease = str(ticket)
+        grant = LimitGrant(key.id, tokens, reply["headers"], lease=lease, remote=True)
+        spent = SpendReservation(key.id, amount, (), remote=True) if key.spend_limits else None
+        return grant, spent, Reservation(key.account_id, amount, lease=lease, remote=True)
+
+    def finish(self, admitted: Admitted, *, tokens: int | None, cost_nanos: int) -> int:
+        """Give back all of it in one notification; a shortfall is counted in the supervisor."""
+        grant = admitted[0]
+        if grant.released:
+            return 0
+        grant.released = True
+        ticket = int(grant.lease or 0)
+        self.link.notify({"op": "finish", "t": ticket, "tokens": tokens, "cost": cost_nanos})
+        return 0
+
+
+class SupervisorSpend:
+    """Spend windows held by the supervisor for every worker (a cap is never N times itself)."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    async def reserve(self, key: KeyRecord, amount: int) -> SpendReservation | None:
+        """Set `amount` aside under every cap, or raise the 429 naming the full window."""
+        if not key.spend_limits:
+            return None
+        msg = {"op": "spend_reserve", "key": key_limits(key), "amount": amount}
+        reply = await self.link.request(msg)
+        _raise_refusal(reply)
+        if reply["spend"] is None:
+            return None
+        return SpendReservation(key.id, amount, (), remote=True, lease=str(reply["spend"]))
+
+    def settle(self, reservation: SpendReservation, cost_nanos: int) -> None:
+        """Swap the reservation for the real cost (a notification)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        if reservation.lease is not None:
+            msg = {"op": "spend_settle", "spend": int(reservation.lease), "cost": cost_nanos}
+            self.link.notify(msg)
+
+    async def view(self, key: KeyRecord) -> dict[str, Any]:
+        """Each capped window as the supervisor holds it."""
+        reply = await self.link.request({"op": "spend_view", "key": key_limits(key)})
+        view: dict[str, Any] = reply_value(reply)["view"]
+        return view
+
+
+def shared_parts(link: Link) -> SharedParts:
+    """Everything a worker keeps in its supervisor."""
+    return SharedParts(
+        SupervisorLimits(link),
+        SupervisorLedger(link),
+        SupervisorSpend(link),
+        SupervisorAdmission(link),
+    )
 
 
 class SupervisorLimits:

@@ -1,8 +1,8 @@
 """One worker process: the ordinary proxyd app, wired to the supervisor's channel.
 
-Takes the listening sockets the supervisor bound, keeps limits and balances in the supervisor
-when there is no Redis, applies pushes the supervisor fans out, and answers metric snapshots.
-Everything else is the same app as a single process runs.
+Takes the listening sockets the supervisor bound, keeps limits, spend windows and balances in
+the supervisor when there is no Redis, applies pushes the supervisor fans out, and answers
+metric snapshots. Everything else is the same app as a single process runs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from proxyd.admission.admit import SharedParts
 from proxyd.config import Config
 from proxyd.observability import merge
 from proxyd.protocol import estimate
@@ -20,7 +21,7 @@ from proxyd.state import sync
 from proxyd.state.store import StateStore
 from proxyd.supervisor.frames import Message
 from proxyd.supervisor.link import Link, SupervisorGone
-from proxyd.supervisor.shared import SupervisorLedger, SupervisorLimits
+from proxyd.supervisor.shared import shared_parts
 
 log = structlog.get_logger("proxyd.worker")
 
@@ -43,11 +44,11 @@ class WorkerContext:
         """The `worker` label of this process's own series."""
         return str(self.slot)
 
-    def shared_parts(self, config: Config) -> tuple[SupervisorLimits, SupervisorLedger] | None:
-        """Limits and ledger in the supervisor, unless Redis shares them already."""
+    def shared_parts(self, config: Config) -> SharedParts | None:
+        """Limits, spend windows and ledger in the supervisor, unless Redis shares them."""
         if config.redis.url:
             return None
-        return SupervisorLimits(self.link), SupervisorLedger(self.link)
+        return shared_parts(self.link)
 
     async def start(self) -> None:
         """Open the channel; from now on pushes fanned out by the supervisor are applied."""
