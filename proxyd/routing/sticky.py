@@ -187,6 +187,9 @@ class Session:
         self._table.settle(self, channel_id, credential)
 
 
+_new_session = object.__new__
+
+
 class StickyTable:
     """Session → pin, bounded (least recently used dropped first) with a sliding TTL.
 
@@ -225,14 +228,27 @@ class StickyTable:
         channels only, must not pull a conversation off the channel its turns use).
         """
         key = key_id + "\x00" + sid
-        pin = self._pins.get(key)
+        pins = self._pins
+        pin = pins.get(key)
+        # Built field by field: Python 3.11 runs a class's __init__ through its slow generic
+        # call path, about twice what these stores cost (one per request).
+        session = _new_session(Session)
+        session._table = self
+        session.key = key
+        session.opened = now
+        session.track = track
         if pin is not None:
             if pin.expires <= now:
-                del self._pins[key]
+                del pins[key]
                 pin = None
             else:
-                self._pins.move_to_end(key)
-        return Session(self, key, pin, now, track)
+                pins.move_to_end(key)
+                session.pin = pin
+                session.channel_id = pin.channel_id
+                return session
+        session.pin = None
+        session.channel_id = None
+        return session
 
     def settle(self, session: Session, channel_id: str, credential: int) -> None:
         """Record where `session` was served; the TTL slides from the time it was opened.
