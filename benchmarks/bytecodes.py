@@ -57,13 +57,17 @@ raise SystemExit(main())
 Counts = dict[tuple[str, str], int]
 
 
-def count(rev: str, requests: int, warmup: int, mock_port: int, extra: str = "") -> Counts:
+def count(
+    rev: str, requests: int, warmup: int, mock_port: int, extra: str = "", credentials: int = 1
+) -> Counts:
     """Bytecodes per function over `requests` W2 requests of revision `rev` (`extra`: TOML
     appended to its config)."""
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-bytecodes-"))
     tree = rig.CHECKOUT if rev == "WORKTREE" else rig.export_tree(rev, workdir)[0]
     config = workdir / "proxyd.toml"
-    config.write_text(rig.proxyd_config(mock_port, mock_port, workdir) + extra)
+    config.write_text(
+        rig.proxyd_config(mock_port, mock_port, workdir, credentials=credentials) + extra
+    )
     out = workdir / "counts.pickle"
     port, control = rig.free_port(), rig.free_port()
     env = rig.proxyd_env(config, port, control, rig.DATABASE_URL, tree)
@@ -106,12 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         help="TOML appended to the base's config, e.g. '[sticky]\\nenabled = false' with "
         "--base WORKTREE to see what a feature runs",
     )
+    parser.add_argument(
+        "--credentials",
+        type=int,
+        default=1,
+        help="API keys on the W2 channel (more than one: sticky sessions have a choice)",
+    )
     args = parser.parse_args(argv)
     extra = "\n" + args.base_config.replace("\\n", "\n") + "\n" if args.base_config else ""
     mock = rig.start_mock(Path(tempfile.mkdtemp()), instant=True, chunks=16, interval=0.02)
     try:
-        base = count(args.base, args.requests, args.warmup, mock.port, extra)
-        new = count(args.rev, args.requests, args.warmup, mock.port)
+        base = count(args.base, args.requests, args.warmup, mock.port, extra, args.credentials)
+        new = count(args.rev, args.requests, args.warmup, mock.port, credentials=args.credentials)
     finally:
         rig.stop(mock)
     n = args.requests

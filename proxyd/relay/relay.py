@@ -220,7 +220,11 @@ async def relay(
         started = loop.time()
         try:
             try:
-                pinned = session.credential(channel.id) if session is not None else None
+                pinned = (
+                    session.pinned
+                    if session is not None and session.channel_id == channel.id
+                    else None
+                )
                 credential = router.next_credential(channel, pinned)
                 resp = await open_attempt(
                     parts.upstream,

@@ -153,7 +153,7 @@ class Pin:
 class Session:
     """One request's view of its session: the pin found, and `settle` once a channel served."""
 
-    __slots__ = ("_table", "channel_id", "key", "opened", "pin", "track")
+    __slots__ = ("_table", "channel_id", "key", "opened", "pin", "pinned", "track")
 
     def __init__(
         self, table: StickyTable, key: str, pin: Pin | None, opened: float, track: bool
@@ -162,14 +162,14 @@ class Session:
         self.key = key
         self.pin = pin
         self.channel_id = pin.channel_id if pin is not None else None  # the channel to try first
+        self.pinned = pin.credential if pin is not None else None  # its credential there
         self.opened = opened
         self.track = track
 
     def credential(self, channel_id: str) -> int | None:
-        """The credential index to use on `channel_id`, if the session was there."""
-        if channel_id == self.channel_id:
-            return self.pin.credential  # type: ignore[union-attr]  # channel_id set: pin too
-        return None
+        """The credential index to use on `channel_id`, if the session was there (the relay
+        reads `pinned` where `channel_id` matches, without this call)."""
+        return self.pinned if channel_id == self.channel_id else None
 
     def settle(self, channel_id: str, credential: int) -> None:
         """A channel answered: remember it (a hit, a first placement, or a move)."""
@@ -221,7 +221,7 @@ class StickyTable:
     def __len__(self) -> int:
         return len(self._pins)
 
-    def open(self, key_id: str, sid: str, now: float, *, track: bool = True) -> Session:
+    def open(self, key_id: str, sid: str, now: float, track: bool = True) -> Session:
         """The session `sid` of key `key_id`, with its pin if one is alive at `now`.
 
         `track=False` follows the pin without moving it (token counts, served by one protocol's
@@ -245,9 +245,11 @@ class StickyTable:
                 pins.move_to_end(key)
                 session.pin = pin
                 session.channel_id = pin.channel_id
+                session.pinned = pin.credential
                 return session
         session.pin = None
         session.channel_id = None
+        session.pinned = None
         return session
 
     def settle(self, session: Session, channel_id: str, credential: int) -> None:

@@ -155,12 +155,12 @@ class Pipeline:
             return None
         sid = session_id(headers, call.body)
         now = self._clock()
-        session = table.open(key_id, sid, now, track=track)
+        session = table.open(key_id, sid, now, track)
         if session.pin is None and self.shared_sessions is not None:
             shared = await self.shared_sessions.get(session.key)
             if shared is not None:
                 table.put(session.key, shared[0], shared[1], now + table.ttl, now)
-                session = table.open(key_id, sid, now, track=track)
+                session = table.open(key_id, sid, now, track)
         return session
 
     # -- record -----------------------------------------------------------------------------
