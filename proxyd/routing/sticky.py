@@ -123,6 +123,11 @@ def _head(part: object) -> str:
     if isinstance(part, str):
         return part[:_HASH_BYTES]
     if isinstance(part, list):
+        if part:  # one text block, or a first one long enough (Claude Code's system prompt)
+            block = part[0]
+            text = block.get("text") if type(block) is dict else None
+            if type(text) is str and (len(part) == 1 or len(text) >= _HASH_BYTES):
+                return text[:_HASH_BYTES]
         texts: list[str] = []
         size = 0
         for block in part:
