@@ -192,22 +192,11 @@ async def test_a_route_without_a_choice_opens_no_session(
     double["api_keys"] = ["cred-a", "cred-b"]
     client, parts = await start_proxy(make_config(tmp_path, [single, double]))
     headers = {**ANT, "x-claude-code-session-id": "sess-1"}
-    for _ in range(3):
-        body = {
-            "model": "claude-x",
-            "max_tokens": 8,
-            "messages": [{"role": "user", "content": "t"}],
-        }
-        assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
-    assert (parts.sticky.hits, parts.sticky.misses, len(parts.sticky)) == (0, 0, 0)
-    for _ in range(3):
-        body = {
-            "model": "claude-y",
-            "max_tokens": 8,
-            "messages": [{"role": "user", "content": "t"}],
-        }
-        assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
-    assert (parts.sticky.hits, parts.sticky.misses, len(parts.sticky)) == (2, 1, 1)
+    for model, counted in (("claude-x", (0, 0, 0)), ("claude-y", (2, 1, 1))):
+        for _ in range(3):
+            body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "t"}]}
+            assert (await client.post("/v1/messages", json=body, headers=headers)).status == 200
+        assert (parts.sticky.hits, parts.sticky.misses, len(parts.sticky)) == counted
     assert len({seen.headers["x-api-key"] for seen in fake.seen[3:]}) == 1
 
 

@@ -103,19 +103,13 @@ def _opening_hash(body: Mapping[str, Any]) -> str:
         first = items
     # 16 hex digits, as f"{crc_system:08x}{crc_first:08x}" at a third of its cost; an absent
     # part hashes as the empty string (CRC 0)
-    if system is None:
-        crc_system = 0
-    elif type(system) is str:
-        crc_system = _crc32(system[:_HASH_BYTES].encode("utf-8", _SURROGATES))
-    else:
-        crc_system = _crc32(_head(system).encode("utf-8", _SURROGATES))
-    if first is None:
-        crc_first = 0
-    elif type(first) is str:
-        crc_first = _crc32(first[:_HASH_BYTES].encode("utf-8", _SURROGATES))
-    else:
-        crc_first = _crc32(_head(first).encode("utf-8", _SURROGATES))
-    return (crc_system << 32 | crc_first).to_bytes(8, "big").hex()
+    crcs = 0
+    for part in (system, first):
+        crcs <<= 32
+        if part is not None:
+            text = part[:_HASH_BYTES] if type(part) is str else _head(part)
+            crcs |= _crc32(text.encode("utf-8", _SURROGATES))
+    return crcs.to_bytes(8, "big").hex()
 
 
 def _head(part: object) -> str:
