@@ -98,23 +98,34 @@ def parse_usage(u: Mapping[str, Any]) -> Usage:
     Cache writes with no TTL given are 5-minute writes. The shape decides the dialect.
     """
     if "prompt_tokens" in u or "completion_tokens" in u:
+        # Every answer of the OpenAI dialect runs this: `_int` written out where it is read
+        # (a positive int, else 0), a call less per count (9 of them: ~1/3 of the parse).
         get = u.get
-        pd = _sub(u, "prompt_tokens_details")
-        cd = _sub(u, "completion_tokens_details")
-        prompt = _int(get("prompt_tokens"))
-        completion = _int(get("completion_tokens"))
-        total = _int(get("total_tokens"))
-        if total > prompt + completion:
-            completion = total - prompt
-        if pd:
-            cached = _int(pd.get("cached_tokens")) or _int(get("prompt_cache_hit_tokens"))
-            write, audio_in = _int(pd.get("cache_write_tokens")), _int(pd.get("audio_tokens"))
-        else:
-            cached, write, audio_in = _int(get("prompt_cache_hit_tokens")), 0, 0
-        if cd:
-            reasoning, audio_out = _int(cd.get("reasoning_tokens")), _int(cd.get("audio_tokens"))
-        else:
-            reasoning = audio_out = 0
+        v = get("prompt_tokens")
+        prompt = v if type(v) is int and v > 0 else 0
+        v = get("completion_tokens")
+        completion = v if type(v) is int and v > 0 else 0
+        v = get("total_tokens")
+        if type(v) is int and v > prompt + completion:
+            completion = v - prompt
+        v = get("prompt_cache_hit_tokens")  # DeepSeek
+        cached = v if type(v) is int and v > 0 else 0
+        write = audio_in = reasoning = audio_out = 0
+        pd = get("prompt_tokens_details")
+        if pd and (type(pd) is dict or isinstance(pd, Mapping)):
+            v = pd.get("cached_tokens")
+            if type(v) is int and v > 0:
+                cached = v
+            v = pd.get("cache_write_tokens")
+            write = v if type(v) is int and v > 0 else 0
+            v = pd.get("audio_tokens")
+            audio_in = v if type(v) is int and v > 0 else 0
+        cd = get("completion_tokens_details")
+        if cd and (type(cd) is dict or isinstance(cd, Mapping)):
+            v = cd.get("reasoning_tokens")
+            reasoning = v if type(v) is int and v > 0 else 0
+            v = cd.get("audio_tokens")
+            audio_out = v if type(v) is int and v > 0 else 0
         tier = get("service_tier")
         # positional (a call with keywords costs more): prompt, completion, cached, reasoning,
         # cache_write, cache_write_1h, audio_input, audio_output, image_output, service_tier
