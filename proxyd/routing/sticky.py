@@ -20,7 +20,11 @@ import orjson
 _CLAUDE_CODE = "x-claude-code-session-id"
 _CODEX = ("session-id", "session_id", "thread-id", "thread_id")
 _CODEX_NAMES = frozenset(_CODEX)
-_HASH_BYTES = 1024  # of the system prompt and of the first user message, for the fallback id
+# Characters hashed for the fallback id: of the system prompt (one app's conversations share it,
+# and ids are scoped by key already, so its start is enough), and of the first user message
+# (what tells one conversation from another).
+_SYSTEM_CHARS = 256
+_FIRST_CHARS = 1024
 _SURROGATES = "surrogatepass"  # lone surrogates (valid JSON escapes) encode as themselves
 _MAX_ID = 200  # a client id longer than this is hashed (it is a dictionary key, and a Redis one)
 
@@ -103,38 +107,38 @@ def _opening_hash(body: Mapping[str, Any]) -> str:
         first = items
     # 16 hex digits, as f"{crc_system:08x}{crc_first:08x}" at a third of its cost; an absent
     # part hashes as the empty string (CRC 0)
-    crcs = 0
-    for part in (system, first):
-        crcs <<= 32
-        if part is not None:
-            text = part[:_HASH_BYTES] if type(part) is str else _head(part)
-            crcs |= _crc32(text.encode("utf-8", _SURROGATES))
-    return crcs.to_bytes(8, "big").hex()
+    if system is not None:
+        system = system[:_SYSTEM_CHARS] if type(system) is str else _head(system, _SYSTEM_CHARS)
+    if first is not None:
+        first = first[:_FIRST_CHARS] if type(first) is str else _head(first, _FIRST_CHARS)
+    crc_system = 0 if system is None else _crc32(system.encode("utf-8", _SURROGATES))
+    crc_first = 0 if first is None else _crc32(first.encode("utf-8", _SURROGATES))
+    return (crc_system << 32 | crc_first).to_bytes(8, "big").hex()
 
 
-def _head(part: object) -> str:
-    """The first _HASH_BYTES characters of a prompt part's text, without serialising it all."""
+def _head(part: object, limit: int) -> str:
+    """The first `limit` characters of a prompt part's text, without serialising it all."""
     if isinstance(part, str):
-        return part[:_HASH_BYTES]
+        return part[:limit]
     if isinstance(part, list):
         if part:  # one text block, or a first one long enough (Claude Code's system prompt)
             block = part[0]
             text = block.get("text") if type(block) is dict else None
-            if type(text) is str and (len(part) == 1 or len(text) >= _HASH_BYTES):
-                return text[:_HASH_BYTES]
+            if type(text) is str and (len(part) == 1 or len(text) >= limit):
+                return text[:limit]
         texts: list[str] = []
         size = 0
         for block in part:
             text = block.get("text") if isinstance(block, dict) else block
             if not isinstance(text, str):
                 text = orjson.dumps(block).decode()
-            text = text[: _HASH_BYTES - size]
+            text = text[: limit - size]
             texts.append(text)
             size += len(text)
-            if size >= _HASH_BYTES:
+            if size >= limit:
                 break
-        return "\x1f".join(texts)[:_HASH_BYTES]
-    return "" if part is None else orjson.dumps(part).decode()[:_HASH_BYTES]
+        return "\x1f".join(texts)[:limit]
+    return "" if part is None else orjson.dumps(part).decode()[:limit]
 
 
 class Pin:
