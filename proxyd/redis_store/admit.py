@@ -31,8 +31,10 @@ class RedisAdmission:
         """Take the request, tokens, a slot, room under every spend cap and `amount` of the
         balance, or raise the first refusal (the order of proxyd.admission.admit) taking nothing.
 
-        None while Redis is away: the caller admits locally, part by part. A balance Redis forgot
-        is put back and the call made again (the one case of two round trips).
+        None while Redis is away: the caller admits locally, part by part. More than one round
+        trip only in rare cases: a balance Redis forgot is put back and the call made again, and
+        a key's first admission in this process reads its windows of the old key layout once
+        (RedisSpend.carry_over).
         """
         if amount < 0:
             raise ValueError("a reservation cannot be negative")
