@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -239,3 +240,38 @@ async def test_slow_clients_are_cut_while_normal_traffic_keeps_its_latency(
         assert await px.value("proxyd_client_connections_cut_total", phase="body") == 10
         await asyncio.sleep(0.3)
         assert open_fds(px.proc.pid) <= fds_before + 5
+
+
+async def test_a_request_on_its_way_at_drain_is_served(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """SIGTERM closes the listener: a connection accepted before it whose request arrives just
+    after is served (once, then closed), not dropped unanswered; an idle keep-alive connection is
+    closed at once; a connection that never sends is closed at its head deadline; exit 0."""
+    mock = await start_server(create_mock_app(instant=True))
+    async with serve(tmp_path, server_url(mock), {"head_timeout_seconds": 3}) as px:
+        on_its_way = await asyncio.open_connection("127.0.0.1", px.port)
+        silent = await asyncio.open_connection("127.0.0.1", px.port)
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", px.port)
+        idle_writer.write(body_head(len(CHAT)) + CHAT)
+        head = await idle_reader.readuntil(b"\r\n\r\n")
+        await idle_reader.readexactly(int(split(head)[1]["content-length"]))
+        assert split(head)[0] == 200
+        await asyncio.sleep(0.2)  # every connection accepted
+        px.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)  # the listener is closed; the drain has begun
+        reader, writer = on_its_way
+        writer.write(body_head(len(CHAT)) + CHAT)
+        data, _ = await until_closed(reader, 10)
+        status, headers = split(data)[:2]
+        assert status == 200
+        assert headers["connection"] == "close"
+        assert orjson.loads(data.split(b"\r\n\r\n", 1)[1])["object"] == "chat.completion"
+        idle_data, _ = await until_closed(idle_reader, 1)
+        assert idle_data == b""
+        silent_data, waited = await until_closed(silent[0], 10)
+        assert silent_data == b""
+        assert waited < 4
+        assert await asyncio.wait_for(px.proc.wait(), 10) == 0
+        for w in (writer, silent[1], idle_writer):
+            w.close()

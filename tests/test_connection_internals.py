@@ -37,8 +37,18 @@ def test_the_request_handler_internals_are_still_there() -> None:
         "_manager",
     ):
         assert name in slots, f"aiohttp's RequestHandler lost {name}"
-    for method in ("_process_keepalive", "handle_error", "data_received", "connection_made"):
+    for method in (
+        "_process_keepalive",
+        "handle_error",
+        "data_received",
+        "connection_made",
+        "close",
+        "shutdown",
+    ):
         assert callable(getattr(RequestHandler, method, None)), method
+    # the drain: pre_shutdown closes every connection, then shutdown(timeout) waits for them
+    assert "conn.close()" in inspect.getsource(web.Server.pre_shutdown)
+    assert inspect.iscoroutinefunction(RequestHandler.shutdown)
     params = list(inspect.signature(RequestHandler.handle_error).parameters)
     assert params == ["self", "request", "status", "exc", "message"]
     assert "keepalive_timeout" in inspect.signature(RequestHandler.__init__).parameters

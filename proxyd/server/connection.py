@@ -102,6 +102,7 @@ class GuardedRequestHandler(RequestHandler):
     """aiohttp's server protocol with phase deadlines, a connection cap and JSON errors."""
 
     __slots__ = (
+        "_close_due",
         "_deadline",
         "_factory",
         "_head",
@@ -111,6 +112,7 @@ class GuardedRequestHandler(RequestHandler):
         "_pending",
         "_phase",
         "_settings",
+        "_started",
         "_stats",
         "_timer",
         "_timer_at",
@@ -137,6 +139,8 @@ class GuardedRequestHandler(RequestHandler):
         self._head: list[bytes] = []
         self._head_size = 0
         self._pending: BaseRequest | None = None  # the request whose body is still coming
+        self._close_due = False  # the listener closed; close once the request due has started
+        self._started: asyncio.Future[None] | None = None  # set when that request starts
         factory = self._request_factory
         assert factory is not None
         self._factory = factory
@@ -156,6 +160,56 @@ class GuardedRequestHandler(RequestHandler):
         self._set_deadline(self._loop.time() + self._settings.head_timeout)
         super().connection_made(transport)
 
+    def _awaiting_request(self) -> bool:
+        """Accepted, and its request has not started yet (no byte, or part of its head)."""
+        return (
+            (self._phase == FRESH or self._phase == HEAD)
+            and not self._request_in_progress
+            and self.transport is not None
+        )
+
+    def close(self) -> None:
+        """aiohttp's graceful close (at drain: no more requests on this connection), kept back
+        while the connection's request is on its way: see `shutdown`."""
+        if self._awaiting_request():
+            self._close_due = True
+            return
+        super().close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's
+        """The listener closed (drain, or a reload retiring this worker): let a request that is
+        on its way start before aiohttp's shutdown, which closes every connection not busy with
+        a request at once.
+
+        A connection accepted just before the listener closed has usually been sent its request
+        already (the client wrote it after the handshake): closing it would drop that request
+        (the client sees the connection closed with no answer). So a connection whose request
+        has not started waits, within `timeout`, for the request to begin (its head deadline
+        still applies); it is then served with `Connection: close`, aiohttp's shutdown letting
+        it finish within what is left of `timeout`. An idle keep-alive connection is closed at
+        once, as before.
+        """
+        loop = self._loop
+        start = loop.time()
+        if self._close_due and self._awaiting_request():
+            started = self._started = loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await started
+            except TimeoutError:
+                pass
+        if self._close_due:
+            self._close_due = False
+            super().close()
+        if timeout is not None:
+            timeout = max(0.0, timeout - (loop.time() - start))
+        await super().shutdown(timeout)
+
+    def _start_due(self) -> None:
+        started = self._started
+        if started is not None and not started.done():
+            started.set_result(None)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._manager is not None:  # aiohttp's own once-only guard
             self._stats.open -= 1
@@ -164,6 +218,7 @@ class GuardedRequestHandler(RequestHandler):
             self._timer = None
         self._pending = None
         self._head = []
+        self._start_due()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -198,6 +253,9 @@ class GuardedRequestHandler(RequestHandler):
     ) -> BaseRequest:
         """aiohttp's request factory, then: the head is in; the body may still be coming."""
         request = self._factory(message, payload, protocol, writer, task)
+        if self._close_due:  # the listener has closed: the one request served, then close
+            request._cache["keep_alive"] = False  # BaseRequest.keep_alive is a cached property
+            self._start_due()
         if message.method != "UNKNOWN":  # aiohttp's stand-in for a head it could not parse
             self._head = []  # kept for a parse error's handle_error, to guess the wire format
         if payload.is_eof():
