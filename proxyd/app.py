@@ -49,7 +49,7 @@ from proxyd.server import connection
 from proxyd.server.connection import ConnectionStats
 from proxyd.server.count import count_routes
 from proxyd.server.handlers import MAX_BODY, ClientHandlers
-from proxyd.server.pipeline import Pipeline
+from proxyd.server.pipeline import Pipeline, SharedSessions
 from proxyd.server.respond import FlowControl
 from proxyd.server.server_errors import server_header_hook
 from proxyd.state import sync
@@ -70,7 +70,7 @@ class Parts:
     health: ChannelHealth
     router: Router
     sticky: StickyTable | None
-    shared_sessions: RedisSessions | None
+    shared_sessions: SharedSessions | None
     writer: BillingWriter
     admission: Admission
     ledger: Ledger
@@ -119,13 +119,14 @@ def build_parts(
     tokenizer: estimate.Tokenizer | None = None,
     shared: SharedParts | None = None,
     workers: int = 1,
+    shared_sessions: SharedSessions | None = None,
 ) -> Parts:
     """Create every part (nothing started yet).
 
     A worker of several passes the tokenizer loaded before the fork, its `workers` count (the
     Redis fallback then takes a fair share of each key's limits) and, without Redis, `shared`:
     the limits, spend windows and ledger its supervisor keeps for all workers, with their joint
-    admission (one round trip).
+    admission (one round trip), and `shared_sessions`: the sticky-session pins it keeps.
     """
     store = store or StateStore()
     metrics = Metrics(enabled=config.metrics_enabled)
@@ -191,9 +192,11 @@ def build_parts(
     router = Router()
     st = config.sticky
     sticky = StickyTable(ttl=st.ttl_seconds, max_sessions=st.max_sessions) if st.enabled else None
-    shared_sessions = None
-    if sticky is not None and redis is not None:  # pins shared by every instance
+    if sticky is None:
+        shared_sessions = None
+    elif redis is not None:  # pins shared by every instance
         shared_sessions = RedisSessions(redis, st.ttl_seconds)
+    if sticky is not None and shared_sessions is not None:  # or by the workers of this one
         sticky.on_settle = shared_sessions.put
         sticky.on_renew = shared_sessions.renew
     store.subscribe(health.on_state)

@@ -264,6 +264,7 @@ async def _worker_parts(config: Config, worker: WorkerContext) -> Parts:
         tokenizer=worker.tokenizer,
         shared=worker.shared_parts(config),
         workers=worker.workers,
+        shared_sessions=worker.shared_sessions(config),
     )
     parts.worker, parts.fan_out = worker.slot, worker.publish
 

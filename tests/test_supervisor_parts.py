@@ -249,3 +249,25 @@ async def test_a_worker_admits_in_one_message_and_finishes_in_one() -> None:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
         theirs.close()
+
+
+def test_the_hub_keeps_every_workers_sticky_pins_with_a_sliding_ttl() -> None:
+    """A pin put by one worker is what another gets; renewals slide it; it expires; off: none."""
+    now = [100.0]
+    hub = Hub(sticky_ttl=60.0, clock=lambda: now[0])
+
+    def get(key: str) -> Any:
+        return hub.handle(2, {"op": "pin_get", "key": key, "id": 7})
+
+    assert get("k1\x00h:s") == {"pin": None, "id": 7}
+    assert hub.handle(1, {"op": "pin_put", "key": "k1\x00h:s", "ch": "c2", "cred": 1}) is None
+    assert get("k1\x00h:s") == {"pin": ["c2", 1], "id": 7}
+    now[0] = 150.0
+    hub.handle(1, {"op": "pin_renew", "key": "k1\x00h:s"})
+    now[0] = 200.0  # 100 s after the put, 50 after the renewal
+    assert get("k1\x00h:s")["pin"] == ["c2", 1]
+    now[0] = 260.0
+    assert get("k1\x00h:s")["pin"] is None
+    off = Hub()
+    off.handle(1, {"op": "pin_put", "key": "k", "ch": "c", "cred": 0})
+    assert off.handle(2, {"op": "pin_get", "key": "k", "id": 1}) == {"pin": None, "id": 1}

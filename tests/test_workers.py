@@ -15,6 +15,7 @@ import pytest
 
 from proxyd.mockprovider import create_mock_app
 from tests.conftest import SECRET, StartServer, pg_url, server_url
+from tests.fakes import FakeProvider, Step, chat_body
 from tests.procs import CHAT, Proxyd, chat, sample, state
 
 pytestmark = pytest.mark.slow
@@ -248,6 +249,40 @@ async def test_sigterm_lets_streams_on_both_workers_finish_and_flushes(
             await conn.close()
         assert {r["request_id"] for r in rows} == ids
         assert {r["status_code"] for r in rows} == {200}
+    finally:
+        await proxyd.kill()
+
+
+async def test_a_session_stays_on_one_credential_whichever_worker_serves_it(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """No Redis, two workers, one channel with three credentials: the turns of a conversation
+    alternate between the workers and every turn reaches the provider with the credential its
+    first turn got (the supervisor keeps the pins). Each worker's own round-robin would differ:
+    worker 1 serves another conversation first."""
+    fake = FakeProvider(Step(body=chat_body("ok")))
+    provider = await start_server(fake.app())
+    st = state(server_url(provider))
+    chan = st["channels"]["channels"][0]
+    del chan["api_key"]
+    chan["api_keys"] = ["cred-0", "cred-1", "cred-2"]
+    proxyd = await _proxyd(tmp_path, st)
+    try:
+        pinned = await proxyd.pinned()
+        url = proxyd.url("/v1/chat/completions")
+        other = [{"role": "user", "content": "another conversation"}]
+        assert (await chat(pinned[1], url, messages=other))[0] == 200
+        turns: list[dict[str, str]] = [{"role": "user", "content": "hello"}]
+        seen_before = len(fake.seen)
+        for turn in range(6):
+            status, _ = await chat(pinned[turn % 2], url, messages=turns)
+            assert status == 200
+            turns = [*turns, {"role": "assistant", "content": "ok"}]
+            turns.append({"role": "user", "content": f"and {turn}?"})
+        used = [seen.headers["Authorization"] for seen in fake.seen[seen_before:]]
+        assert len(used) == 6
+        assert len(set(used)) == 1, used
+        assert await proxyd.stop() == 0
     finally:
         await proxyd.kill()
 

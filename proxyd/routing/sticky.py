@@ -287,6 +287,23 @@ class StickyTable:
         if len(pins) > self.max_sessions:
             pins.popitem(last=False)
 
+    def pin_of(self, key: str, now: float) -> Pin | None:
+        """The live pin of a scoped session key, for a holder of shared pins (the supervisor)."""
+        pin = self._pins.get(key)
+        if pin is None:
+            return None
+        if pin.expires <= now:
+            del self._pins[key]
+            return None
+        self._pins.move_to_end(key)
+        return pin
+
+    def renew(self, key: str, now: float) -> None:
+        """Slide a scoped session key's TTL from `now` (a later turn was served there)."""
+        pin = self.pin_of(key, now)
+        if pin is not None:
+            pin.expires = now + self.ttl
+
     def counts(self) -> list[tuple[tuple[str, ...], float]]:
         """(labels, value) pairs of `proxyd_sticky_sessions_total` for the metrics."""
         return [(("hit",), self.hits), (("miss",), self.misses), (("move",), self.moves)]

@@ -62,9 +62,13 @@ def unbounded(raw: bytes) -> bool:
 
 
 class SharedSessions(Protocol):
-    """Pins shared by every instance (`proxyd.redis_store.sessions.RedisSessions`)."""
+    """Pins shared by every instance (`proxyd.redis_store.sessions.RedisSessions`) or by the
+    workers of one (`proxyd.supervisor.shared.SupervisorSessions`)."""
 
     async def get(self, scoped: str) -> tuple[str, int] | None: ...
+    def put(self, scoped: str, channel_id: str, credential: int) -> None: ...
+    def renew(self, scoped: str) -> None: ...
+    async def drain(self) -> None: ...
 
 
 class Pipeline:

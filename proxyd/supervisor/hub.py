@@ -10,7 +10,8 @@ never reads a body.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -18,6 +19,7 @@ from proxyd.admission.balances import LocalLedger, Reservation
 from proxyd.admission.limits import LimitGrant, LocalLimits
 from proxyd.admission.spend import LocalSpend, SpendReservation
 from proxyd.errors import ProxydError
+from proxyd.routing.sticky import StickyTable
 from proxyd.state.store import KeyRecord, VersionConflict
 from proxyd.supervisor.frames import Message
 
@@ -92,8 +94,18 @@ Held = tuple[LimitGrant, SpendReservation | None, Reservation]
 class Hub:
     """Admitted requests, grants and reservations of every worker, held until given back."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        sticky_ttl: float | None = None,
+        sticky_max: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limits = LocalLimits()
+        # Sticky-session pins of every worker (None: sticky sessions off): a worker without a
+        # pin of its own asks once; placements, moves and renewals arrive as notifications.
+        self.pins = StickyTable(ttl=sticky_ttl, max_sessions=sticky_max) if sticky_ttl else None
+        self._clock = clock
         self.ledger = LocalLedger()
         self.spend = LocalSpend()
         # key id -> (the wire form last seen, the LimitKey made of it, typed as what the local
@@ -160,6 +172,17 @@ class Hub:
                 return self.admit(pid, message)
             except ProxydError as exc:
                 return {**refusal(exc), "id": message["id"]}
+        if op == "pin_put":
+            if self.pins is not None:
+                now = self._clock()
+                self.pins.put(
+                    message["key"], message["ch"], message["cred"], now + self.pins.ttl, now
+                )
+            return None
+        if op == "pin_renew":
+            if self.pins is not None:
+                self.pins.renew(message["key"], self._clock())
+            return None
         if op == "spend_settle":
             spending = self._spends.pop(message["spend"], None)
             if spending is not None:
@@ -185,6 +208,9 @@ class Hub:
         return reply
 
     def _request(self, pid: int, op: str, m: Message) -> Message:
+        if op == "pin_get":
+            pin = None if self.pins is None else self.pins.pin_of(m["key"], self._clock())
+            return {"pin": None if pin is None else [pin.channel_id, pin.credential]}
         if op == "acquire":
             grant = self.limits.acquire_now(self._key(m["key"]), m["tokens"])
             gid = next(self._ids)

@@ -56,7 +56,11 @@ class Supervisor:
         self.workers = workers
         self.config_path = config_path
         self._run_worker = run_worker
-        self.hub = Hub()
+        st = config.sticky
+        self.hub = Hub(
+            sticky_ttl=st.ttl_seconds if st.enabled and not config.redis.url else None,
+            sticky_max=st.max_sessions,
+        )
         self.store = StateStore()
         self.tokenizer = estimate.Tokenizer()
         self._procs: dict[int, WorkerProc] = {}

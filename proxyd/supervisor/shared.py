@@ -112,6 +112,34 @@ class SupervisorSpend:
         return view
 
 
+class SupervisorSessions:
+    """Sticky-session pins kept by the supervisor for every worker (no Redis, several workers).
+
+    A worker with no pin of its own for a session asks once (`get`, one round trip); placements,
+    moves and renewals are notifications. So the turns of one conversation stay on one channel
+    and credential whichever worker a connection reaches.
+    """
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    async def get(self, scoped: str) -> tuple[str, int] | None:
+        """The supervisor's pin of a session, or None."""
+        pin = reply_value(await self.link.request({"op": "pin_get", "key": scoped}))["pin"]
+        return None if pin is None else (pin[0], int(pin[1]))
+
+    def put(self, scoped: str, channel_id: str, credential: int) -> None:
+        """Tell the supervisor where a session was placed or moved."""
+        self.link.notify({"op": "pin_put", "key": scoped, "ch": channel_id, "cred": credential})
+
+    def renew(self, scoped: str) -> None:
+        """Slide the supervisor's TTL of a session's pin."""
+        self.link.notify({"op": "pin_renew", "key": scoped})
+
+    async def drain(self) -> None:
+        """Nothing to wait for: notifications are written with the loop's next turn."""
+
+
 def shared_parts(link: Link) -> SharedParts:
     """Everything a worker keeps in its supervisor."""
     return SharedParts(

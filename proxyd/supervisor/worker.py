@@ -21,7 +21,7 @@ from proxyd.state import sync
 from proxyd.state.store import StateStore
 from proxyd.supervisor.frames import Message
 from proxyd.supervisor.link import Link, SupervisorGone
-from proxyd.supervisor.shared import shared_parts
+from proxyd.supervisor.shared import SupervisorSessions, shared_parts
 
 log = structlog.get_logger("proxyd.worker")
 
@@ -49,6 +49,12 @@ class WorkerContext:
         if config.redis.url:
             return None
         return shared_parts(self.link)
+
+    def shared_sessions(self, config: Config) -> SupervisorSessions | None:
+        """Sticky-session pins in the supervisor, unless Redis shares them (or they are off)."""
+        if config.redis.url or not config.sticky.enabled:
+            return None
+        return SupervisorSessions(self.link)
 
     async def start(self) -> None:
         """Open the channel; from now on pushes fanned out by the supervisor are applied."""
