@@ -8,7 +8,11 @@
 - USS and PSS (`/proc/PID/smaps_rollup`) of the supervisor and of each worker after the load
   (target: each extra worker at most 40 MB unique).
 
-    .venv/bin/python -m benchmarks.bench_workers [--seconds 5]
+The two proxyds of each comparison run side by side and are measured in alternating bursts
+(`--rounds`, default 5, each of `--seconds / rounds`), so the machine's drift hits both alike;
+one-shot cells moved by ±30 % between runs of one commit on this shared host.
+
+    .venv/bin/python -m benchmarks.bench_workers [--seconds 10] [--rounds 5]
 
 Loopback only; every process it starts it stops by its own pid; Redis keys under a fresh prefix.
 """
@@ -19,6 +23,7 @@ import argparse
 import asyncio
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,53 +121,85 @@ def _load(
     return result
 
 
-def throughput(logdir: Path, mock_port: int, workers: int, seconds: float) -> dict[str, Any]:
-    """req/s and CPU-µs per request of a proxyd with `workers` workers; its processes' memory."""
-    proc, port = _start(logdir, mock_port, workers=workers, redis=False)
+def _cpu_cell(port: int, pids: list[int], seconds: float) -> dict[str, Any]:
+    """One measured burst at 64 in flight: requests served, each process's CPU seconds."""
+    before = {pid: procstat.cpu_seconds(pid) for pid in pids}
+    r = _load(port, pids, concurrency=64, seconds=seconds, warmup=0)
+    cpu = {pid: procstat.cpu_seconds(pid) - t for pid, t in before.items()}
+    return {"ok": r["ok"], "errors": r["errors"], "rps": r["rps"], "cpu": cpu}
+
+
+def throughput_pair(
+    logdir: Path, mock_port: int, seconds: float, rounds: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """1 and 2 workers, both started, measured in alternating bursts (`rounds` each of
+    `seconds / rounds`): the machine's drift (other tenants, frequency) hits both alike. CPU per
+    request is each one's CPU over all its bursts divided by all its requests."""
+    started = [_start(logdir, mock_port, workers=n, redis=False) for n in (1, 2)]
     try:
-        pids = [proc.pid, *procstat.children(proc.pid)]
-        _load(port, pids, concurrency=64, seconds=min(1.0, seconds / 3), warmup=0)
-        before = {pid: procstat.cpu_seconds(pid) for pid in pids}
-        r = _load(port, pids, concurrency=64, seconds=seconds, warmup=0)
-        served = max(1, r["ok"])
-        processes = {
-            str(pid): memory(pid)
-            | {"cpu_us_per_request": round((procstat.cpu_seconds(pid) - t) * 1e6 / served, 1)}
-            for pid, t in before.items()
-        }
+        pids = [[proc.pid, *procstat.children(proc.pid)] for proc, _ in started]
+        for (_, port), ps in zip(started, pids, strict=True):  # warm both up
+            _load(port, ps, concurrency=64, seconds=min(1.0, seconds / 3), warmup=0)
+        cells: list[list[dict[str, Any]]] = [[], []]
+        for _ in range(rounds):
+            for i, (_, port) in enumerate(started):
+                cells[i].append(_cpu_cell(port, pids[i], seconds / rounds))
+        out = []
+        for i, n in enumerate((1, 2)):
+            served = max(1, sum(c["ok"] for c in cells[i]))
+            per = {pid: sum(c["cpu"][pid] for c in cells[i]) for pid in pids[i]}
+            processes = {
+                str(pid): memory(pid) | {"cpu_us_per_request": round(t * 1e6 / served, 1)}
+                for pid, t in per.items()
+            }
+            out.append(
+                {
+                    "workers": n,
+                    "rps": round(statistics.median(c["rps"] for c in cells[i]), 1),
+                    "errors": sum(c["errors"] for c in cells[i]),
+                    "cpu_us_per_request": round(sum(per.values()) * 1e6 / served, 1),
+                    "cpu_us_per_request_by_round": [
+                        round(sum(c["cpu"].values()) * 1e6 / max(1, c["ok"]), 1) for c in cells[i]
+                    ],
+                    "memory": processes,
+                }
+            )
     finally:
-        _stop(proc)
+        for proc, _ in started:
+            _stop(proc)
+    return out[0], out[1]
+
+
+def shared_admission(logdir: Path, mock_port: int, seconds: float, rounds: int) -> dict[str, Any]:
+    """p50 of one request at a time with local limits and with Redis-shared limits, both
+    proxyds started and measured in alternating bursts; the added p50 is the median of the
+    rounds' differences (each round's two bursts run back to back)."""
+    started = [_start(logdir, mock_port, workers=1, redis=redis) for redis in (False, True)]
+    try:
+        p50s: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            for i, (proc, port) in enumerate(started):
+                r = _load(port, [proc.pid], concurrency=1, seconds=seconds / rounds, warmup=0.3)
+                p50s[i].append(r["latency_us"]["p50"])
+    finally:
+        for proc, _ in started:
+            _stop(proc)
+    added = [round(b - a, 1) for a, b in zip(p50s[0], p50s[1], strict=True)]
     return {
-        "workers": workers,
-        "rps": r["rps"],
-        "errors": r["errors"],
-        "cpu_us_per_request": round(r["proxy_cpu_s"] * 1e6 / served, 1),
-        "memory": processes,
+        "local": round(statistics.median(p50s[0]), 1),
+        "redis": round(statistics.median(p50s[1]), 1),
+        "added_p50_us": statistics.median(added),
+        "added_p50_us_by_round": added,
     }
 
 
-def shared_admission(logdir: Path, mock_port: int, seconds: float) -> dict[str, Any]:
-    """p50 of one request at a time with local limits, then with Redis-shared limits."""
-    out: dict[str, Any] = {}
-    for redis in (False, True):
-        proc, port = _start(logdir, mock_port, workers=1, redis=redis)
-        try:
-            r = _load(port, [proc.pid], concurrency=1, seconds=seconds)
-        finally:
-            _stop(proc)
-        out["redis" if redis else "local"] = r["latency_us"]["p50"]
-    out["added_p50_us"] = round(out["redis"] - out["local"], 1)
-    return out
-
-
-def run(seconds: float) -> dict[str, Any]:
+def run(seconds: float, rounds: int = 5) -> dict[str, Any]:
     """Every figure of the file's docstring, in one session."""
     logdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-workers-logs-"))
     mock = rig.start_mock(logdir, instant=True, chunks=16, interval=0.02)
     try:
-        one = throughput(logdir, mock.port, 1, seconds)
-        two = throughput(logdir, mock.port, 2, seconds)
-        admission = shared_admission(logdir, mock.port, seconds)
+        one, two = throughput_pair(logdir, mock.port, seconds, rounds)
+        admission = shared_admission(logdir, mock.port, seconds, rounds)
     finally:
         rig.stop(mock)
     growth = two["cpu_us_per_request"] / one["cpu_us_per_request"] - 1
@@ -184,8 +221,12 @@ def run(seconds: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternating bursts per cell (seconds split)"
+    )
     args = parser.parse_args(argv)
-    sys.stdout.write(orjson.dumps(run(args.seconds), option=orjson.OPT_INDENT_2).decode() + "\n")
+    result = run(args.seconds, args.rounds)
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 if __name__ == "__main__":
