@@ -24,6 +24,7 @@ from proxyd.errors import ErrorType, InsufficientQuota, ProxydError, RateLimited
 from proxyd.redis_store import Broadcast, RedisLedger, RedisLimits, RedisStore
 from proxyd.redis_store.admit import RedisAdmission
 from proxyd.redis_store.spend import RedisSpend
+from proxyd.redis_store.store import RIDE, Ride
 from proxyd.state.store import KeyRecord, VersionConflict
 from tests.test_limits import make_key
 
@@ -691,3 +692,29 @@ async def test_state_pushed_while_cut_off_arrives_on_reconnection(open_store: Op
     assert got == [b"state-1", b"state-2"]
     await listening.close()
     await proxy.stop()
+
+
+async def test_a_read_rides_on_admission_even_after_redis_lost_its_scripts(
+    open_store: Open,
+) -> None:
+    """A request's pending read (a sticky pin) is answered by its admission's round trip, also
+    when Redis forgot the scripts (a restart): the admission still reserves, the read is done."""
+    store = await open_store()
+    admission = shared_admission(store)
+    await admission.ledger.set_balance("a1", 1, 10**9)
+    await store.client.set(store.prefix + "pin", "c1\x1f2")
+    await store.client.script_flush()
+    ride = Ride("k1\x00s", store.prefix + "pin")
+    RIDE.set(ride)
+    try:
+        ticket = await admit(admission, make_key(rpm=100), 100)
+    finally:
+        RIDE.set(None)
+    assert ride.done
+    assert ride.reply == b"c1\x1f2"
+    assert not store.fallback_active  # admitted in Redis, not by the local fallback
+    assert (await admission.ledger.view("a1")).reserved_nanos == 100
+    ticket.finish(tokens=10, cost_nanos=40)
+    await store.drain()
+    view = await admission.ledger.view("a1")
+    assert (view.balance_nanos, view.reserved_nanos) == (10**9 - 40, 0)

@@ -247,7 +247,8 @@ async def test_session_moves_when_its_channel_fails_and_stays_moved(
 async def test_pins_are_shared_between_instances_through_redis(
     start_server: StartServer, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
-    """A session placed by one instance continues on the same channel and credential on another."""
+    """A session placed by one instance continues on the same channel and credential on another,
+    which reads the pin in its admission's round trip (ADMIT and GET in one pipeline)."""
     fakes = [FakeProvider(Step(body=anthropic_body("ok"))) for _ in range(3)]
     chans = []
     for i, fake in enumerate(fakes):
@@ -264,6 +265,15 @@ async def test_pins_are_shared_between_instances_through_redis(
         redis = {"url": "redis://127.0.0.1:6379/0", "prefix": prefix}
         instances.append(await start_proxy(make_config(home, chans, redis=redis)))
     body = {"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    client = instances[1][1].redis.client
+    lone_gets: list[object] = []  # GETs on a round trip of their own (not in admission's)
+    plain_get = client.get
+
+    async def counted_get(name: Any) -> Any:
+        lone_gets.append(name)
+        return await plain_get(name)
+
+    client.get = counted_get
     for s in range(6):
         headers = {**ANT, "x-claude-code-session-id": f"shared-{s}"}
         first, second = instances[0][0], instances[1][0]
@@ -278,3 +288,4 @@ async def test_pins_are_shared_between_instances_through_redis(
         for fake in fakes:
             fake.seen.clear()
     assert instances[1][1].sticky.hits == 6 * 3
+    assert lone_gets == []  # each first turn read the pin with its admission: one round trip

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from redis.asyncio import Redis
 
-from proxyd.redis_store.store import FAILURES, RedisStore, cancelling
+from proxyd.redis_store.store import FAILURES, RIDE, RedisStore, Ride, cancelling
 
 log = structlog.get_logger("proxyd.redis_store.sessions")
 
@@ -32,9 +32,20 @@ class RedisSessions:
         digest = hashlib.blake2b(scoped.encode(errors="surrogatepass"), digest_size=16)
         return self._store.prefix + "sticky:" + digest.hexdigest()
 
+    def prefetch(self, scoped: str) -> None:
+        """Have this request's admission read the session's pin in its own round trip (the
+        ADMIT script and a GET in one pipeline); `get` then takes the answer from there."""
+        RIDE.set(Ride(scoped, self._key(scoped)))
+
     async def get(self, scoped: str) -> tuple[str, int] | None:
-        """The shared pin of a session, or None (none, malformed, or Redis away)."""
+        """The shared pin of a session, or None (none, malformed, or Redis away): what the
+        request's admission read with it (see `prefetch`), else one GET."""
         store = self._store
+        ride = RIDE.get()
+        if ride is not None and ride.scoped == scoped:
+            RIDE.set(None)
+            if ride.done:
+                return _pin(ride.reply)
         if store.fallback_active:
             return None
         try:
@@ -44,13 +55,7 @@ class RedisSessions:
                 raise asyncio.CancelledError from exc
             store.mark_down(exc)
             return None
-        if raw is None:
-            return None
-        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        channel_id, _, credential = text.rpartition("\x1f")
-        if not channel_id or not credential.isdigit():
-            return None
-        return channel_id, int(credential)
+        return _pin(raw)
 
     def put(self, scoped: str, channel_id: str, credential: int) -> None:
         """Share a placement or a move (in the background)."""
@@ -82,3 +87,14 @@ class RedisSessions:
         """Wait for the writes in flight (before the store closes)."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
+
+
+def _pin(raw: object) -> tuple[str, int] | None:
+    """A stored pin (`<channel id>\x1f<credential index>`), or None (absent or malformed)."""
+    if raw is None:
+        return None
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    channel_id, _, credential = text.rpartition("\x1f")
+    if not channel_id or not credential.isdigit():
+        return None
+    return channel_id, int(credential)

@@ -11,6 +11,7 @@ import itertools
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
@@ -19,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxyd.redis_store.scripts import SCRIPTS
@@ -28,6 +29,23 @@ log = structlog.get_logger("proxyd.redis")
 
 FAILURES = (RedisError, OSError, asyncio.TimeoutError)  # what "Redis is away" looks like
 Op = Callable[[], Awaitable[object]]
+
+
+class Ride:
+    """A read that rides on the request's admission round trip: `key` is GET in the same
+    pipeline as the ADMIT script; `reply` holds what Redis answered once `done`."""
+
+    __slots__ = ("done", "key", "reply", "scoped")
+
+    def __init__(self, scoped: str, key: str) -> None:
+        self.scoped = scoped  # whose read (the sticky session's scoped key)
+        self.key = key
+        self.reply: object = None
+        self.done = False
+
+
+# The read the current request (its task) wants carried by its next admission, if any.
+RIDE: ContextVar[Ride | None] = ContextVar("proxyd_redis_ride", default=None)
 
 
 class RedisUnavailable(Exception):
@@ -128,12 +146,31 @@ class RedisStore:
         if self.fallback_active:
             raise RedisUnavailable
         try:
+            if name == "admit":
+                ride = RIDE.get()
+                if ride is not None and not ride.done:
+                    return await self._admit_with_read(keys, args, ride)
             return await self.scripts[name](keys=keys, args=args)
         except FAILURES as exc:
             if cancelling():  # the caller left (e.g. the client hung up): Redis is fine
                 raise asyncio.CancelledError from exc
             self.mark_down(exc)
             raise RedisUnavailable from exc
+
+    async def _admit_with_read(self, keys: list[str], args: list[Any], ride: Ride) -> Any:
+        """The ADMIT script and the ride's GET in one pipeline: one round trip for both."""
+        script = self.scripts["admit"]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.get(ride.key)
+        result, reply = await pipe.execute(raise_on_error=False)
+        ride.done = True
+        ride.reply = None if isinstance(reply, Exception) else reply
+        if isinstance(result, NoScriptError):  # Redis lost its scripts (a restart): load, again
+            return await script(keys=keys, args=args)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def mark_down(self, exc: BaseException) -> None:
         """Switch to the local fallback (once) and start reconnecting."""

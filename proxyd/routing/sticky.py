@@ -169,6 +169,12 @@ class Session:
         self.opened = opened
         self.track = track
 
+    def adopt(self, pin: Pin | None) -> None:
+        """Take the pin a shared store held for this session (this process had none)."""
+        self.pin = pin
+        self.channel_id = pin.channel_id if pin is not None else None
+        self.pinned = pin.credential if pin is not None else None
+
     def credential(self, channel_id: str) -> int | None:
         """The credential index to use on `channel_id`, if the session was there (the relay
         reads `pinned` where `channel_id` matches, without this call)."""

@@ -82,6 +82,7 @@ class ClientHandlers:
             call = await read_call(request, endpoint)
             call.query = request.rel_url.raw_query_string
             route = route_call(state, key, call)
+            session = p.open_session(key.id, call, request.headers, route.channels)
             ticket = await p.admission.admit(
                 key,
                 model=call.model,
@@ -101,7 +102,9 @@ class ClientHandlers:
                     outcome,
                     request_id=request_id,
                     extra_headers=ticket.headers,
-                    session=await p.session(key.id, call, request.headers, route.channels),
+                    session=session
+                    if session is None or session.pin is not None
+                    else await p.shared_pin(session),
                 )
             finally:
                 if call.stream:

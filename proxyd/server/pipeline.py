@@ -65,6 +65,7 @@ class SharedSessions(Protocol):
     """Pins shared by every instance (`proxyd.redis_store.sessions.RedisSessions`) or by the
     workers of one (`proxyd.supervisor.shared.SupervisorSessions`)."""
 
+    def prefetch(self, scoped: str) -> None: ...
     async def get(self, scoped: str) -> tuple[str, int] | None: ...
     def put(self, scoped: str, channel_id: str, credential: int) -> None: ...
     def renew(self, scoped: str) -> None: ...
@@ -140,6 +141,41 @@ class Pipeline:
         return bound
 
     # -- session ----------------------------------------------------------------------------
+    def open_session(
+        self,
+        key_id: str,
+        call: Call,
+        headers: Mapping[str, str],
+        channels: Sequence[Channel],
+        *,
+        track: bool = True,
+    ) -> Session | None:
+        """The request's sticky session among its route's `channels`, as this process knows it
+        (None with sticky sessions off, or when the route leaves no choice: one channel with one
+        credential). Call before admission: a session this process has no pin for asks the
+        shared store to read its pin with admission's round trip (`shared_pin` takes it).
+        """
+        table = self.sticky
+        if table is None or (len(channels) == 1 and len(channels[0].api_keys) == 1):
+            return None
+        session = table.open(key_id, session_id(headers, call.body), self._clock(), track)
+        if session.pin is None and self.shared_sessions is not None:
+            self.shared_sessions.prefetch(session.key)
+        return session
+
+    async def shared_pin(self, session: Session) -> Session:
+        """`session` with the pin the shared store holds, when this process had none (read with
+        the admission's round trip where one was made, else looked up once)."""
+        shared = self.shared_sessions
+        if session.pin is not None or shared is None or self.sticky is None:
+            return session
+        found = await shared.get(session.key)
+        if found is not None:
+            table, now = self.sticky, session.opened
+            table.put(session.key, found[0], found[1], now + table.ttl, now)
+            session.adopt(table.pin_of(session.key, now))
+        return session
+
     async def session(
         self,
         key_id: str,
@@ -149,23 +185,9 @@ class Pipeline:
         *,
         track: bool = True,
     ) -> Session | None:
-        """The request's sticky session among its route's `channels` (None with sticky sessions
-        off, or when the route leaves no choice: one channel with one credential).
-
-        A session this process has no pin for is looked up once in the shared store, if any.
-        """
-        table = self.sticky
-        if table is None or (len(channels) == 1 and len(channels[0].api_keys) == 1):
-            return None
-        sid = session_id(headers, call.body)
-        now = self._clock()
-        session = table.open(key_id, sid, now, track)
-        if session.pin is None and self.shared_sessions is not None:
-            shared = await self.shared_sessions.get(session.key)
-            if shared is not None:
-                table.put(session.key, shared[0], shared[1], now + table.ttl, now)
-                session = table.open(key_id, sid, now, track)
-        return session
+        """`open_session` then `shared_pin`, for a request that is not admitted (token counts)."""
+        session = self.open_session(key_id, call, headers, channels, track=track)
+        return None if session is None else await self.shared_pin(session)
 
     # -- record -----------------------------------------------------------------------------
     def finish(

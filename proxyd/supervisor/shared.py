@@ -123,6 +123,9 @@ class SupervisorSessions:
     def __init__(self, link: Link) -> None:
         self.link = link
 
+    def prefetch(self, scoped: str) -> None:
+        """Nothing: the supervisor is asked in `get` (a socketpair round trip, no network)."""
+
     async def get(self, scoped: str) -> tuple[str, int] | None:
         """The supervisor's pin of a session, or None."""
         pin = reply_value(await self.link.request({"op": "pin_get", "key": scoped}))["pin"]
