@@ -66,6 +66,8 @@ async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.St
         p.admission.admit_count(key, model=call.model, client_ip=arrival.client_ip or "")
         response: web.StreamResponse | None = None
         if route.channels:
+            # follows the conversation's channel, never moves it (no admission to ride with)
+            session = p.open_session(key.id, call, request.headers, route.channels, track=False)
             response = as_response(
                 await relay(
                     request,
@@ -75,9 +77,7 @@ async def count(p: Pipeline, request: web.Request, endpoint: Endpoint) -> web.St
                     outcome,
                     request_id=request_id,
                     extra_headers={},
-                    session=await p.session(
-                        key.id, call, request.headers, route.channels, track=False
-                    ),
+                    session=await p.shared_pin(session) if session is not None else None,
                 )
             )
         if response is None or response.status in NOT_OFFERED:

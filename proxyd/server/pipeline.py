@@ -176,19 +176,6 @@ class Pipeline:
             session.adopt(table.pin_of(session.key, now))
         return session
 
-    async def session(
-        self,
-        key_id: str,
-        call: Call,
-        headers: Mapping[str, str],
-        channels: Sequence[Channel],
-        *,
-        track: bool = True,
-    ) -> Session | None:
-        """`open_session` then `shared_pin`, for a request that is not admitted (token counts)."""
-        session = self.open_session(key_id, call, headers, channels, track=track)
-        return None if session is None else await self.shared_pin(session)
-
     # -- record -----------------------------------------------------------------------------
     def finish(
         self,
