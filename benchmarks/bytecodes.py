@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import rig
+from benchmarks import instructions, rig
 from benchmarks.instructions import _send
 
 # Run in proxyd's process: counts opcodes per (file name, function) between SIGUSR1 and SIGUSR2.
@@ -116,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="API keys on the W2 channel (more than one: sticky sessions have a choice)",
     )
+    parser.add_argument(
+        "--fresh-connections",
+        action="store_true",
+        help="a new client connection per request, as W5's load client opens one per stream",
+    )
     args = parser.parse_args(argv)
+    instructions.FRESH_CONNECTIONS = args.fresh_connections
     extra = "\n" + args.base_config.replace("\\n", "\n") + "\n" if args.base_config else ""
     mock = rig.start_mock(Path(tempfile.mkdtemp()), instant=True, chunks=16, interval=0.02)
     try:

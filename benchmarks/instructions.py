@@ -59,6 +59,9 @@ def _start(
     return proc, port
 
 
+FRESH_CONNECTIONS = False  # a new connection per request (W5's load client), set by the flag
+
+
 async def _send(port: int, count: int, concurrency: int = 8, stream: bool = False) -> int:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {rig.BENCH_SECRET}"}
@@ -74,7 +77,8 @@ async def _send(port: int, count: int, concurrency: int = 8, stream: bool = Fals
                 await resp.read()
                 ok += resp.status == 200
 
-    async with aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(force_close=FRESH_CONNECTIONS, limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(one(session) for _ in range(concurrency)))
     return ok
 
@@ -166,7 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="API keys on the non-stream channel (more than one: sticky sessions have a choice)",
     )
+    parser.add_argument(
+        "--fresh-connections",
+        action="store_true",
+        help="a new client connection per request, as W5's load client opens one per stream",
+    )
     args = parser.parse_args(argv)
+    global FRESH_CONNECTIONS
+    FRESH_CONNECTIONS = args.fresh_connections
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed", file=sys.stderr)
         return 2
