@@ -4,8 +4,9 @@ W5's cells (`benchmarks.run`) run each target three times, one after another; on
 host a cell moved by several percent between runs. Here every revision's proxyd runs at once
 (pinned to the proxy core; the mock provider and this load client on the rig core) and the
 revisions take turns, round after round, so the host's drift hits them alike. Each stream is
-16 chunks 20 ms apart from the paced mock, over a new client connection (as W5's load client
-opens one per stream) unless `--keep-alive`. Reported per revision: the proxyd process's user
+16 chunks 20 ms apart from the paced mock, over a new client connection each unless
+`--keep-alive` (W5's load client keeps its connections alive: the two show what a connection
+itself costs). Reported per revision: the proxyd process's user
 and system CPU (`/proc/PID/stat`) over all its rounds, divided by the chunks it relayed.
 
     .venv/bin/python -m benchmarks.bench_streams --rev 0e9a317 --rev WORKTREE [--streams 400]
@@ -24,10 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from benchmarks import rig
-from benchmarks.workloads import _body
+from benchmarks.instructions import _send
 
 CHUNKS = 16
 INTERVAL = 0.02
@@ -56,27 +55,6 @@ def _start(rev: str, mock_port: int) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-async def _streams(port: int, count: int, concurrency: int, keep_alive: bool) -> int:
-    """`count` streamed calls, `concurrency` at a time; how many answered 200."""
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    headers = {"Authorization": f"Bearer {rig.BENCH_SECRET}"}
-    body = _body(rig.STREAM_MODEL, stream=True)
-    left, ok = count, 0
-
-    async def one(session: aiohttp.ClientSession) -> None:
-        nonlocal left, ok
-        while left > 0:
-            left -= 1
-            async with session.post(url, json=body, headers=headers) as resp:
-                await resp.read()
-                ok += resp.status == 200
-
-    connector = aiohttp.TCPConnector(force_close=not keep_alive, limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(one(session) for _ in range(concurrency)))
-    return ok
-
-
 def run(
     revs: list[str], streams: int, per_round: int, rounds: int, keep_alive: bool
 ) -> dict[str, Any]:
@@ -86,12 +64,12 @@ def run(
     started = {rev: _start(rev, mock.port) for rev in revs}
     try:
         for _, port in started.values():  # warm-up
-            asyncio.run(_streams(port, min(200, per_round), streams, keep_alive))
+            asyncio.run(_send(port, min(200, per_round), streams, True, not keep_alive))
         totals = {rev: [0.0, 0.0, 0] for rev in revs}
         for _ in range(rounds):
             for rev, (proc, port) in started.items():
                 user, system = _cpu(proc.pid)
-                ok = asyncio.run(_streams(port, per_round, streams, keep_alive))
+                ok = asyncio.run(_send(port, per_round, streams, True, not keep_alive))
                 user2, system2 = _cpu(proc.pid)
                 t = totals[rev]
                 t[0] += user2 - user

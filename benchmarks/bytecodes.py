@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import instructions, rig
-from benchmarks.instructions import _send
+from benchmarks import rig
+from benchmarks.instructions import _send, add_shape_options
 
 # Run in proxyd's process: counts opcodes per (file name, function) between SIGUSR1 and SIGUSR2.
 _TRACER = """
@@ -58,7 +58,13 @@ Counts = dict[tuple[str, str], int]
 
 
 def count(
-    rev: str, requests: int, warmup: int, mock_port: int, extra: str = "", credentials: int = 1
+    rev: str,
+    requests: int,
+    warmup: int,
+    mock_port: int,
+    extra: str = "",
+    credentials: int = 1,
+    fresh: bool = False,
 ) -> Counts:
     """Bytecodes per function over `requests` W2 requests of revision `rev` (`extra`: TOML
     appended to its config)."""
@@ -77,11 +83,11 @@ def count(
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree)
     try:
         rig.wait_port(port, proc, timeout=60.0)
-        asyncio.run(_send(port, warmup))
+        asyncio.run(_send(port, warmup, fresh=fresh))
         time.sleep(1.0)
         proc.send_signal(signal.SIGUSR1)
         time.sleep(0.5)
-        asyncio.run(_send(port, requests))
+        asyncio.run(_send(port, requests, fresh=fresh))
         time.sleep(1.0)  # their billing rows' flush
         proc.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + 60
@@ -110,24 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         help="TOML appended to the base's config, e.g. '[sticky]\\nenabled = false' with "
         "--base WORKTREE to see what a feature runs",
     )
-    parser.add_argument(
-        "--credentials",
-        type=int,
-        default=1,
-        help="API keys on the W2 channel (more than one: sticky sessions have a choice)",
-    )
-    parser.add_argument(
-        "--fresh-connections",
-        action="store_true",
-        help="a new client connection per request, as W5's load client opens one per stream",
-    )
+    add_shape_options(parser)
     args = parser.parse_args(argv)
-    instructions.FRESH_CONNECTIONS = args.fresh_connections
     extra = "\n" + args.base_config.replace("\\n", "\n") + "\n" if args.base_config else ""
     mock = rig.start_mock(Path(tempfile.mkdtemp()), instant=True, chunks=16, interval=0.02)
     try:
-        base = count(args.base, args.requests, args.warmup, mock.port, extra, args.credentials)
-        new = count(args.rev, args.requests, args.warmup, mock.port, credentials=args.credentials)
+        shape = {"credentials": args.credentials, "fresh": args.fresh_connections}
+        base = count(args.base, args.requests, args.warmup, mock.port, extra, **shape)
+        new = count(args.rev, args.requests, args.warmup, mock.port, **shape)
     finally:
         rig.stop(mock)
     n = args.requests

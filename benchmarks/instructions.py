@@ -59,10 +59,11 @@ def _start(
     return proc, port
 
 
-FRESH_CONNECTIONS = False  # a new connection per request (W5's load client), set by the flag
-
-
-async def _send(port: int, count: int, concurrency: int = 8, stream: bool = False) -> int:
+async def _send(
+    port: int, count: int, concurrency: int = 8, stream: bool = False, fresh: bool = False
+) -> int:
+    """`count` calls, `concurrency` at a time, over kept-alive connections (`fresh`: a new
+    connection per call); how many answered 200."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {rig.BENCH_SECRET}"}
     body = _body(rig.STREAM_MODEL if stream else rig.INSTANT_MODEL, stream=stream)
@@ -77,7 +78,7 @@ async def _send(port: int, count: int, concurrency: int = 8, stream: bool = Fals
                 await resp.read()
                 ok += resp.status == 200
 
-    connector = aiohttp.TCPConnector(force_close=FRESH_CONNECTIONS, limit=0)
+    connector = aiohttp.TCPConnector(force_close=fresh, limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(one(session) for _ in range(concurrency)))
     return ok
@@ -108,6 +109,7 @@ def measure(
     stream: bool = False,
     extra: str = "",
     credentials: int = 1,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-instr-"))
     try:
@@ -119,10 +121,10 @@ def measure(
         started = time.monotonic()
         proc, port = _start(tree, workdir, mock_port, out, extra, credentials)
         try:
-            warm = asyncio.run(_send(port, warmup, concurrency, stream))
+            warm = asyncio.run(_send(port, warmup, concurrency, stream, fresh))
             time.sleep(1.0)  # the billing writer's flush of the warm-up rows
             _callgrind("--instr=on", str(proc.pid))
-            ok = asyncio.run(_send(port, requests, concurrency, stream))
+            ok = asyncio.run(_send(port, requests, concurrency, stream, fresh))
             time.sleep(1.0)  # their rows' flush is part of their cost
             _callgrind("--dump", str(proc.pid))
             _callgrind("--instr=off", str(proc.pid))
@@ -146,6 +148,22 @@ def measure(
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def add_shape_options(parser: argparse.ArgumentParser) -> None:
+    """The request-shape options this tool and `benchmarks.bytecodes` share."""
+    parser.add_argument(
+        "--credentials",
+        type=int,
+        default=1,
+        help="API keys on the non-stream channel (more than one: sticky sessions have a choice)",
+    )
+    parser.add_argument(
+        "--fresh-connections",
+        action="store_true",
+        help="a new client connection per request (the load clients keep theirs alive): "
+        "prices a connection's own cost",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rev", action="append", required=True, help="a commit, or WORKTREE")
@@ -164,20 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="TOML appended to the config, e.g. '[sticky]\\nenabled = false' to price a feature",
     )
-    parser.add_argument(
-        "--credentials",
-        type=int,
-        default=1,
-        help="API keys on the non-stream channel (more than one: sticky sessions have a choice)",
-    )
-    parser.add_argument(
-        "--fresh-connections",
-        action="store_true",
-        help="a new client connection per request, as W5's load client opens one per stream",
-    )
+    add_shape_options(parser)
     args = parser.parse_args(argv)
-    global FRESH_CONNECTIONS
-    FRESH_CONNECTIONS = args.fresh_connections
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed", file=sys.stderr)
         return 2
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.stream,
                 "\n" + args.config.replace("\\n", "\n") + "\n",
                 args.credentials,
+                args.fresh_connections,
             )
             print(
                 f"{result['rev']:>10}  {result['per_request']:>12,} instructions per request"

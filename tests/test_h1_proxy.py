@@ -301,6 +301,17 @@ async def stream(
         opened.release()
 
 
+async def _upstream(tls: bool) -> tuple[Upstream, str, ssl.SSLContext | None, H1Pool]:
+    """A started upstream (TLS with a throwaway CA, or plain), its base URL, the client's TLS
+    context for it, and a pool to reach it with."""
+    certs = throwaway_tls() if tls else None
+    upstream = Upstream(tls=certs.server if certs else None)
+    await upstream.start()
+    host = "localhost" if tls else "127.0.0.1"
+    base = f"{'https' if tls else 'http'}://{host}:{upstream.port}/v1"
+    return upstream, base, certs.client if certs else None, H1Pool(limit=10)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
 @pytest.mark.parametrize("credentials", [None, (USER, PASSWORD)], ids=["open", "login"])
@@ -310,15 +321,9 @@ def test_http_proxy(loop: str, tls: bool, credentials: tuple[str, str] | None) -
     the tunnel), plain http as absolute-form requests to the proxy."""
 
     async def main() -> None:
-        certs = throwaway_tls() if tls else None
-        upstream = Upstream(tls=certs.server if certs else None)
-        await upstream.start()
+        upstream, base, context, pool = await _upstream(tls)
         proxy = HttpProxy(credentials=credentials)
         await proxy.start()
-        host = "localhost" if tls else "127.0.0.1"
-        base = f"{'https' if tls else 'http'}://{host}:{upstream.port}/v1"
-        pool = H1Pool(limit=10)
-        context = certs.client if certs else None
         url = proxy.url(credentials)
         assert await call(pool, base + "/chat/completions", url, context) == (200, b'{"a":1}')
         assert await call(pool, base + "/chat/completions", url, context) == (200, b'{"a":1}')
@@ -379,15 +384,9 @@ def test_socks5_proxy(loop: str, tls: bool, credentials: tuple[str, str] | None)
     through the tunnel; the connection is kept alive through the proxy."""
 
     async def main() -> None:
-        certs = throwaway_tls() if tls else None
-        upstream = Upstream(tls=certs.server if certs else None)
-        await upstream.start()
+        upstream, base, context, pool = await _upstream(tls)
         socks = Socks5(credentials=credentials)
         await socks.start()
-        host = "localhost" if tls else "127.0.0.1"
-        base = f"{'https' if tls else 'http'}://{host}:{upstream.port}/v1"
-        pool = H1Pool(limit=10)
-        context = certs.client if certs else None
         url = socks.url("socks5", credentials)
         assert await call(pool, base + "/chat/completions", url, context) == (200, b'{"a":1}')
         assert await stream(pool, base + "/stream", url, context) == b"data: one\n\ndata: two\n\n"
@@ -403,11 +402,9 @@ def test_socks5h_lets_the_proxy_resolve_the_name(scheme: str) -> None:
     """socks5h sends the upstream's name to the proxy; socks5 resolves it first."""
 
     async def main() -> None:
-        upstream = Upstream()
-        await upstream.start()
+        upstream, _, _, pool = await _upstream(tls=False)
         socks = Socks5()
         await socks.start()
-        pool = H1Pool(limit=10)
         url = f"http://localhost:{upstream.port}/v1/x"
         assert await call(pool, url, socks.url(scheme)) == (200, b'{"a":1}')
         host, _ = socks.destinations[0]
@@ -440,11 +437,9 @@ def test_direct_and_proxied_connections_never_mix() -> None:
     requests asking for the same route."""
 
     async def main() -> None:
-        upstream = Upstream()
-        await upstream.start()
+        upstream, _, _, pool = await _upstream(tls=False)
         socks = Socks5()
         await socks.start()
-        pool = H1Pool(limit=10)
         url = f"http://127.0.0.1:{upstream.port}/v1/x"
         for _ in range(2):
             assert await call(pool, url, socks.url()) == (200, b'{"a":1}')

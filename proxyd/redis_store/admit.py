@@ -14,7 +14,7 @@ from proxyd.redis_store.ledger import RedisLedger
 from proxyd.redis_store.limits import RedisLimits
 from proxyd.redis_store.scripts import MISSING, admit_args
 from proxyd.redis_store.spend import RedisSpend
-from proxyd.redis_store.store import RedisUnavailable
+from proxyd.redis_store.store import RIDE, RedisUnavailable
 from proxyd.state.store import KeyRecord
 
 
@@ -66,8 +66,8 @@ class RedisAdmission:
             now,
             windows,
         )
-        try:
-            result = await store.call("admit", keys, args)
+        try:  # a pending read of this request (its sticky pin) rides along
+            result = await store.call("admit", keys, args, read=RIDE.get())
             if int(result[0]) == MISSING and await ledger.reseed(key.account_id):
                 result = await store.call("admit", keys, args)
         except RedisUnavailable:

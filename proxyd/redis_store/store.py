@@ -44,7 +44,8 @@ class Ride:
         self.done = False
 
 
-# The read the current request (its task) wants carried by its next admission, if any.
+# The read the current request (its task) wants carried by its admission, if any
+# (`proxyd.redis_store.admit.RedisAdmission` passes it to `RedisStore.call`).
 RIDE: ContextVar[Ride | None] = ContextVar("proxyd_redis_ride", default=None)
 
 
@@ -141,15 +142,18 @@ class RedisStore:
         """A lease id unique across instances."""
         return f"{self.instance}:{next(self._lease_ids)}"
 
-    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a script; raises RedisUnavailable (after switching to fallback) when it cannot."""
+    async def call(
+        self, name: str, keys: list[str], args: list[Any], *, read: Ride | None = None
+    ) -> Any:
+        """Run a script; raises RedisUnavailable (after switching to fallback) when it cannot.
+
+        `read` (a pending GET, see `Ride`) goes in the same pipeline: one round trip for both.
+        """
         if self.fallback_active:
             raise RedisUnavailable
         try:
-            if name == "admit":
-                ride = RIDE.get()
-                if ride is not None and not ride.done:
-                    return await self._admit_with_read(keys, args, ride)
+            if read is not None and not read.done:
+                return await self._call_with_read(name, keys, args, read)
             return await self.scripts[name](keys=keys, args=args)
         except FAILURES as exc:
             if cancelling():  # the caller left (e.g. the client hung up): Redis is fine
@@ -157,9 +161,9 @@ class RedisStore:
             self.mark_down(exc)
             raise RedisUnavailable from exc
 
-    async def _admit_with_read(self, keys: list[str], args: list[Any], ride: Ride) -> Any:
-        """The ADMIT script and the ride's GET in one pipeline: one round trip for both."""
-        script = self.scripts["admit"]
+    async def _call_with_read(self, name: str, keys: list[str], args: list[Any], ride: Ride) -> Any:
+        """The script and the ride's GET in one pipeline: one round trip for both."""
+        script = self.scripts[name]
         pipe = self.client.pipeline(transaction=False)
         pipe.evalsha(script.sha, len(keys), *keys, *args)
         pipe.get(ride.key)

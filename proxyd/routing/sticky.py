@@ -154,23 +154,24 @@ class Pin:
 
 
 class Session:
-    """One request's view of its session: the pin found, and `settle` once a channel served."""
+    """One request's view of its session: the pin found, and `settle` once a channel served.
+
+    Made by `StickyTable.open` only, field by field: `channel_id` is the channel to try first,
+    `pinned` the session's credential there.
+    """
 
     __slots__ = ("_table", "channel_id", "key", "opened", "pin", "pinned", "track")
-
-    def __init__(
-        self, table: StickyTable, key: str, pin: Pin | None, opened: float, track: bool
-    ) -> None:
-        self._table = table
-        self.key = key
-        self.pin = pin
-        self.channel_id = pin.channel_id if pin is not None else None  # the channel to try first
-        self.pinned = pin.credential if pin is not None else None  # its credential there
-        self.opened = opened
-        self.track = track
+    _table: StickyTable
+    key: str  # the scoped session key (key id and session id)
+    opened: float  # when this request opened it: the TTL slides from here
+    track: bool  # False: follow the pin, never move it
+    pin: Pin | None
+    channel_id: str | None
+    pinned: int | None
 
     def adopt(self, pin: Pin | None) -> None:
-        """Take the pin a shared store held for this session (this process had none)."""
+        """Take `pin` as the session's: the table's at `open`, or the one a shared store held
+        when this process had none."""
         self.pin = pin
         self.channel_id = pin.channel_id if pin is not None else None
         self.pinned = pin.credential if pin is not None else None
@@ -193,7 +194,7 @@ class Session:
                 pin.shared_at = self.opened
                 table.on_renew(self.key)
             return
-        self._table.settle(self, channel_id, credential)
+        self._table.place(self, channel_id, credential)
 
 
 _new_session = object.__new__
@@ -237,8 +238,7 @@ class StickyTable:
         channels only, must not pull a conversation off the channel its turns use).
         """
         key = key_id + "\x00" + sid
-        pins = self._pins
-        pin = pins.get(key)
+        pin = self.pin_of(key, now)
         # Built field by field: Python 3.11 runs a class's __init__ through its slow generic
         # call path, about twice what these stores cost (one per request).
         session = _new_session(Session)
@@ -246,30 +246,13 @@ class StickyTable:
         session.key = key
         session.opened = now
         session.track = track
-        if pin is not None:
-            if pin.expires <= now:
-                del pins[key]
-                pin = None
-            else:
-                pins.move_to_end(key)
-                session.pin = pin
-                session.channel_id = pin.channel_id
-                session.pinned = pin.credential
-                return session
-        session.pin = None
-        session.channel_id = None
-        session.pinned = None
+        session.adopt(pin)
         return session
 
-    def settle(self, session: Session, channel_id: str, credential: int) -> None:
-        """Record where `session` was served; the TTL slides from the time it was opened.
-
-        (`Session.settle` counts a hit itself; this places a new session or moves one.)
-        """
+    def place(self, session: Session, channel_id: str, credential: int) -> None:
+        """`session` was served elsewhere than its pin (or has none): a first placement or a
+        move; the TTL slides from the time it was opened. (`Session.settle` counts hits.)"""
         pin = session.pin
-        if pin is not None and pin.channel_id == channel_id and pin.credential == credential:
-            session.settle(channel_id, credential)
-            return
         if pin is None:
             self.misses += 1
         else:
