@@ -13,6 +13,12 @@ The two proxyds of each comparison run side by side and are measured in alternat
 one-shot cells moved by ±30 % between runs of one commit on this shared host.
 
     .venv/bin/python -m benchmarks.bench_workers [--seconds 10] [--rounds 5]
+    .venv/bin/python -m benchmarks.bench_workers --admission-only --rev 0da40bb
+
+`--rev` (repeatable) adds the Redis-shared proxyd of that commit (exported with `git archive`,
+served with this venv) to the admission comparison, in the same alternating rounds: how a change
+to the Redis path reports its added p50 against the commit before it. `--admission-only` skips
+the 1-and-2-workers figures.
 
 Loopback only; every process it starts it stops by its own pid; Redis keys under a fresh prefix.
 """
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import statistics
 import subprocess
@@ -58,24 +63,20 @@ def memory(pid: int) -> dict[str, int]:
 
 
 def _start(
-    logdir: Path, mock_port: int, *, workers: int, redis: bool
+    logdir: Path, mock_port: int, *, workers: int, redis: bool, rev: str | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-workers-"))
+    tree = rig.CHECKOUT if rev is None else rig.export_tree(rev, workdir)[0]
     config = rig.proxyd_config(mock_port, mock_port, workdir)
     if redis:  # appended: a table header before the top-level keys would swallow them
         config += f'\n[redis]\nurl = "{REDIS_URL}"\nprefix = "bench18-{uuid.uuid4().hex[:8]}:"\n'
     path = workdir / "proxyd.toml"
     path.write_text(config)
     port = rig.free_port()
-    env = {
-        **os.environ,
-        "PROXYD_LISTEN": f"127.0.0.1:{port}",
-        "PROXYD_CONTROL_LISTEN": f"127.0.0.1:{rig.free_port()}",
-        "PROXYD_DATABASE_URL": rig.DATABASE_URL,
-    }
+    env = rig.proxyd_env(path, port, rig.free_port(), rig.DATABASE_URL, tree)
     argv = [*rig.proxyd_argv(), "--config", str(path), "--workers", str(workers)]
-    with (logdir / f"proxyd-{workers}-{int(redis)}.log").open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    with (logdir / f"proxyd-{workers}-{int(redis)}-{rev or 'this'}.log").open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tree)
     rig.wait_port(port, proc)  # the supervisor's socket: it accepts before workers exist
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -170,13 +171,21 @@ def throughput_pair(
     return out[0], out[1]
 
 
-def shared_admission(logdir: Path, mock_port: int, seconds: float, rounds: int) -> dict[str, Any]:
-    """p50 of one request at a time with local limits and with Redis-shared limits, both
-    proxyds started and measured in alternating bursts; the added p50 is the median of the
-    rounds' differences (each round's two bursts run back to back)."""
-    started = [_start(logdir, mock_port, workers=1, redis=redis) for redis in (False, True)]
+def shared_admission(
+    logdir: Path, mock_port: int, seconds: float, rounds: int, revs: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """p50 of one request at a time with local limits and with Redis-shared limits (and with
+    the Redis-shared proxyd of each of `revs`), all started and measured in alternating bursts;
+    an added p50 is the median of the rounds' differences to the local one (each round's bursts
+    run back to back)."""
+    names = ["local", "redis", *(f"redis@{rev}" for rev in revs)]
+    started = [
+        _start(logdir, mock_port, workers=1, redis=False),
+        _start(logdir, mock_port, workers=1, redis=True),
+        *(_start(logdir, mock_port, workers=1, redis=True, rev=rev) for rev in revs),
+    ]
     try:
-        p50s: list[list[float]] = [[], []]
+        p50s: list[list[float]] = [[] for _ in started]
         for _ in range(rounds):
             for i, (proc, port) in enumerate(started):
                 r = _load(port, [proc.pid], concurrency=1, seconds=seconds / rounds, warmup=0.3)
@@ -184,37 +193,44 @@ def shared_admission(logdir: Path, mock_port: int, seconds: float, rounds: int) 
     finally:
         for proc, _ in started:
             _stop(proc)
-    added = [round(b - a, 1) for a, b in zip(p50s[0], p50s[1], strict=True)]
-    return {
-        "local": round(statistics.median(p50s[0]), 1),
-        "redis": round(statistics.median(p50s[1]), 1),
-        "added_p50_us": statistics.median(added),
-        "added_p50_us_by_round": added,
+    out: dict[str, Any] = {
+        name: round(statistics.median(p50s[i]), 1) for i, name in enumerate(names)
     }
+    for i, name in enumerate(names[1:], 1):
+        added = [round(b - a, 1) for a, b in zip(p50s[0], p50s[i], strict=True)]
+        suffix = name.removeprefix("redis")  # '' for this checkout, '@<rev>' for a commit
+        out[f"added_p50_us{suffix}"] = statistics.median(added)
+        out[f"added_p50_us{suffix}_by_round"] = added
+    return out
 
 
-def run(seconds: float, rounds: int = 5) -> dict[str, Any]:
-    """Every figure of the file's docstring, in one session."""
+def run(
+    seconds: float, rounds: int = 5, *, revs: tuple[str, ...] = (), admission_only: bool = False
+) -> dict[str, Any]:
+    """Every figure of the file's docstring, in one session (`admission_only`: the Redis
+    admission's only)."""
     logdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-workers-logs-"))
     mock = rig.start_mock(logdir, instant=True, chunks=16, interval=0.02)
     try:
-        one, two = throughput_pair(logdir, mock.port, seconds, rounds)
-        admission = shared_admission(logdir, mock.port, seconds, rounds)
+        pair = None if admission_only else throughput_pair(logdir, mock.port, seconds, rounds)
+        admission = shared_admission(logdir, mock.port, seconds, rounds, revs)
     finally:
         rig.stop(mock)
+    targets: dict[str, bool] = {"redis_added_p50_at_most_0.3ms": admission["added_p50_us"] <= 300}
+    if pair is None:
+        return {"shared_admission": admission, "targets": targets}
+    one, two = pair
     growth = two["cpu_us_per_request"] / one["cpu_us_per_request"] - 1
     mem = list(two["memory"].values())
     extra_uss = [m["uss"] for m in mem[1:]]  # the supervisor first, then each worker
+    targets["cpu_growth_at_most_10pct"] = growth <= 0.10
+    targets["extra_worker_uss_at_most_40MB"] = bool(extra_uss) and max(extra_uss) <= 40 * 2**20
     return {
         "one_worker": one,
         "two_workers": two,
         "cpu_per_request_growth": round(growth, 3),
         "shared_admission": admission,
-        "targets": {
-            "cpu_growth_at_most_10pct": growth <= 0.10,
-            "redis_added_p50_at_most_0.3ms": admission["added_p50_us"] <= 300,
-            "extra_worker_uss_at_most_40MB": bool(extra_uss) and max(extra_uss) <= 40 * 2**20,
-        },
+        "targets": targets,
     }
 
 
@@ -224,8 +240,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=5, help="alternating bursts per cell (seconds split)"
     )
+    parser.add_argument(
+        "--rev", action="append", default=[], help="a commit whose Redis admission to add"
+    )
+    parser.add_argument(
+        "--admission-only", action="store_true", help="skip the 1-and-2-workers figures"
+    )
     args = parser.parse_args(argv)
-    result = run(args.seconds, args.rounds)
+    result = run(
+        args.seconds, args.rounds, revs=tuple(args.rev), admission_only=args.admission_only
+    )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 

@@ -276,15 +276,18 @@ def start_proxyd(
     name: str = "proxyd",
     tree: Path = CHECKOUT,
     tls: tuple[str, str] | None = None,
+    extra_config: str = "",
 ) -> Service:
     """proxyd on the proxy core with billing into `database_url`, metrics on unless told.
 
     `tree` is the source tree whose proxyd is served: this checkout, or a baseline commit's
     tree exported by `export_tree` (first on PYTHONPATH, so its modules win over the venv's).
+    `extra_config` (TOML tables, e.g. `[redis]`) is appended to the configuration.
     """
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-"))
     config = workdir / "proxyd.toml"
-    config.write_text(proxyd_config(instant_port, paced_port, workdir, metrics=metrics))
+    text = proxyd_config(instant_port, paced_port, workdir, metrics=metrics)
+    config.write_text(text + ("\n" + extra_config if extra_config else ""))
     port, control = free_port(), free_port()
     env = proxyd_env(config, port, control, database_url, tree)
     if tls is not None:  # HTTPS on the client listener: (certificate chain, key) files

@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run W1 against a stamped proxyd and print the median of each segment."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.timeline", description=__doc__)
     p.add_argument("--seconds", type=float, default=4.0, help="how long W1 runs")
+    p.add_argument(
+        "--redis", metavar="URL", help="share admission through this Redis (a fresh key prefix)"
+    )
     p.add_argument("--serve", metavar="OUT", help=argparse.SUPPRESS)  # the stamped child
     args = p.parse_args(argv)
     if args.serve:
@@ -142,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     argv_of_proxyd = rig.proxyd_argv
     rig.proxyd_argv = lambda: [sys.executable, "-m", "benchmarks.timeline", "--serve", str(out)]
     try:
-        proxyd = rig.start_proxyd(logdir, mock.port, mock.port, rig.DATABASE_URL)
+        extra = ""
+        if args.redis:
+            prefix = f"timeline-{os.getpid()}-{time.time_ns()}:"
+            extra = f'[redis]\nurl = "{args.redis}"\nprefix = "{prefix}"\n'
+        proxyd = rig.start_proxyd(
+            logdir, mock.port, mock.port, rig.DATABASE_URL, extra_config=extra
+        )
     finally:
         rig.proxyd_argv = argv_of_proxyd
     try:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
+import hiredis
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -125,8 +126,9 @@ async def admit(admission: Admission, key: KeyRecord, cost: int, tokens: int = 1
 
 
 async def count_commands(store: RedisStore) -> list[tuple[object, ...]]:
-    """Record every command the store's client sends from now on (one per round trip), with
-    every script loaded first (a script's first run anywhere costs a SCRIPT LOAD)."""
+    """Record every round trip the store makes from now on, on redis-py's client and on its
+    script channel, as the round trip's first command, with every script loaded first (a
+    script's first run anywhere costs a SCRIPT LOAD)."""
     for script in store.scripts.values():
         await store.client.script_load(script.script)
     sent: list[tuple[object, ...]] = []
@@ -137,6 +139,18 @@ async def count_commands(store: RedisStore) -> list[tuple[object, ...]]:
         return await send(*args, **options)
 
     store.client.execute_command = counting  # type: ignore[method-assign]
+    channel = store.channel
+    if channel is not None:
+        request = channel.request
+
+        async def on_the_wire(payload: bytes, count: int = 1) -> object:
+            reader = hiredis.Reader()  # a command is a RESP array: read it back as one
+            reader.feed(payload)
+            first = cast(list[bytes], reader.gets())
+            sent.append(tuple(part.decode() for part in first))
+            return await request(payload, count)
+
+        channel.request = on_the_wire  # type: ignore[method-assign]
     return sent
 
 

@@ -107,6 +107,6 @@ class RedisAdmission:
         if settled is not None:
             keys += settled[0]
             args += settled[1]
-        finish = store.scripts["finish"]
-        store.run(ledger.settle_op(account_id, cost_nanos, lambda: finish(keys=keys, args=args)))
+        finish = store.evalsha
+        store.run(ledger.settle_op(account_id, cost_nanos, lambda: finish("finish", keys, args)))
         return 0

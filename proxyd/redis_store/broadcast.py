@@ -52,7 +52,7 @@ class Broadcast:
 
         async def op() -> object:
             if version is not None:
-                await self.store.scripts["keep_latest"](keys=[latest], args=[str(version), payload])
+                await self.store.evalsha("keep_latest", [latest], [str(version), payload])
             return await self.store.client.publish(channel, message)
 
         if self.store.fallback_active:

@@ -170,13 +170,12 @@ class RedisLedger:
         """Release and charge in the background; the shortfall is counted when Redis answers."""
         lease = self.settling(reservation, cost_nanos)
         if lease is not None:
-            keys = self.keys(reservation.account_id)
-            settle = self.store.scripts["settle"]
+            keys, store = self.keys(reservation.account_id), self.store
             self.store.run(
                 self.settle_op(
                     reservation.account_id,
                     cost_nanos,
-                    lambda: settle(keys=keys, args=[lease, cost_nanos]),
+                    lambda: store.evalsha("settle", keys, [lease, cost_nanos]),
                 )
             )
         return 0
@@ -199,7 +198,7 @@ class RedisLedger:
         with a request's limits and windows): a balance Redis forgot is put back and charged
         with SETTLE; the answer is mirrored and a shortfall counted."""
         keys = self.keys(account_id)
-        scripts = self.store.scripts
+        store = self.store
 
         async def op() -> None:
             result = await first()
@@ -208,9 +207,9 @@ class RedisLedger:
                 if seed is None:
                     self.local.record_shortfall(account_id, cost_nanos)
                     return
-                applied = await scripts["seed_missing"](keys=keys[:1], args=list(seed))
+                applied = await store.evalsha("seed_missing", keys[:1], list(seed))
                 self._reseeded(account_id, applied, seed)
-                result = await scripts["settle"](keys=keys, args=["", cost_nanos])
+                result = await store.evalsha("settle", keys, ["", cost_nanos])
             charge, balance, reserved, version, seq = (int(x) for x in result)
             self._mirror(account_id, balance, reserved, version, seq)
             if cost_nanos > charge:

@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from proxyd.redis_store.channel import ScriptChannel
 from proxyd.redis_store.scripts import SCRIPTS
 
 log = structlog.get_logger("proxyd.redis")
@@ -92,6 +93,8 @@ class RedisStore:
         self.scripts: dict[str, AsyncScript] = {
             name: self.client.register_script(lua) for name, lua in SCRIPTS.items()
         }
+        # the script calls' own connection (None for TLS: redis-py carries them too)
+        self.channel = ScriptChannel.for_client(self.client, timeout=timeout, retries=retries)
         self.leases: dict[str, tuple[str, bool]] = {}  # live lease -> (its zset, pexpire it)
         self.on_recover: list[Callable[[], None]] = []
         self.retry_interval = retry_interval
@@ -131,6 +134,8 @@ class RedisStore:
             task.cancel()
         if loops:
             await asyncio.wait(loops, timeout=2.0)
+        if self.channel is not None:
+            await self.channel.aclose()
         await self.client.aclose()
 
     async def drain(self) -> None:
@@ -154,16 +159,31 @@ class RedisStore:
         try:
             if read is not None and not read.done:
                 return await self._call_with_read(name, keys, args, read)
-            return await self.scripts[name](keys=keys, args=args)
+            return await self.evalsha(name, keys, args)
         except FAILURES as exc:
             if cancelling():  # the caller left (e.g. the client hung up): Redis is fine
                 raise asyncio.CancelledError from exc
             self.mark_down(exc)
             raise RedisUnavailable from exc
 
+    async def evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run script `name` (loading it where Redis forgot it); raises what Redis raised.
+
+        Background writes and their replays call this; requests go through `call`."""
+        if self.channel is not None:
+            script = self.scripts[name]
+            return await self.channel.evalsha(script.sha, SCRIPTS[name], keys, args)
+        return await self.scripts[name](keys=keys, args=args)
+
     async def _call_with_read(self, name: str, keys: list[str], args: list[Any], ride: Ride) -> Any:
-        """The script and the ride's GET in one pipeline: one round trip for both."""
+        """The script and the ride's GET in one write: one round trip for both."""
         script = self.scripts[name]
+        if self.channel is not None:
+            result, ride.reply = await self.channel.evalsha(
+                script.sha, SCRIPTS[name], keys, args, get=ride.key
+            )
+            ride.done = True
+            return result
         pipe = self.client.pipeline(transaction=False)
         pipe.evalsha(script.sha, len(keys), *keys, *args)
         pipe.get(ride.key)
@@ -182,6 +202,8 @@ class RedisStore:
             return
         self.fallback_active = True
         self.fallbacks += 1
+        if self.channel is not None:  # reconnect afresh once Redis is back
+            self.channel.close()
         log.warning("redis_fallback", reason=f"{type(exc).__name__}: {exc}"[:200])
         self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
@@ -198,7 +220,7 @@ class RedisStore:
         """Run a script in the background, or queue it for replay while Redis is away."""
 
         async def op() -> object:
-            result = await self.scripts[name](keys=keys, args=args)
+            result = await self.evalsha(name, keys, args)
             if done is not None:
                 done(result)
             return result
