@@ -67,6 +67,8 @@ _PAIRS = (
     + "local function lt(ah, al, bh, bl) return ah < bh or (ah == bh and al < bl) end "
     + "local function sub(ah, al, bh, bl) local h, l = ah - bh, al - bl "
     + "  if l < 0 then l = l + B h = h - 1 end return h, l end "
+    + "local function add(ah, al, bh, bl) local h, l = ah + bh, al + bl "
+    + "  if l >= B then l = l - B h = h + 1 end return h, l end "
     + "local function S(h, l) if h == 0 then return string.format('%d', l) end "
     + "  return string.format('%d%09d', h, l) end "
     + "local function unreserve(m) local a = redis.call('HGET', KEYS[2], m) "
@@ -81,21 +83,27 @@ MISSING = -1
 
 
 def _settle(lease: str, cost: str) -> str:
-    """Release the balance lease `lease` and charge `cost` (the ledger's rules); the answer."""
+    """Release the balance lease `lease` and charge `cost` (the ledger's rules); the answer.
+
+    One read and one write of the balance hash: the lease's amount comes off `res`, the charge
+    (the cost, at most what is free) off `bal`, in exact pairs, and the change counter `n` goes
+    up by one. A release that would take `res` below zero (a lease Redis kept while it forgot
+    the balance) leaves it at zero."""
     return (
-        "if redis.call('HEXISTS', KEYS[1], 'bal') == 0 then return {'-1', '0', '0', '-1', 0} end "
-        + f"if {lease} ~= '' then unreserve({lease}) end "
-        + "local function after(c) local n = redis.call('HINCRBY', KEYS[1], 'n', 1) "
-        + "  local w = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
-        + "  return {c, w[1], w[2] or '0', w[3] or '-1', n} end "
-        + "local v = redis.call('HMGET', KEYS[1], 'bal', 'res') "
-        + f"local bh, bl = P(v[1]) local rh, rl = P(v[2]) local ch, cl = P({cost}) "
-        + "if not lt(rh, rl, bh, bl) then return after('0') end "
-        + "local fh, fl = sub(bh, bl, rh, rl) "
-        + "if lt(fh, fl, ch, cl) then ch, cl = fh, fl end "
-        + "local charge = S(ch, cl) "
-        + "if charge ~= '0' then redis.call('HINCRBY', KEYS[1], 'bal', '-' .. charge) end "
-        + "return after(charge)"
+        "local v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver', 'n') "
+        + "if not v[1] then return {'-1', '0', '0', '-1', 0} end "
+        + "local bh, bl = P(v[1]) local rh, rl = P(v[2]) "
+        + f"if {lease} ~= '' then local a = redis.call('HGET', KEYS[2], {lease}) "
+        + f"  if a then redis.call('HDEL', KEYS[2], {lease}) local xh, xl = P(a) "
+        + "    if lt(rh, rl, xh, xl) then rh, rl = 0, 0 else rh, rl = sub(rh, rl, xh, xl) end end "
+        + f"  redis.call('ZREM', KEYS[3], {lease}) end "
+        + "local charge = '0' "
+        + "if lt(rh, rl, bh, bl) then local fh, fl = sub(bh, bl, rh, rl) "
+        + f"  local ch, cl = P({cost}) if lt(fh, fl, ch, cl) then ch, cl = fh, fl end "
+        + "  charge = S(ch, cl) bh, bl = sub(bh, bl, ch, cl) end "
+        + "local n = (tonumber(v[4]) or 0) + 1 local bal, res = S(bh, bl), S(rh, rl) "
+        + "redis.call('HSET', KEYS[1], 'bal', bal, 'res', res, 'n', n) "
+        + "return {charge, bal, res, v[3] or '-1', n}"
     )
 
 
@@ -140,10 +148,10 @@ def _spend_settle(first: int, amount: str, cost: str, starts: int) -> str:
     KEYS[first + j] takes ARGV[starts + j] as its 5-hour start ('0': a calendar window)."""
     return (
         f"for i = {first}, #KEYS do local t = ARGV[{starts - first} + i] "
-        + "  if redis.call('EXISTS', KEYS[i]) == 1 and "
-        + "     (t == '0' or redis.call('HGET', KEYS[i], 't') == t) then "
-        + f"    if redis.call('HINCRBY', KEYS[i], 'r', -tonumber({amount})) < 0 then "
-        + "      redis.call('HSET', KEYS[i], 'r', 0) end "
+        + "  local w = redis.call('HMGET', KEYS[i], 's', 'r', 't') "
+        + "  if w[1] and (t == '0' or w[3] == t) then "
+        + f"    local r = (tonumber(w[2]) or 0) - tonumber({amount}) if r < 0 then r = 0 end "
+        + "    redis.call('HSET', KEYS[i], 'r', r) "
         + f"    redis.call('HINCRBY', KEYS[i], 's', {cost}) end end "
     )
 
@@ -213,19 +221,20 @@ ADMIT = (
     + "    out[1] = 3 out[11] = i - 6 out[12] = start out[13] = spent return out end "
     + "  st[i] = {start, spent} end "
     # balance: never read a missing one as zero; sweep expired reservations, then check
-    + "local ledger = ARGV[9] ~= '' "
+    + "local ledger = ARGV[9] ~= '' local bn, ah, al, rh, rl = 0, 0, 0, 0, 0 "
     + "if ledger then "
-    + "  if not redis.call('HGET', KEYS[1], 'bal') then out[1] = -1 return out end "
-    + "  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do "
-    + "    unreserve(m) end "
-    + "  local v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver') "
-    + "  local bal, res = v[1] or '0', v[2] or '0' "
-    + "  out[7] = bal out[8] = res out[9] = v[3] or '-1' "
-    + "  out[10] = redis.call('HINCRBY', KEYS[1], 'n', 1) "
-    + "  local bh, bl = P(bal) local rh, rl = P(res) local ah, al = P(ARGV[9]) "
-    + "  if not lt(rh, rl, bh, bl) then out[1] = 4 return out end "
-    + "  local fh, fl = sub(bh, bl, rh, rl) "
-    + "  if lt(fh, fl, ah, al) then out[1] = 4 return out end end "
+    + "  local v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver', 'n') "
+    + "  if not v[1] then out[1] = -1 return out end "
+    + "  local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now) "
+    + "  if #gone > 0 then for _, m in ipairs(gone) do unreserve(m) end "
+    + "    v = redis.call('HMGET', KEYS[1], 'bal', 'res', 'ver', 'n') end "
+    + "  local bal, res = v[1], v[2] or '0' bn = (tonumber(v[4]) or 0) + 1 "
+    + "  out[7] = bal out[8] = res out[9] = v[3] or '-1' out[10] = bn "
+    + "  local bh, bl = P(bal) rh, rl = P(res) ah, al = P(ARGV[9]) "
+    + "  local fh, fl = 0, 0 "
+    + "  if lt(rh, rl, bh, bl) then fh, fl = sub(bh, bl, rh, rl) end "
+    + "  if not lt(rh, rl, bh, bl) or lt(fh, fl, ah, al) then "
+    + "    redis.call('HSET', KEYS[1], 'n', bn) out[1] = 4 return out end end "
     # everything holds: apply everything
     + "if rr > 0 then lvr = lvr - U store(KEYS[4], lvr, rr, rc) end "
     + "if tr > 0 then lvt = lvt - tokens * U store(KEYS[5], lvt, tr, tc) end "
@@ -243,8 +252,8 @@ ADMIT = (
     + "    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[b + 2])) end "
     + "  redis.call('HINCRBY', KEYS[i], 'r', ARGV[11]) "
     + "  out[#out + 1] = st[i][1] out[#out + 1] = st[i][2] end "
-    + "if ledger then redis.call('HINCRBY', KEYS[1], 'res', ARGV[9]) "
-    + "  out[8] = redis.call('HGET', KEYS[1], 'res') "
+    + "if ledger then local h, l = add(rh, rl, ah, al) out[8] = S(h, l) "
+    + "  redis.call('HSET', KEYS[1], 'res', out[8], 'n', bn) "
     + "  redis.call('HSET', KEYS[2], ARGV[10], ARGV[9]) "
     + "  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), ARGV[10]) end "
     + "return out"
