@@ -131,12 +131,14 @@ def _cpu_cell(port: int, pids: list[int], seconds: float) -> dict[str, Any]:
 
 
 def throughput_pair(
-    logdir: Path, mock_port: int, seconds: float, rounds: int
+    logdir: Path, mock_port: int, seconds: float, rounds: int, *, redis: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """1 and 2 workers, both started, measured in alternating bursts (`rounds` each of
     `seconds / rounds`): the machine's drift (other tenants, frequency) hits both alike. CPU per
-    request is each one's CPU over all its bursts divided by all its requests."""
-    started = [_start(logdir, mock_port, workers=n, redis=False) for n in (1, 2)]
+    request is each one's CPU over all its bursts divided by all its requests. `redis`: both
+    share admission through Redis (the workers then never ask the supervisor); otherwise the
+    two workers share it through the supervisor."""
+    started = [_start(logdir, mock_port, workers=n, redis=redis) for n in (1, 2)]
     try:
         pids = [[proc.pid, *procstat.children(proc.pid)] for proc, _ in started]
         for (_, port), ps in zip(started, pids, strict=True):  # warm both up
@@ -205,7 +207,12 @@ def shared_admission(
 
 
 def run(
-    seconds: float, rounds: int = 5, *, revs: tuple[str, ...] = (), admission_only: bool = False
+    seconds: float,
+    rounds: int = 5,
+    *,
+    revs: tuple[str, ...] = (),
+    admission_only: bool = False,
+    with_redis: bool = False,
 ) -> dict[str, Any]:
     """Every figure of the file's docstring, in one session (`admission_only`: the Redis
     admission's only)."""
@@ -214,6 +221,11 @@ def run(
     try:
         pair = None if admission_only else throughput_pair(logdir, mock.port, seconds, rounds)
         admission = shared_admission(logdir, mock.port, seconds, rounds, revs)
+        redis_pair = (
+            throughput_pair(logdir, mock.port, seconds, rounds, redis=True)
+            if with_redis and not admission_only
+            else None
+        )
     finally:
         rig.stop(mock)
     targets: dict[str, bool] = {"redis_added_p50_at_most_0.3ms": admission["added_p50_us"] <= 300}
@@ -225,13 +237,21 @@ def run(
     extra_uss = [m["uss"] for m in mem[1:]]  # the supervisor first, then each worker
     targets["cpu_growth_at_most_10pct"] = growth <= 0.10
     targets["extra_worker_uss_at_most_40MB"] = bool(extra_uss) and max(extra_uss) <= 40 * 2**20
-    return {
+    out: dict[str, Any] = {
         "one_worker": one,
         "two_workers": two,
         "cpu_per_request_growth": round(growth, 3),
-        "shared_admission": admission,
-        "targets": targets,
     }
+    if redis_pair is not None:
+        one_r, two_r = redis_pair
+        out["with_redis"] = {
+            "one_worker": one_r,
+            "two_workers": two_r,
+            "cpu_per_request_growth": round(
+                two_r["cpu_us_per_request"] / one_r["cpu_us_per_request"] - 1, 3
+            ),
+        }
+    return out | {"shared_admission": admission, "targets": targets}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,9 +266,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--admission-only", action="store_true", help="skip the 1-and-2-workers figures"
     )
+    parser.add_argument(
+        "--with-redis",
+        action="store_true",
+        help="also measure 1 and 2 workers sharing admission through Redis",
+    )
     args = parser.parse_args(argv)
     result = run(
-        args.seconds, args.rounds, revs=tuple(args.rev), admission_only=args.admission_only
+        args.seconds,
+        args.rounds,
+        revs=tuple(args.rev),
+        admission_only=args.admission_only,
+        with_redis=args.with_redis,
     )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
 
