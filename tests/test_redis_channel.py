@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from proxyd.redis_store import RedisStore
 from proxyd.redis_store.channel import ScriptChannel
 from tests.test_limits import make_key
-from tests.test_redis_store import admit, new_prefix, shared_admission, wipe
+from tests.test_redis_store import admit, in_fallback, new_prefix, shared_admission, wipe
 
 REDIS = "redis://127.0.0.1:6379/0"
 ECHO = "return ARGV[1]"
@@ -275,6 +275,69 @@ async def test_password_and_database_of_the_url_are_used(guarded_redis: int) -> 
     finally:
         await check.aclose()
         await store.close()
+
+
+class Stalling:
+    """A loopback forwarder to Redis that can stop passing anything on (`stalled`), as a Redis
+    stuck in a long command or a network that drops packets without a reset."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.stalled = False
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if not self.stalled:
+                        dst.write(data)
+                        await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_stalled_redis_sends_admission_to_the_fallback_after_one_timeout() -> None:
+    """Redis stops answering mid-service: the next admission waits one timeout (not three),
+    the store falls back, and the request is admitted locally."""
+    stalling = Stalling()
+    await stalling.start()
+    prefix = new_prefix()
+    store = RedisStore(f"redis://127.0.0.1:{stalling.port}/0", prefix=prefix, timeout=0.25)
+    await store.start()
+    try:
+        admission = shared_admission(store)
+        await admission.ledger.set_balance("a1", 1, 1000)
+        key = make_key(rpm=10)
+        (await admit(admission, key, 100)).finish(tokens=10, cost_nanos=10)
+        await store.drain()
+        assert not in_fallback(store)
+        stalling.stalled = True
+        started = time.monotonic()
+        ticket = await admit(admission, key, 100)
+        elapsed = time.monotonic() - started
+        assert in_fallback(store)
+        assert 0.25 <= elapsed < 0.5
+        assert ticket.headers["x-ratelimit-remaining-requests"]  # the local fallback's answer
+    finally:
+        stalling.stalled = False
+        await store.close()
+        await stalling.stop()
+        await wipe(prefix)
 
 
 def test_tls_urls_stay_on_redis_py() -> None:
