@@ -18,7 +18,9 @@ one-shot cells moved by ±30 % between runs of one commit on this shared host.
 `--rev` (repeatable) adds the Redis-shared proxyd of that commit (exported with `git archive`,
 served with this venv) to the admission comparison, in the same alternating rounds: how a change
 to the Redis path reports its added p50 against the commit before it. `--admission-only` skips
-the 1-and-2-workers figures.
+the 1-and-2-workers figures; `--with-redis` adds 1 and 2 workers sharing admission through Redis.
+`--w2-against REV` (repeatable) measures only W2's CPU per request, one worker, of this checkout
+and of each commit, in alternating rounds (how issue 15's "within 3 %" is checked).
 
 Loopback only; every process it starts it stops by its own pid; Redis keys under a fresh prefix.
 """
@@ -130,47 +132,79 @@ def _cpu_cell(port: int, pids: list[int], seconds: float) -> dict[str, Any]:
     return {"ok": r["ok"], "errors": r["errors"], "rps": r["rps"], "cpu": cpu}
 
 
+def alternating_cpu(
+    started: list[tuple[subprocess.Popen[bytes], int]], seconds: float, rounds: int
+) -> list[dict[str, Any]]:
+    """The proxyds `started`, measured in alternating bursts at 64 in flight (`rounds` each of
+    `seconds / rounds`): the machine's drift (other tenants, frequency) hits all alike. CPU per
+    request is each one's CPU over all its bursts divided by all its requests."""
+    pids = [[proc.pid, *procstat.children(proc.pid)] for proc, _ in started]
+    for (_, port), ps in zip(started, pids, strict=True):  # warm all up
+        _load(port, ps, concurrency=64, seconds=min(1.0, seconds / 3), warmup=0)
+    cells: list[list[dict[str, Any]]] = [[] for _ in started]
+    for _ in range(rounds):
+        for i, (_, port) in enumerate(started):
+            cells[i].append(_cpu_cell(port, pids[i], seconds / rounds))
+    out = []
+    for i in range(len(started)):
+        served = max(1, sum(c["ok"] for c in cells[i]))
+        per = {pid: sum(c["cpu"][pid] for c in cells[i]) for pid in pids[i]}
+        processes = {
+            str(pid): memory(pid) | {"cpu_us_per_request": round(t * 1e6 / served, 1)}
+            for pid, t in per.items()
+        }
+        out.append(
+            {
+                "rps": round(statistics.median(c["rps"] for c in cells[i]), 1),
+                "errors": sum(c["errors"] for c in cells[i]),
+                "cpu_us_per_request": round(sum(per.values()) * 1e6 / served, 1),
+                "cpu_us_per_request_by_round": [
+                    round(sum(c["cpu"].values()) * 1e6 / max(1, c["ok"]), 1) for c in cells[i]
+                ],
+                "memory": processes,
+            }
+        )
+    return out
+
+
 def throughput_pair(
     logdir: Path, mock_port: int, seconds: float, rounds: int, *, redis: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """1 and 2 workers, both started, measured in alternating bursts (`rounds` each of
-    `seconds / rounds`): the machine's drift (other tenants, frequency) hits both alike. CPU per
-    request is each one's CPU over all its bursts divided by all its requests. `redis`: both
-    share admission through Redis (the workers then never ask the supervisor); otherwise the
-    two workers share it through the supervisor."""
+    """1 and 2 workers side by side (`alternating_cpu`). `redis`: both share admission through
+    Redis (the workers then never ask the supervisor); otherwise the two workers share it
+    through the supervisor."""
     started = [_start(logdir, mock_port, workers=n, redis=redis) for n in (1, 2)]
     try:
-        pids = [[proc.pid, *procstat.children(proc.pid)] for proc, _ in started]
-        for (_, port), ps in zip(started, pids, strict=True):  # warm both up
-            _load(port, ps, concurrency=64, seconds=min(1.0, seconds / 3), warmup=0)
-        cells: list[list[dict[str, Any]]] = [[], []]
-        for _ in range(rounds):
-            for i, (_, port) in enumerate(started):
-                cells[i].append(_cpu_cell(port, pids[i], seconds / rounds))
-        out = []
-        for i, n in enumerate((1, 2)):
-            served = max(1, sum(c["ok"] for c in cells[i]))
-            per = {pid: sum(c["cpu"][pid] for c in cells[i]) for pid in pids[i]}
-            processes = {
-                str(pid): memory(pid) | {"cpu_us_per_request": round(t * 1e6 / served, 1)}
-                for pid, t in per.items()
-            }
-            out.append(
-                {
-                    "workers": n,
-                    "rps": round(statistics.median(c["rps"] for c in cells[i]), 1),
-                    "errors": sum(c["errors"] for c in cells[i]),
-                    "cpu_us_per_request": round(sum(per.values()) * 1e6 / served, 1),
-                    "cpu_us_per_request_by_round": [
-                        round(sum(c["cpu"].values()) * 1e6 / max(1, c["ok"]), 1) for c in cells[i]
-                    ],
-                    "memory": processes,
-                }
-            )
+        one, two = alternating_cpu(started, seconds, rounds)
     finally:
         for proc, _ in started:
             _stop(proc)
-    return out[0], out[1]
+    return {"workers": 1} | one, {"workers": 2} | two
+
+
+def against_revisions(
+    logdir: Path, mock_port: int, seconds: float, rounds: int, revs: tuple[str, ...]
+) -> dict[str, Any]:
+    """W2's CPU per request (one worker, 64 in flight, non-streaming) of this checkout and of
+    each commit of `revs`, side by side (`alternating_cpu`): how a request-path change reports
+    its figure against the commit before it, in one run."""
+    names = ["this", *revs]
+    started = [_start(logdir, mock_port, workers=1, redis=False)]
+    try:
+        started += [_start(logdir, mock_port, workers=1, redis=False, rev=rev) for rev in revs]
+        figures = alternating_cpu(started, seconds, rounds)
+    finally:
+        for proc, _ in started:
+            _stop(proc)
+    base = figures[0]["cpu_us_per_request"]
+    return {
+        name: {
+            "cpu_us_per_request": f["cpu_us_per_request"],
+            "cpu_us_per_request_by_round": f["cpu_us_per_request_by_round"],
+            "this_against_it": round(base / f["cpu_us_per_request"] - 1, 4) if i else 0.0,
+        }
+        for i, (name, f) in enumerate(zip(names, figures, strict=True))
+    }
 
 
 def shared_admission(
@@ -213,12 +247,15 @@ def run(
     revs: tuple[str, ...] = (),
     admission_only: bool = False,
     with_redis: bool = False,
+    w2_against: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Every figure of the file's docstring, in one session (`admission_only`: the Redis
     admission's only)."""
     logdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-workers-logs-"))
     mock = rig.start_mock(logdir, instant=True, chunks=16, interval=0.02)
     try:
+        if w2_against:
+            return {"w2_against": against_revisions(logdir, mock.port, seconds, rounds, w2_against)}
         pair = None if admission_only else throughput_pair(logdir, mock.port, seconds, rounds)
         admission = shared_admission(logdir, mock.port, seconds, rounds, revs)
         redis_pair = (
@@ -267,6 +304,13 @@ def main(argv: list[str] | None = None) -> None:
         "--admission-only", action="store_true", help="skip the 1-and-2-workers figures"
     )
     parser.add_argument(
+        "--w2-against",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="only W2's CPU per request of this checkout against this commit (repeatable)",
+    )
+    parser.add_argument(
         "--with-redis",
         action="store_true",
         help="also measure 1 and 2 workers sharing admission through Redis",
@@ -278,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         revs=tuple(args.rev),
         admission_only=args.admission_only,
         with_redis=args.with_redis,
+        w2_against=tuple(args.w2_against),
     )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
 
