@@ -331,6 +331,7 @@ def test_snapshot_reports_every_field(health: ChannelHealth, clock: FakeClock) -
             "cooldown_remaining_seconds": 0.75,
             "in_flight": 1,
             "last_error_type": "upstream_error",
+            "refused_models": {},
         },
         {
             "id": "zz",
@@ -340,6 +341,7 @@ def test_snapshot_reports_every_field(health: ChannelHealth, clock: FakeClock) -
             "cooldown_remaining_seconds": 0.0,
             "in_flight": 0,
             "last_error_type": None,
+            "refused_models": {},
         },
     ]
     assert [s["id"] for s in health.snapshot()] == ["b"]
@@ -487,3 +489,31 @@ def test_refused_credential_trips_at_once_with_its_own_backoff(clock: FakeClock)
     trial.success()
     trial.release()
     assert state_of(health)["state"] == "healthy"
+
+
+def test_a_model_the_credential_may_not_use_cools_alone(clock: FakeClock) -> None:
+    """A 403 about one model (`refuse_model`) skips that model on the channel for the credential
+    cooldown, doubling while it keeps being refused, capped; the channel stays healthy and
+    serves its other models; a success for the model forgets the refusal; pruning the channel
+    forgets it too."""
+    health = ChannelHealth(
+        clock, base_cooldown=1.0, max_cooldown=100.0, credential_cooldown=20.0, jitter=0.0
+    )
+    ch = make_channel()
+    health.refuse_model(ch.id, "gpt-b")
+    assert health.model_refused(ch.id, "gpt-b", clock.now)
+    assert not health.model_refused(ch.id, "gpt-a", clock.now)
+    assert health.availability(ch, clock.now) is Availability.READY
+    snap = state_of(health)
+    assert (snap["state"], snap["refused_models"]) == ("healthy", {"gpt-b": 20.0})
+    for expected in (40.0, 80.0, 100.0, 100.0):
+        clock.now += 1000
+        assert not health.model_refused(ch.id, "gpt-b", clock.now)  # tried again
+        health.refuse_model(ch.id, "gpt-b")
+        assert state_of(health)["refused_models"] == {"gpt-b": expected}
+    clock.now += 1000
+    health.model_served(ch.id, "gpt-b")
+    health.refuse_model(ch.id, "gpt-b")
+    assert state_of(health)["refused_models"] == {"gpt-b": 20.0}  # the backoff starts over
+    health.prune(set())
+    assert not health.model_refused(ch.id, "gpt-b", clock.now)

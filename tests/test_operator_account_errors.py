@@ -4,11 +4,13 @@ operator's account ever reaches a client (issue 17, item 2)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from proxyd.app import create_control
 from tests.conftest import SECRET, SDKs, StartProxy, StartServer, channel, make_config, server_url
@@ -166,11 +168,10 @@ async def test_rejected_credential_on_a_stream_fails_over_before_any_byte(
     [
         (429, OPENAI_NO_QUOTA, "openai"),
         (400, ANTHROPIC_NO_CREDIT, "anthropic"),
-        (403, ANTHROPIC_FORBIDDEN, "anthropic"),
         (401, ANTHROPIC_BAD_KEY, "anthropic"),
         (402, b'{"error": {"message": "Payment required"}}', "openai"),
     ],
-    ids=["openai-insufficient-quota", "anthropic-credit", "anthropic-403", "anthropic-401", "402"],
+    ids=["openai-insufficient-quota", "anthropic-credit", "anthropic-401", "402"],
 )
 async def test_empty_or_disabled_upstream_account_fails_over(
     tmp_path: Path,
@@ -180,8 +181,9 @@ async def test_empty_or_disabled_upstream_account_fails_over(
     body: bytes,
     primary_type: str,
 ) -> None:
-    """Out of credit, quota gone, permission or key refused (either provider):
-    the backup serves the customer's 200 and the channel cools down as a bad credential."""
+    """Out of credit, quota gone or key refused (either provider): the backup serves the
+    customer's 200 and the channel cools down as a bad credential. (A 403 refusing one model
+    cools that model only: test_a_403_about_one_model_leaves_the_channels_other_models.)"""
     client, parts, primary, _ = await two_channels(
         tmp_path,
         start_server,
@@ -339,3 +341,89 @@ async def test_translated_credential_failure_reaches_an_anthropic_client_in_its_
     message = await sdk.anthropic(client).messages.create(**MESSAGES)
     assert message.content[0].text == "from backup"
     assert len(bad.seen) == 1
+
+
+OPENAI_MODEL_FORBIDDEN = orjson.dumps(
+    {
+        "error": {
+            "message": "Project `proj_Zq81xYwVb2` does not have access to model `gpt-b`",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("forbidden", "primary_type"),
+    [(OPENAI_MODEL_FORBIDDEN, "openai"), (ANTHROPIC_FORBIDDEN, "anthropic")],
+    ids=["openai-project-model", "anthropic-permission"],
+)
+async def test_a_403_about_one_model_leaves_the_channels_other_models(
+    tmp_path: Path,
+    start_server: StartServer,
+    start_proxy: StartProxy,
+    aiohttp_client: Any,
+    forbidden: bytes,
+    primary_type: str,
+) -> None:
+    """The primary's credential may not use gpt-b (403) but serves gpt-a. Before: one such 403
+    cooled the whole channel for 60 s, so gpt-a went to the backup too. Now gpt-b moves to the
+    backup (asked of the primary once) while gpt-a stays on the primary, whose health is
+    healthy with gpt-b under `refused_models`; no client sees the provider's words."""
+    asked: Counter[str] = Counter()
+
+    async def primary_answer(request: web.Request) -> web.Response:
+        model = (await request.json())["model"]
+        asked[model] += 1
+        if model == "gpt-b":
+            return web.Response(status=403, body=forbidden, content_type="application/json")
+        if primary_type == "anthropic":
+            return web.Response(
+                body=anthropic_body("from primary"), content_type="application/json"
+            )
+        return web.Response(body=chat_body("from primary"), content_type="application/json")
+
+    primary = web.Application()
+    primary.router.add_route("POST", "/{tail:.*}", primary_answer)
+    backup = FakeProvider(Step(body=chat_body("from backup")))
+    a = await start_server(primary)
+    b = await start_server(backup.app())
+    models = ["gpt-a", "gpt-b"]
+    config = make_config(
+        tmp_path,
+        [
+            channel("primary", server_url(a), priority=10, type=primary_type, models=models),
+            channel("backup", server_url(b), priority=0, models=models),
+        ],
+        server={"admin_token": ADMIN},
+    )
+    client, parts = await start_proxy(config)
+
+    async def ask(model: str) -> str:
+        resp = await client.post(
+            "/v1/chat/completions", headers=AUTH, json={**CHAT, "model": model}
+        )
+        raw = await resp.read()
+        assert resp.status == 200, raw
+        no_leak(raw)
+        assert b"proj_" not in raw
+        content: str = orjson.loads(raw)["choices"][0]["message"]["content"]
+        return content
+
+    for _ in range(3):
+        assert await ask("gpt-b") == "from backup"
+        assert await ask("gpt-a") == "from primary"
+    assert asked == {"gpt-b": 1, "gpt-a": 3}
+    health = {c["id"]: c for c in parts.channel_health()}["primary"]
+    assert health["state"] == "healthy"
+    refused = health["refused_models"]
+    assert isinstance(refused, dict)
+    assert list(refused) == ["gpt-b"]
+    assert 50 < refused["gpt-b"] <= 60  # the credential cooldown
+
+    control = await aiohttp_client(create_control(parts))
+    listed = await control.get("/control/v1/channels", headers={"Authorization": f"Bearer {ADMIN}"})
+    views = {c["id"]: c for c in (await listed.json())["channels"]}
+    assert list(views["primary"]["health"]["refused_models"]) == ["gpt-b"]

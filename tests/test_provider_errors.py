@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd.relay.provider_errors import MESSAGES, Fault, fault_of, shows_provider_message
+from proxyd.relay.provider_errors import (
+    MESSAGES,
+    Fault,
+    fault_of,
+    model_scoped,
+    shows_provider_message,
+)
 
 F = Fault
 
@@ -103,3 +109,34 @@ def test_an_answer_naming_the_operators_key_is_never_shown(
     key is never passed to the client with the provider's words."""
     body = before + b" Incorrect API key provided: sk-ab***yz " + after
     assert not shows_provider_message(fault_of(status, body))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "scoped"),
+    [
+        # OpenAI: a project without access to one model
+        (
+            403,
+            b'{"error":{"message":"Project `proj_x1` does not have access to model `gpt-b`",'
+            b'"type":"invalid_request_error","code":"model_not_found"}}',
+            True,
+        ),
+        # Anthropic: the organisation may not use what was asked
+        (
+            403,
+            b'{"type":"error","error":{"type":"permission_error",'
+            b'"message":"Your API key does not have permission to use the specified resource."}}',
+            True,
+        ),
+        # the whole account: out of money or switched off, whatever the status
+        (403, b'{"error":{"message":"Your account has been deactivated"}}', False),
+        (403, b'{"error":{"code":"insufficient_quota"}}', False),
+        (401, b'{"error":{"code":"invalid_api_key"}}', False),
+        (402, b"Payment required", False),
+    ],
+)
+def test_a_403_refuses_one_model_unless_it_says_the_account_is_gone(
+    status: int, body: bytes, scoped: bool
+) -> None:
+    assert fault_of(status, body) is Fault.CREDENTIAL
+    assert model_scoped(status, body) is scoped

@@ -98,6 +98,15 @@ def fault_of(status: int, body: bytes) -> Fault:
     return _BY_STATUS.get(status, Fault.OTHER)
 
 
+def model_scoped(status: int, body: bytes) -> bool:
+    """Whether a CREDENTIAL answer refuses one model rather than the whole upstream account: a
+    403 that does not say the account is out of money or switched off. Providers answer 403
+    when the operator's key or project may not use a model (OpenAI's project model access,
+    Anthropic's `permission_error`); the same key serves its other models, so the refusal
+    cools that model on the channel, not the channel (see `ChannelHealth.refuse_model`)."""
+    return status == 403 and not any(p in body[:_SCAN].lower() for p in _OUT_OF_CREDIT)
+
+
 def shows_provider_message(fault: Fault) -> bool:
     """Whether the client sees the provider's own error body: only about its own request."""
     return fault is Fault.CLIENT

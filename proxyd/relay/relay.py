@@ -29,7 +29,13 @@ from proxyd.relay.failover import (
     final_failure,
 )
 from proxyd.relay.outcome import Outcome
-from proxyd.relay.provider_errors import MESSAGES, Fault, fault_of, shows_provider_message
+from proxyd.relay.provider_errors import (
+    MESSAGES,
+    Fault,
+    fault_of,
+    model_scoped,
+    shows_provider_message,
+)
 from proxyd.relay.stream import FlowFor, relay_stream
 from proxyd.routing.health import ChannelHealth
 from proxyd.routing.route import Router
@@ -211,7 +217,10 @@ async def relay(
     attempts: list[Attempt] = []
     failures: list[AttemptFailed] = []
     first = session.channel_id if session is not None else None
+    model = call.model
     for channel in router.plan(route, now, health, first=first):
+        if health.model_refused(channel.id, model, now):
+            continue  # the channel's credential may not use this model (a 403), for a while
         permit = health.acquire(channel, health.clock())
         if permit is None:
             continue
@@ -235,7 +244,12 @@ async def relay(
             except AttemptFailed as failed:
                 attempt = _attempt_of(failed)
                 kind = classify(attempt) or ErrorType.UPSTREAM_ERROR
-                permit.failure(kind, failed.retry_after)
+                if attempt.judged is Fault.CREDENTIAL and model_scoped(
+                    failed.status or 0, failed.body or b""
+                ):  # refused this model only: the channel serves its others
+                    health.refuse_model(channel.id, model)
+                else:
+                    permit.failure(kind, failed.retry_after)
                 parts.observer.upstream_observe(
                     channel.id, _status_class(failed.status), loop.time() - started
                 )
@@ -253,6 +267,7 @@ async def relay(
                     )
                 break
             permit.success()
+            health.model_served(channel.id, model)
             if session is not None:
                 session.settle(channel.id, channel.api_keys.index(credential))
             parts.observer.upstream_observe(

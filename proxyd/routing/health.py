@@ -165,6 +165,9 @@ class ChannelHealth:
         self.jitter = jitter
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not secrets
         self._entries: dict[str, _Entry] = {}
+        # (channel id, model) -> [until, refusals in a row]: models a channel's credential may
+        # not use (a 403 about one model), cooled without cooling the channel's other models
+        self._refused: dict[tuple[str, str], list[float]] = {}
 
     # -- request path -------------------------------------------------------------------------
     def availability(self, channel: Channel, now: float) -> Availability:
@@ -222,6 +225,33 @@ class ChannelHealth:
                 best = wait
         return best
 
+    # -- models a channel's credential may not use -----------------------------------------------
+    def refuse_model(self, channel_id: str, model: str, now: float | None = None) -> None:
+        """The channel's credential was refused for `model` (a 403 about one model): skip the
+        pair for `credential_cooldown * 2**n` (n: refusals in a row before, capped by
+        `max_cooldown`, minus up to `jitter` of it); the channel's other models are untouched."""
+        at = self.clock() if now is None else now
+        seen = self._refused.get((channel_id, model))
+        trips = int(seen[1]) if seen is not None else 0
+        delay = min(self.credential_cooldown * 2.0 ** min(trips, 64), self.max_cooldown)
+        if self.jitter:
+            delay *= 1.0 - self.jitter * self._rng.random()
+        self._refused[(channel_id, model)] = [at + delay, trips + 1]
+
+    def model_refused(self, channel_id: str, model: str, now: float) -> bool:
+        """Whether `model` is cooling on the channel (after its cooldown the next request tries
+        it again; a success there forgets the refusal, `model_served`)."""
+        refused = self._refused
+        if not refused:
+            return False
+        seen = refused.get((channel_id, model))
+        return seen is not None and now < seen[0]
+
+    def model_served(self, channel_id: str, model: str) -> None:
+        """The channel answered for `model`: forget a refusal of it (and its backoff)."""
+        if self._refused:
+            self._refused.pop((channel_id, model), None)
+
     # -- outcomes (called by Permit) ----------------------------------------------------------
     def _on_success(self, entry: _Entry, permit: Permit) -> None:
         if permit.generation != entry.generation:
@@ -278,7 +308,8 @@ class ChannelHealth:
         Keys: id, healthy (False only while cooling down: a channel whose cooldown ended takes
         its trial with the next request), state ("healthy" | "cooling_down" | "trial"),
         consecutive_failures, cooldown_remaining_seconds, in_flight, last_error_type (an
-        ErrorType value or None).
+        ErrorType value or None), refused_models (model -> seconds left of its cooldown, for
+        models the channel's credential was refused, `refuse_model`).
         """
         at = self.clock() if now is None else now
         fresh = _Entry()
@@ -301,6 +332,11 @@ class ChannelHealth:
                     "cooldown_remaining_seconds": remaining,
                     "in_flight": e.in_flight,
                     "last_error_type": e.last_error_type.value if e.last_error_type else None,
+                    "refused_models": {
+                        model: round(until - at, 3)
+                        for (channel_id, model), (until, _) in sorted(self._refused.items())
+                        if channel_id == cid and until > at
+                    },
                 }
             )
         return out
@@ -309,6 +345,8 @@ class ChannelHealth:
         """Forget every channel whose id is not in `ids` (permits still out stay harmless)."""
         for cid in [c for c in self._entries if c not in ids]:
             del self._entries[cid]
+        for pair in [p for p in self._refused if p[0] not in ids]:
+            del self._refused[pair]
 
     def on_state(self, old: State, new: State) -> None:
         """A `StateStore.subscribe` listener: forget channels the new state no longer has."""
