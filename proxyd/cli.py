@@ -12,6 +12,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -171,7 +172,7 @@ async def serve_forever(config: Config, worker: WorkerContext | None = None) -> 
 
     control_runner: web.AppRunner | None = None
     if config.server.admin_token and (worker is None or worker.control_sock is not None):
-        control_runner = web.AppRunner(create_control(parts), access_log=None)
+        control_runner = _side_runner(create_control(parts), config)
         await control_runner.setup()
         if worker is not None and worker.control_sock is not None:
             await web.SockSite(control_runner, worker.control_sock).start()
@@ -185,7 +186,7 @@ async def serve_forever(config: Config, worker: WorkerContext | None = None) -> 
 
     runners = [r for r in (control_runner,) if r is not None]
     if config.server.metrics_listen:
-        ops_runner = web.AppRunner(create_ops_app(parts), access_log=None)
+        ops_runner = _side_runner(create_ops_app(parts), config)
         await ops_runner.setup()
         mhost, mport = split_host_port(config.server.metrics_listen)
         await web.TCPSite(ops_runner, mhost, mport, reuse_port=worker is not None).start()
@@ -227,6 +228,20 @@ def _client_runner(
         handler_cancellation=True,
         shutdown_timeout=grace,
     )
+
+
+SIDE_MAX_CONNECTIONS = 256  # the control and metrics listeners' own cap, per process
+
+
+def _side_runner(app: web.Application, config: Config) -> web.AppRunner:
+    """A side listener's runner (control API, metrics): the client listener's deadlines per
+    phase and its JSON answers to bad HTTP, a cap of its own (`SIDE_MAX_CONNECTIONS`), and
+    counts kept apart from the client connection metrics."""
+    from proxyd.server.connection import ClientRunner, ConnectionSettings, ConnectionStats
+
+    client = ConnectionSettings.from_config(config.server)
+    settings = replace(client, max_connections=min(client.max_connections, SIDE_MAX_CONNECTIONS))
+    return ClientRunner(app, settings, ConnectionStats(), access_log=None)
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:

@@ -15,7 +15,7 @@ import pytest
 
 from proxyd.mockprovider import create_mock_app
 from tests.conftest import SECRET, StartServer, server_url
-from tests.served import Served, serve
+from tests.served import Served, free_port, serve
 from tests.test_server_errors import assert_anthropic_error, assert_openai_error, split
 
 AUTH = b"Authorization: Bearer " + SECRET.encode() + b"\r\n"
@@ -275,3 +275,42 @@ async def test_a_request_on_its_way_at_drain_is_served(
         assert await asyncio.wait_for(px.proc.wait(), 10) == 0
         for w in (writer, silent[1], idle_writer):
             w.close()
+
+
+async def test_the_control_and_metrics_listeners_have_the_same_deadlines(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """The control API and the metrics listener cut a silent or trickling connection at the
+    head deadline too (before, they were aiohttp's plain runners: a connection that never sent
+    a whole head stayed open), and still answer a proper request."""
+    mock = await start_server(create_mock_app(instant=True))
+    control = free_port()
+    settings = {
+        "head_timeout_seconds": 1,
+        "admin_token": "a" * 24,
+        "control_listen": f"127.0.0.1:{control}",
+    }
+    async with serve(tmp_path, server_url(mock), settings) as px:
+        metrics = int(px.metrics_url.rsplit(":", 1)[1])
+        for port in (control, metrics):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            data, took = await until_closed(reader, 10)  # accepted, never a byte
+            writer.close()
+            assert data == b""
+            assert 0.8 < took < 3
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            sender = asyncio.create_task(
+                trickle(writer, b"GET /readyz HTTP/1.1\r\nHost: t\r\n" + b"X: y\r\n" * 50, 0.01)
+            )
+            data, took = await until_closed(reader, 10)
+            await sender
+            writer.close()
+            assert 0.8 < took < 3
+            assert data.startswith(b"HTTP/1.1 408")
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": "Bearer " + "a" * 24}
+            url = f"http://127.0.0.1:{control}/control/v1/channels"
+            async with session.get(url, headers=headers) as resp:
+                assert resp.status == 200
+            async with session.get(px.metrics_url + "/metrics") as resp:
+                assert resp.status == 200
