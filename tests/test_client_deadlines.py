@@ -40,6 +40,25 @@ async def trickle(writer: asyncio.StreamWriter, data: bytes, every: float) -> No
         return
 
 
+async def silent_then_closed(port: int) -> float:
+    """Connect and send nothing; how long until the server closed (asserting it sent nothing)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data, took = await until_closed(reader, 10)
+    writer.close()
+    assert data == b""
+    return took
+
+
+async def trickled_head(port: int, head: bytes) -> tuple[bytes, float]:
+    """Trickle `head` a byte every 10 ms; what the server sent before closing, and when."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sender = asyncio.create_task(trickle(writer, head, 0.01))
+    data, took = await until_closed(reader, 10)
+    await sender
+    writer.close()
+    return data, took
+
+
 def body_head(length: int, path: bytes = b"/v1/chat/completions") -> bytes:
     return (
         b"POST %s HTTP/1.1\r\nHost: t\r\n%sContent-Type: application/json\r\n"
@@ -56,20 +75,11 @@ async def test_each_phase_is_cut_at_its_deadline_and_counted(
     async with serve(tmp_path, server_url(mock), settings) as px:
         port = px.port
         # accepted, never a byte: closed silently at the head deadline
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        data, took = await until_closed(reader, 10)
-        writer.close()
-        assert data == b""
-        assert 0.8 < took < 3
+        assert 0.8 < await silent_then_closed(port) < 3
 
         # a head trickled a byte every 10 ms: 408 in Anthropic's format at the head deadline
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        sender = asyncio.create_task(
-            trickle(writer, b"POST /v1/messages HTTP/1.1\r\nHost: t\r\n" + b"X: y\r\n" * 50, 0.01)
-        )
-        data, took = await until_closed(reader, 10)
-        await sender
-        writer.close()
+        head = b"POST /v1/messages HTTP/1.1\r\nHost: t\r\n" + b"X: y\r\n" * 50
+        data, took = await trickled_head(port, head)
         assert 0.8 < took < 3
         assert assert_anthropic_error(data, 408)["error"]["message"].startswith("The request head")
 
@@ -293,18 +303,9 @@ async def test_the_control_and_metrics_listeners_have_the_same_deadlines(
     async with serve(tmp_path, server_url(mock), settings) as px:
         metrics = int(px.metrics_url.rsplit(":", 1)[1])
         for port in (control, metrics):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            data, took = await until_closed(reader, 10)  # accepted, never a byte
-            writer.close()
-            assert data == b""
-            assert 0.8 < took < 3
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            sender = asyncio.create_task(
-                trickle(writer, b"GET /readyz HTTP/1.1\r\nHost: t\r\n" + b"X: y\r\n" * 50, 0.01)
-            )
-            data, took = await until_closed(reader, 10)
-            await sender
-            writer.close()
+            assert 0.8 < await silent_then_closed(port) < 3
+            head = b"GET /readyz HTTP/1.1\r\nHost: t\r\n" + b"X: y\r\n" * 50
+            data, took = await trickled_head(port, head)
             assert 0.8 < took < 3
             assert data.startswith(b"HTTP/1.1 408")
         async with aiohttp.ClientSession() as session:

@@ -6,9 +6,7 @@ connection is retried on a new one, AUTH and SELECT are sent, TLS stays on redis
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +21,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from proxyd.redis_store import RedisStore
 from proxyd.redis_store.channel import ScriptChannel
 from tests.test_limits import make_key
-from tests.test_redis_store import admit, in_fallback, new_prefix, shared_admission, wipe
+from tests.test_redis_restart import PrivateRedis
+from tests.test_redis_store import (
+    TcpProxy,
+    admit,
+    in_fallback,
+    new_prefix,
+    shared_admission,
+    wipe,
+)
 
 REDIS = "redis://127.0.0.1:6379/0"
 ECHO = "return ARGV[1]"
@@ -165,47 +171,9 @@ async def test_a_stalled_redis_fails_every_waiting_call_once_within_the_timeout(
         await silent.stop()
 
 
-class DropsFirst:
-    """A loopback forwarder to Redis whose first connection is cut at its first command, as
-    a Redis restart cuts a connection with a call on it."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.connections = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        if self.connections == 1:
-            await reader.read(1)
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-
-
 async def test_a_connection_lost_under_a_call_is_retried_on_a_new_one() -> None:
     sha = await loaded(ECHO)
-    forwarder = DropsFirst()
+    forwarder = TcpProxy(cut_first=True)
     await forwarder.start()
     chan = ScriptChannel(host="127.0.0.1", port=forwarder.port, timeout=1.0, retries=2)
     try:
@@ -230,30 +198,12 @@ async def test_nothing_listening_raises_a_connection_error_after_the_retries() -
 @pytest.fixture
 async def guarded_redis(tmp_path: Path) -> AsyncIterator[int]:
     """A private `redis-server` with a password; answers its port."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server not found: install Debian's package `redis-server`")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", str(tmp_path), "--requirepass", "s3cret"]
-    proc = await asyncio.create_subprocess_exec(
-        exe, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    client: Redis = Redis(port=port, password="s3cret")
+    server = PrivateRedis(tmp_path, password="s3cret")
+    await server.start()
     try:
-        for _ in range(100):
-            try:
-                await client.ping()
-                break
-            except (OSError, RedisConnectionError):
-                await asyncio.sleep(0.02)
-        yield port
+        yield server.port
     finally:
-        await client.aclose()
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 10)
+        await server.stop()
 
 
 async def test_password_and_database_of_the_url_are_used(guarded_redis: int) -> None:
@@ -277,44 +227,10 @@ async def test_password_and_database_of_the_url_are_used(guarded_redis: int) -> 
         await store.close()
 
 
-class Stalling:
-    """A loopback forwarder to Redis that can stop passing anything on (`stalled`), as a Redis
-    stuck in a long command or a network that drops packets without a reset."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.stalled = False
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    if not self.stalled:
-                        dst.write(data)
-                        await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-
-
 async def test_a_stalled_redis_sends_admission_to_the_fallback_after_one_timeout() -> None:
     """Redis stops answering mid-service: the next admission waits one timeout (not three),
     the store falls back, and the request is admitted locally."""
-    stalling = Stalling()
+    stalling = TcpProxy()
     await stalling.start()
     prefix = new_prefix()
     store = RedisStore(f"redis://127.0.0.1:{stalling.port}/0", prefix=prefix, timeout=0.25)

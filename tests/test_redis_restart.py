@@ -52,13 +52,15 @@ class PrivateRedis:
     """A `redis-server` of this test alone, on a free loopback port, that keeps nothing on disk:
     `restart()` brings it back empty."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
         self.workdir = workdir
+        self.password = password  # `--requirepass`, and the URL's password
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.proc: asyncio.subprocess.Process | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        login = f":{password}@" if password else ""
+        self.url = f"redis://{login}127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
         exe = shutil.which("redis-server")
@@ -66,6 +68,8 @@ class PrivateRedis:
             pytest.fail("redis-server not found: install Debian's package `redis-server`")
         args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(self.workdir)]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -70,10 +70,16 @@ async def open_store() -> AsyncIterator[Open]:
 
 
 class TcpProxy:
-    """A loopback TCP forwarder to Redis that can be cut and restored, like a network fault."""
+    """A loopback TCP forwarder to Redis that can be cut and restored, like a network fault;
+    `stalled` stops passing bytes on (a Redis stuck in a long command, a network that drops
+    packets without a reset); `cut_first` aborts the first connection at its first byte (a
+    restart cutting a connection with a call on it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, cut_first: bool = False) -> None:
         self.port = 0
+        self.connections = 0
+        self.stalled = False
+        self.cut_first = cut_first
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -82,14 +88,20 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.cut_first and self.connections == 1:
+            await reader.read(1)
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
         self._writers |= {writer, up_writer}
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
+                    if not self.stalled:
+                        dst.write(data)
+                        await dst.drain()
             except OSError:
                 pass
             finally:
