@@ -71,6 +71,19 @@ async def test_replies_reach_their_callers_whoever_leaves(channel: ScriptChannel
     assert not channel.connection.waiting
 
 
+async def test_a_closed_channel_opens_no_connection(channel: ScriptChannel) -> None:
+    """A call after `aclose` (a request ending during shutdown) fails at once, as if Redis were
+    away, and leaves no socket behind."""
+    sha = await loaded(ECHO)
+    assert await channel.evalsha(sha, ECHO, [], ["open"]) == b"open"
+    await channel.aclose()
+    started = time.monotonic()
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await channel.evalsha(sha, ECHO, [], ["late"])
+    assert time.monotonic() - started < 0.005  # no back-off, no retry
+    assert channel.connection is None
+
+
 async def test_the_calls_of_one_turn_leave_in_one_write(channel: ScriptChannel) -> None:
     sha = await loaded(ECHO)
     assert await channel.evalsha(sha, ECHO, [], ["open"]) == b"open"

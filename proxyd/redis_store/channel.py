@@ -171,6 +171,7 @@ class ScriptChannel:
         self.retries = retries
         self.connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
+        self.shut = False  # `aclose` ran: no new connection is opened
 
     @classmethod
     def for_client(cls, client: Redis, *, timeout: float, retries: int) -> ScriptChannel | None:
@@ -203,7 +204,10 @@ class ScriptChannel:
         return conn
 
     async def aclose(self) -> None:
-        """Drop the connection and wait (a moment at most) until its socket is closed."""
+        """Drop the connection for good and wait (a moment at most) until its socket is closed;
+        a call made afterwards (a request ending during shutdown) fails as if Redis were away,
+        instead of opening a connection nobody would close."""
+        self.shut = True
         conn = self.close()
         if conn is not None and conn.transport is not None:
             await asyncio.wait([conn.lost], timeout=1.0)
@@ -227,6 +231,10 @@ class ScriptChannel:
         except BaseException as exc:  # cancelled: close without waiting
             conn.abort(RedisConnectionError(str(exc)))
             raise
+        if self.shut:  # closed while this connect ran
+            await self._drop(conn, RedisConnectionError("the channel was closed"))
+            raise RedisConnectionError("the channel was closed")
+        self.connection = conn  # here, not in a waiter: one that left would leave it unowned
         return conn
 
     @staticmethod
@@ -251,6 +259,8 @@ class ScriptChannel:
 
     async def _open(self) -> _Connection:
         """The live connection, or a new one (one connect shared by every caller waiting)."""
+        if self.shut:
+            raise RedisConnectionError("the channel was closed")
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
         task = self._connecting
@@ -266,7 +276,6 @@ class ScriptChannel:
         finally:
             if self._connecting is task and task.done():
                 self._connecting = None
-        self.connection = conn
         return conn
 
     async def request(self, payload: bytes, count: int = 1) -> Any:
@@ -280,7 +289,7 @@ class ScriptChannel:
                     conn = await self._open()
                 return await conn.send(payload, count)
             except RedisConnectionError:
-                if attempt >= self.retries:
+                if attempt >= self.retries or self.shut:
                     raise
                 attempt += 1
                 await asyncio.sleep(min(0.1, 0.01 * 2**attempt) * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
