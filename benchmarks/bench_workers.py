@@ -21,6 +21,9 @@ to the Redis path reports its added p50 against the commit before it. `--admissi
 the 1-and-2-workers figures; `--with-redis` adds 1 and 2 workers sharing admission through Redis.
 `--w2-against REV` (repeatable) measures only W2's CPU per request, one worker, of this checkout
 and of each commit, in alternating rounds (how issue 15's "within 3 %" is checked).
+`--pair-against REV` (repeatable) measures only the 1-and-2-workers figures, with 2 workers of
+each commit in the same rounds: how a change to the workers' sharing reports its growth against
+the commit before it.
 
 Loopback only; every process it starts it stops by its own pid; Redis keys under a fresh prefix.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,11 +42,11 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
-from benchmarks import loadclient, procstat, rig
+from benchmarks import loadclient, nginx, procstat, rig
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BODY = {"model": rig.INSTANT_MODEL, "messages": [{"role": "user", "content": "hello"}]}
@@ -108,14 +112,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _load(
-    port: int, pids: list[int], *, concurrency: int, seconds: float, warmup: float = 1.0
+    port: int,
+    pids: list[int],
+    *,
+    concurrency: int,
+    seconds: float,
+    warmup: float = 1.0,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     spec = loadclient.Spec(
         port=port,
         path="/v1/chat/completions",
         body=BODY,
         headers={"Authorization": f"Bearer {rig.BENCH_SECRET}"},
+        mode="closed" if rate is None else "open",
         concurrency=concurrency,
+        rate=rate or 0.0,
         duration=seconds,
         warmup=warmup,
         watch_pids=pids,
@@ -124,27 +136,34 @@ def _load(
     return result
 
 
-def _cpu_cell(port: int, pids: list[int], seconds: float) -> dict[str, Any]:
-    """One measured burst at 64 in flight: requests served, each process's CPU seconds."""
+def _cpu_cell(
+    port: int, pids: list[int], seconds: float, rate: float | None = None
+) -> dict[str, Any]:
+    """One measured burst at 64 in flight (or `rate` requests a second, Poisson arrivals):
+    requests served, each process's CPU seconds."""
     before = {pid: procstat.cpu_seconds(pid) for pid in pids}
-    r = _load(port, pids, concurrency=64, seconds=seconds, warmup=0)
+    r = _load(port, pids, concurrency=64, seconds=seconds, warmup=0, rate=rate)
     cpu = {pid: procstat.cpu_seconds(pid) - t for pid, t in before.items()}
     return {"ok": r["ok"], "errors": r["errors"], "rps": r["rps"], "cpu": cpu}
 
 
 def alternating_cpu(
-    started: list[tuple[subprocess.Popen[bytes], int]], seconds: float, rounds: int
+    started: list[tuple[subprocess.Popen[bytes], int]],
+    seconds: float,
+    rounds: int,
+    rate: float | None = None,
 ) -> list[dict[str, Any]]:
     """The proxyds `started`, measured in alternating bursts at 64 in flight (`rounds` each of
     `seconds / rounds`): the machine's drift (other tenants, frequency) hits all alike. CPU per
-    request is each one's CPU over all its bursts divided by all its requests."""
+    request is each one's CPU over all its bursts divided by all its requests. `rate`: at that
+    many requests a second instead (open loop), the same offered load for every proxyd."""
     pids = [[proc.pid, *procstat.children(proc.pid)] for proc, _ in started]
     for (_, port), ps in zip(started, pids, strict=True):  # warm all up
         _load(port, ps, concurrency=64, seconds=min(1.0, seconds / 3), warmup=0)
     cells: list[list[dict[str, Any]]] = [[] for _ in started]
     for _ in range(rounds):
         for i, (_, port) in enumerate(started):
-            cells[i].append(_cpu_cell(port, pids[i], seconds / rounds))
+            cells[i].append(_cpu_cell(port, pids[i], seconds / rounds, rate))
     out = []
     for i in range(len(started)):
         served = max(1, sum(c["ok"] for c in cells[i]))
@@ -168,18 +187,89 @@ def alternating_cpu(
 
 
 def throughput_pair(
-    logdir: Path, mock_port: int, seconds: float, rounds: int, *, redis: bool = False
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    logdir: Path,
+    mock_port: int,
+    seconds: float,
+    rounds: int,
+    *,
+    redis: bool = False,
+    revs: tuple[str, ...] = (),
+    rate: float | None = None,
+    with_nginx: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
     """1 and 2 workers side by side (`alternating_cpu`). `redis`: both share admission through
     Redis (the workers then never ask the supervisor); otherwise the two workers share it
-    through the supervisor."""
+    without Redis. `revs`: 2 workers of each of those commits too, in the same rounds (their
+    growth is against this checkout's 1 worker). `rate`: the same proxyds are then measured
+    again at that fixed rate (`at_rate` in each figure). `with_nginx`: nginx with 1 and 2 worker
+    processes in front of the same mock, unpinned, in the same rounds (under the key "nginx"):
+    what running two processes instead of one costs per request on these two cores beside the
+    load client for a server in C, none of it proxyd's: the floor under proxyd's own growth."""
     started = [_start(logdir, mock_port, workers=n, redis=redis) for n in (1, 2)]
+    references: list[tuple[subprocess.Popen[bytes], int]] = []
+    binary = nginx.find_binary() if with_nginx else None
     try:
-        one, two = alternating_cpu(started, seconds, rounds)
+        started += [_start(logdir, mock_port, workers=2, redis=redis, rev=rev) for rev in revs]
+        if binary is not None:
+            references = [_start_nginx(logdir, binary, mock_port, n) for n in (1, 2)]
+        one, two, *others = alternating_cpu(started + references, seconds, rounds)
+        if rate is not None:
+            paced = alternating_cpu(started + references, seconds, rounds, rate)
+            for closed, at_rate in zip([one, two, *others], paced, strict=True):
+                closed["at_rate"] = {"rate": rate} | at_rate
     finally:
         for proc, _ in started:
             _stop(proc)
-    return {"workers": 1} | one, {"workers": 2} | two
+        for proc, _ in references:
+            _stop_nginx(proc)
+    at: dict[str, dict[str, Any]] = {}
+    if references:
+        n1, n2 = others[-2:]
+        others = others[:-2]
+        at["nginx"] = {
+            "one_worker": n1,
+            "two_workers": n2,
+            "cpu_per_request_growth": round(
+                n2["cpu_us_per_request"] / n1["cpu_us_per_request"] - 1, 3
+            ),
+        }
+    elif with_nginx:
+        at["nginx"] = {"skipped": "no nginx binary (make tools installs it)"}
+    base = one["cpu_us_per_request"]
+    for rev, f in zip(revs, others, strict=True):
+        at[rev] = {
+            "workers": 2,
+            "cpu_per_request_growth": round(f["cpu_us_per_request"] / base - 1, 3),
+        }
+        if rate is not None:
+            growth = f["at_rate"]["cpu_us_per_request"] / one["at_rate"]["cpu_us_per_request"] - 1
+            at[rev]["cpu_per_request_growth_at_rate"] = round(growth, 3)
+        at[rev] |= f
+    return {"workers": 1} | one, {"workers": 2} | two, at
+
+
+def _start_nginx(
+    logdir: Path, binary: str, mock_port: int, workers: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx with `workers` worker processes in front of the mock, unpinned (its config
+    directory is removed when it stops: `_stop_nginx`)."""
+    port = rig.free_port()
+    workdir = nginx.write_config({port: mock_port}, workers=workers)
+    with (logdir / f"nginx-{workers}.log").open("wb") as out:
+        proc = subprocess.Popen(
+            nginx.command(binary, workdir), stdout=out, stderr=subprocess.STDOUT, cwd=workdir
+        )
+    rig.wait_port(port, proc)
+    deadline = time.monotonic() + 10
+    while len(procstat.children(proc.pid)) < workers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc, port
+
+
+def _stop_nginx(proc: subprocess.Popen[bytes]) -> None:
+    workdir = Path(cast(list[str], proc.args)[2])  # nginx -p <workdir> ...
+    _stop(proc)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def against_revisions(
@@ -248,6 +338,9 @@ def run(
     admission_only: bool = False,
     with_redis: bool = False,
     w2_against: tuple[str, ...] = (),
+    pair_against: tuple[str, ...] = (),
+    rate: float | None = None,
+    with_nginx: bool = False,
 ) -> dict[str, Any]:
     """Every figure of the file's docstring, in one session (`admission_only`: the Redis
     admission's only)."""
@@ -256,8 +349,14 @@ def run(
     try:
         if w2_against:
             return {"w2_against": against_revisions(logdir, mock.port, seconds, rounds, w2_against)}
-        pair = None if admission_only else throughput_pair(logdir, mock.port, seconds, rounds)
-        admission = shared_admission(logdir, mock.port, seconds, rounds, revs)
+        pair = (
+            None
+            if admission_only
+            else throughput_pair(logdir, mock.port, seconds, rounds, revs=pair_against, rate=rate)
+        )
+        admission: dict[str, Any] = {}
+        if not pair_against:  # else the 1-and-2-workers figures only
+            admission = shared_admission(logdir, mock.port, seconds, rounds, revs)
         redis_pair = (
             throughput_pair(logdir, mock.port, seconds, rounds, redis=True)
             if with_redis and not admission_only
@@ -265,10 +364,12 @@ def run(
         )
     finally:
         rig.stop(mock)
-    targets: dict[str, bool] = {"redis_added_p50_at_most_0.3ms": admission["added_p50_us"] <= 300}
+    targets: dict[str, bool] = {}
+    if admission:
+        targets["redis_added_p50_at_most_0.3ms"] = admission["added_p50_us"] <= 300
     if pair is None:
         return {"shared_admission": admission, "targets": targets}
-    one, two = pair
+    one, two, at_revs = pair
     growth = two["cpu_us_per_request"] / one["cpu_us_per_request"] - 1
     mem = list(two["memory"].values())
     extra_uss = [m["uss"] for m in mem[1:]]  # the supervisor first, then each worker
@@ -279,8 +380,17 @@ def run(
         "two_workers": two,
         "cpu_per_request_growth": round(growth, 3),
     }
+    if rate is not None:
+        paced = two["at_rate"]["cpu_us_per_request"] / one["at_rate"]["cpu_us_per_request"] - 1
+        out["cpu_per_request_growth_at_rate"] = round(paced, 3)
+        targets["cpu_growth_at_rate_at_most_10pct"] = paced <= 0.10
+    reference = at_revs.pop("nginx", None)
+    if at_revs:
+        out["two_workers_at"] = at_revs
+    if reference is not None:
+        out["nginx"] = reference
     if redis_pair is not None:
-        one_r, two_r = redis_pair
+        one_r, two_r, _ = redis_pair
         out["with_redis"] = {
             "one_worker": one_r,
             "two_workers": two_r,
@@ -315,6 +425,24 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also measure 1 and 2 workers sharing admission through Redis",
     )
+    parser.add_argument(
+        "--pair-against",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="only the 1-and-2-workers figures, with 2 workers of this commit in the same rounds",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="also measure 1 and 2 workers at this many requests a second (open loop)",
+    )
+    parser.add_argument(
+        "--with-nginx",
+        action="store_true",
+        help="also measure nginx with 1 and 2 workers (the two-process floor on these cores)",
+    )
     args = parser.parse_args(argv)
     result = run(
         args.seconds,
@@ -323,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
         admission_only=args.admission_only,
         with_redis=args.with_redis,
         w2_against=tuple(args.w2_against),
+        pair_against=tuple(args.pair_against),
+        rate=args.rate,
+        with_nginx=args.with_nginx,
     )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
 

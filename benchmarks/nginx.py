@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 CONF = """\
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 master_process on;
 pid {dir}/nginx.pid;
@@ -78,13 +78,14 @@ def version(binary: str) -> str:
     return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
 
 
-def write_config(routes: dict[int, int]) -> Path:
-    """A temp dir holding nginx.conf that proxies each listen port to its upstream port."""
+def write_config(routes: dict[int, int], workers: int = 1) -> Path:
+    """A temp dir holding nginx.conf that proxies each listen port to its upstream port (with
+    `workers` worker processes)."""
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-nginx-"))
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / sub).mkdir()
     servers = "".join(SERVER.format(port=p, upstream=u) for p, u in routes.items())
-    (workdir / "nginx.conf").write_text(CONF.format(dir=workdir, servers=servers))
+    (workdir / "nginx.conf").write_text(CONF.format(dir=workdir, servers=servers, workers=workers))
     return workdir
 
 

@@ -215,6 +215,37 @@ async def test_a_killed_worker_is_replaced_and_traffic_continues(
         await proxyd.kill()
 
 
+async def test_a_worker_killed_mid_stream_gives_back_its_slot_and_reservation(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """max_concurrency = 1, a stream open on worker 1: worker 0 refuses a second request; worker 1
+    SIGKILLed, the supervisor gives its slot and reservation back and worker 0 admits at once."""
+    mock = await start_server(create_mock_app(chunk_interval=0.05, chunks=200))
+    proxyd = await _proxyd(tmp_path, state(server_url(mock), max_concurrency=1))
+    try:
+        pinned = await proxyd.pinned()
+        url = proxyd.url("/v1/chat/completions")
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        stream = await pinned[1].post(url, json={**CHAT, "stream": True}, headers=headers)
+        assert await stream.content.readany()
+        status, body = await proxyd.push("GET", "/keys/k1")
+        assert body["limits"]["in_flight"] == 1
+        assert body["balance"]["reserved_nanos"] > 0
+        assert (await chat(pinned[0], url))[0] == 429
+        os.kill(proxyd.worker_pids()[1], signal.SIGKILL)  # forked second: slot 1
+        for _ in range(100):
+            status, body = await proxyd.push("GET", "/keys/k1")
+            if status == 200 and body["limits"]["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert body["limits"]["in_flight"] == 0
+        assert body["balance"]["reserved_nanos"] == 0
+        assert (await chat(pinned[0], url))[0] == 200
+        assert "released_nanos" in proxyd.log.read_text()
+    finally:
+        await proxyd.kill()
+
+
 @pytest.mark.postgres
 async def test_sigterm_lets_streams_on_both_workers_finish_and_flushes(
     tmp_path: Path, start_server: StartServer, database: str

@@ -59,6 +59,7 @@ class Reservation:
     lease: str | None = None  # remote reservations
     remote: bool = False
     settled: bool = False
+    slot: int = -1  # reservations in the workers' shared table: the account's slot in it
 
 
 def insufficient_quota() -> InsufficientQuota:

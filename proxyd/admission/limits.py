@@ -51,6 +51,7 @@ class LimitGrant:
     remote: bool = False
     key: KeyRecord | None = None  # remote grants: the key's limits, to give tokens back
     released: bool = field(default=False)
+    slot: int = -1  # grants from the workers' shared table: the key's slot in it
 
 
 def limit_headers(rpm: TokenBucket | None, tpm: TokenBucket | None, now: float) -> dict[str, str]:

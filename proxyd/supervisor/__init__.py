@@ -2,6 +2,7 @@
 
 The supervisor loads configuration and read-only data once, then forks; it restarts a worker that
 dies, drains them all on SIGTERM and replaces them one by one on SIGHUP. It never serves a client
-request itself: it is the hub the workers ask for shared limits and balances (without Redis), for
-pushed state to fan out, and for their metrics at scrape time.
+request itself. Without Redis it maps the shared table the workers admit against on their own
+(`table`), writes balances into it and keeps spend windows and sticky pins (`hub`); it fans
+pushed state out and gathers the workers' metrics at scrape time.
 """

@@ -1,17 +1,19 @@
-"""The supervisor's shared limits, spend windows and ledger: what every worker asks without Redis.
+"""The supervisor's shared limits, spend windows and ledger: what a worker asks without Redis.
 
-Runs on the supervisor's one thread, one message at a time, so a key's bucket, its spend windows
-and an account's balance are exact across workers (never N times the limit). A request is
-admitted by one `admit` message (limits, spend windows, balance: all or nothing) and given back
-by one `finish`. Uses the local implementations of proxyd.admission as they are; never awaits,
-never reads a body.
+Runs on the supervisor's one thread, one message at a time, so a key's spend windows are exact
+across workers (never N times the cap). With the shared table (`proxyd.supervisor.table`) the
+workers admit most requests on their own; the hub admits a key with spend caps (limits in the
+table, windows here, balance in the table: all or nothing, one `admit` message, one `finish`)
+and anything the full table has no slot for, and writes balances (pushes, seeds, credits). Uses
+the local implementations of proxyd.admission, or their table faces; never awaits, never reads a
+body.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -22,6 +24,7 @@ from proxyd.errors import ProxydError
 from proxyd.routing.sticky import StickyTable
 from proxyd.state.store import KeyRecord, VersionConflict
 from proxyd.supervisor.frames import Message
+from proxyd.supervisor.table import SharedTable, TableLedger, TableLimits, run_sync
 
 # What a worker sends of a key: only the fields the limits and spend windows read.
 KeyLimits = tuple[
@@ -63,16 +66,6 @@ def refusal(exc: ProxydError) -> Message:
     }
 
 
-def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine that never awaits (the local ledger's async face) to its result."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise RuntimeError("run_sync: the coroutine awaited")
-
-
 @dataclass(frozen=True, slots=True)
 class LimitKey:
     """What the shared limits know of a key."""
@@ -100,13 +93,22 @@ class Hub:
         sticky_ttl: float | None = None,
         sticky_max: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        table: SharedTable | None = None,
+        column: int = 0,
     ) -> None:
-        self.limits = LocalLimits()
+        # With a shared table (several workers), the workers admit on their own against it and
+        # the hub only answers what they cannot: keys with spend caps, a key or an account the
+        # full table has no slot for, balance writes.
+        self.limits: LocalLimits | TableLimits = (
+            LocalLimits() if table is None else TableLimits(table, column, LocalLimits())
+        )
         # Sticky-session pins of every worker (None: sticky sessions off): a worker without a
         # pin of its own asks once; placements, moves and renewals arrive as notifications.
         self.pins = StickyTable(ttl=sticky_ttl, max_sessions=sticky_max) if sticky_ttl else None
         self._clock = clock
-        self.ledger = LocalLedger()
+        self.ledger: LocalLedger | TableLedger = (
+            LocalLedger() if table is None else TableLedger(table, column, LocalLedger())
+        )
         self.spend = LocalSpend()
         # key id -> (the wire form last seen, the LimitKey made of it, typed as what the local
         # limits take): an unchanged key costs one list comparison a message

@@ -34,11 +34,13 @@ from proxyd.supervisor import spawn
 from proxyd.supervisor.frames import FrameError, Message, encode
 from proxyd.supervisor.hub import Hub
 from proxyd.supervisor.rounds import Rounds, WorkerProc
+from proxyd.supervisor.table import SharedTable
 
 log = structlog.get_logger("proxyd.supervisor")
 
 STABLE_SECONDS = 30.0  # a worker that ran this long restarts at once; earlier ones back off
 KILL_MARGIN_SECONDS = 10.0  # after the grace period, workers still draining are killed
+TABLE_KEYS = TABLE_ACCOUNTS = 1 << 16  # slots of the shared table; beyond, the hub answers
 
 
 class Supervisor:
@@ -57,9 +59,19 @@ class Supervisor:
         self.config_path = config_path
         self._run_worker = run_worker
         st = config.sticky
+        # Without Redis, several workers admit against one table mapped into each of them: a
+        # column per live worker process (a reload's replacement overlaps the one it replaces),
+        # and the hub's own last.
+        self.table = (
+            SharedTable(keys=TABLE_KEYS, accounts=TABLE_ACCOUNTS, columns=2 * workers + 1)
+            if workers > 1 and not config.redis.url
+            else None
+        )
         self.hub = Hub(
             sticky_ttl=st.ttl_seconds if st.enabled and not config.redis.url else None,
             sticky_max=st.max_sessions,
+            table=self.table,
+            column=2 * workers,
         )
         self.store = StateStore()
         self.tokenizer = estimate.Tokenizer()
@@ -185,6 +197,8 @@ class Supervisor:
                 control_sock=self.control_sock if slot == 0 else None,
                 store=self.store,
                 tokenizer=self.tokenizer,
+                table=self.table,
+                column=spool,
             )
             os._exit(spawn.child_main(config, context, inherited, self._run_worker))
         child.close()
@@ -345,6 +359,10 @@ class Supervisor:
     def _gone(self, proc: WorkerProc, status: int) -> None:
         self._unregister(proc)
         grants, reservations = self.hub.forget(proc.pid)
+        nanos = 0
+        if self.table is not None and proc.spool < self.table.columns - 1:
+            slots, nanos = self.table.forget(proc.spool)
+            grants += slots
         self.rounds.gone(proc.pid)
         code = os.waitstatus_to_exitcode(status)
         how = {"exit_status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
@@ -372,6 +390,7 @@ class Supervisor:
             restart_in=delay,
             released_slots=grants,
             released_reservations=reservations,
+            released_nanos=nanos,
             **how,
         )
         if proc.role == "incoming":

@@ -1,9 +1,11 @@
-"""Limits, spend windows and balances a worker keeps in the supervisor (no Redis, several workers).
+"""Limits, spend windows and balances a worker shares with the others (no Redis, several workers).
 
-Each admission is one round trip over the local channel to the supervisor's hub (one `admit`
-message: limits, spend windows and balance, all or nothing), which holds every key's buckets,
-slots and windows and every account's balance exactly once; giving them back is one `finish`
-notification. Implements admission's `Joint`, `Limits`, `Ledger` and `SpendWindows` protocols.
+With the shared table (`TableAdmission`), a worker takes a request's limits and balance there
+on its own and gives them back there: no message. What the table does not hold goes to the
+supervisor's hub in one round trip over the local channel (one `admit` message: limits, spend
+windows and balance, all or nothing; one `finish` notification): a key with spend caps, a key or
+an account the full table has no slot for, and every balance write. Implements admission's
+`Joint`, `Limits`, `Ledger` and `SpendWindows` protocols.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import structlog
+
 from proxyd.admission.admit import Admitted, SharedParts
-from proxyd.admission.balances import BalanceView, Reservation
-from proxyd.admission.limits import LimitGrant
+from proxyd.admission.balances import BalanceView, LocalLedger, Reservation
+from proxyd.admission.buckets import to_us
+from proxyd.admission.limits import LimitGrant, LocalLimits
 from proxyd.admission.spend import SpendReservation
 from proxyd.errors import ErrorType, InsufficientQuota, ProxydError, RateLimited
 from proxyd.state.store import KeyRecord, VersionConflict
 from proxyd.supervisor.frames import Message
 from proxyd.supervisor.hub import key_limits
 from proxyd.supervisor.link import Link, reply_value
+from proxyd.supervisor.table import SharedTable, TableLedger, TableLimits
+
+log = structlog.get_logger("proxyd.worker")
 
 
 def _raise_refusal(reply: Message) -> None:
@@ -143,13 +151,19 @@ class SupervisorSessions:
         """Nothing to wait for: notifications are written with the loop's next turn."""
 
 
-def shared_parts(link: Link) -> SharedParts:
-    """Everything a worker keeps in its supervisor."""
+def shared_parts(link: Link, table: SharedTable | None = None, column: int = -1) -> SharedParts:
+    """Everything a worker keeps in its supervisor: in the table the supervisor maps into every
+    worker when there is one (and a column of it for this worker), else behind the channel."""
+    limits, joint = SupervisorLimits(link), SupervisorAdmission(link)
+    if table is None or not 0 <= column < table.columns:
+        return SharedParts(limits, SupervisorLedger(link), SupervisorSpend(link), joint)
+    table_limits = TableLimits(table, column, LocalLimits())
+    table_ledger = TableLedger(table, column, LocalLedger())
     return SharedParts(
-        SupervisorLimits(link),
-        SupervisorLedger(link),
+        TableWorkerLimits(table_limits, limits),
+        TableWorkerLedger(table_ledger, link),
         SupervisorSpend(link),
-        SupervisorAdmission(link),
+        TableAdmission(table_limits, table_ledger, joint),
     )
 
 
@@ -237,3 +251,113 @@ class SupervisorLedger:
         reply = reply_value(await self.link.request({"op": "view_balance", "account": account_id}))
         balance, reserved, version = reply["view"]
         return BalanceView(balance, reserved, version)
+
+
+class TableAdmission:
+    """A request's limits and balance taken in the shared table by this worker alone (one lock
+    hold, no message); a key with spend caps, or a key or an account the table has no slot
+    for, is admitted by the supervisor's hub (`hub`)."""
+
+    def __init__(self, limits: TableLimits, ledger: TableLedger, hub: SupervisorAdmission) -> None:
+        self.table = limits.table
+        self.col = limits.col
+        self.hub = hub
+
+    async def admit(self, key: KeyRecord, tokens: int, amount: int) -> Admitted:
+        """Take everything, or raise the first refusal having taken nothing."""
+        if amount < 0:
+            raise ValueError("a reservation cannot be negative")
+        table = self.table
+        if not key.spend_limits:
+            at = table.key_slot(key.id)
+            account = table.account_slot(key.account_id)
+            if at is not None and account is not None:
+                now_us = to_us(table.clock())
+                table.lock()
+                try:  # the order of proxyd.admission.admit: requests, tokens, slot, balance
+                    level_r, level_t = table.check_limits(at, key, tokens, now_us)
+                    table.check_balance(account, amount)
+                    level_r, level_t = table.take_limits(at, tokens, self.col, level_r, level_t)
+                    table.reserve(account, amount, self.col)
+                finally:
+                    table.unlock()
+                headers = table.headers(at, key, level_r, level_t)
+                grant = LimitGrant(key.id, tokens, headers, slot=at)
+                return grant, None, Reservation(key.account_id, amount, slot=account)
+        return await self.hub.admit(key, tokens, amount)
+
+    def finish(self, admitted: Admitted, *, tokens: int | None, cost_nanos: int) -> int:
+        """Give back all of it; the shortfall (a cost the balance could not hold)."""
+        grant, _, reservation = admitted
+        if grant.slot < 0:
+            return self.hub.finish(admitted, tokens=tokens, cost_nanos=cost_nanos)
+        if grant.released:
+            return 0
+        grant.released = reservation.settled = True
+        table = self.table
+        now_us = to_us(table.clock())
+        table.lock()
+        try:
+            table.give_back(grant.slot, grant.tokens, tokens, self.col, now_us)
+            shortfall = table.settle(reservation.slot, reservation.amount, cost_nanos, self.col)
+        finally:
+            table.unlock()
+        if shortfall:
+            log.warning(
+                "balance_shortfall", account_id=reservation.account_id, shortfall_nanos=shortfall
+            )
+        return shortfall
+
+
+class TableWorkerLimits:
+    """A worker's limits in the shared table; the hub's for a key the table has no slot for."""
+
+    shared = True
+
+    def __init__(self, table: TableLimits, hub: SupervisorLimits) -> None:
+        self.table = table
+        self.hub = hub
+
+    async def acquire(self, key: KeyRecord, tokens: int) -> LimitGrant:
+        """Take one request, the tokens and a slot, or raise the 429; never partial."""
+        grant = self.table.try_acquire(key, tokens)
+        return grant if grant is not None else await self.hub.acquire(key, tokens)
+
+    def release(self, grant: LimitGrant, *, tokens: int | None) -> None:
+        """End a grant once."""
+        if grant.slot < 0:
+            self.hub.release(grant, tokens=tokens)
+        else:
+            self.table.release(grant, tokens=tokens)
+
+    async def key_view(self, key: KeyRecord) -> dict[str, Any]:
+        """The live limit state of a key across every worker."""
+        try:
+            return self.table.table.key_view(key)
+        except LookupError:
+            return await self.hub.key_view(key)
+
+
+class TableWorkerLedger(SupervisorLedger):
+    """A worker's balances in the shared table: reserved, settled and read here; written (sets,
+    seeds, credits) by the hub, which keeps the credit ids."""
+
+    def __init__(self, table: TableLedger, link: Link) -> None:
+        super().__init__(link)
+        self.table = table
+
+    async def reserve(self, account_id: str, amount: int) -> Reservation:
+        """Set `amount` aside, or raise the 429 `insufficient_quota` setting nothing aside."""
+        reservation = self.table.try_reserve(account_id, amount)
+        return reservation if reservation is not None else await super().reserve(account_id, amount)
+
+    def settle(self, reservation: Reservation, cost_nanos: int) -> int:
+        """Release and charge the real cost; the shortfall."""
+        if reservation.slot < 0:
+            return super().settle(reservation, cost_nanos)
+        return self.table.settle(reservation, cost_nanos)
+
+    async def view(self, account_id: str) -> BalanceView:
+        """Balance, reserved amount and version, from the table (else from the hub)."""
+        view = self.table.try_view(account_id)
+        return view if view is not None else await super().view(account_id)

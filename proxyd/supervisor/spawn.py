@@ -18,6 +18,7 @@ import structlog
 from proxyd.config import Config, split_host_port
 from proxyd.protocol import estimate
 from proxyd.state.store import StateStore
+from proxyd.supervisor.table import SharedTable
 
 log = structlog.get_logger("proxyd.supervisor")
 
@@ -58,6 +59,8 @@ class Inherited:
     control_sock: socket.socket | None
     store: StateStore
     tokenizer: estimate.Tokenizer
+    table: SharedTable | None = None  # limits and balances mapped into every worker (no Redis)
+    column: int = -1  # this worker's column of it
 
 
 def child_main(
@@ -86,6 +89,8 @@ def child_main(
             control_sock=inherited.control_sock,
             store=inherited.store,
             tokenizer=inherited.tokenizer,
+            table=inherited.table,
+            column=inherited.column,
         )
         code = run_worker(config, context)
     except BaseException:

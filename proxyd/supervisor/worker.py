@@ -22,6 +22,7 @@ from proxyd.state.store import StateStore
 from proxyd.supervisor.frames import Message
 from proxyd.supervisor.link import Link, SupervisorGone
 from proxyd.supervisor.shared import SupervisorSessions, shared_parts
+from proxyd.supervisor.table import SharedTable
 
 log = structlog.get_logger("proxyd.worker")
 
@@ -38,6 +39,8 @@ class WorkerContext:
     store: StateStore  # loaded before the fork: shared copy-on-write
     tokenizer: estimate.Tokenizer  # loaded before the fork, likewise
     sockets: list[socket.socket] = field(default_factory=list)
+    table: SharedTable | None = None  # limits and balances mapped into every worker (no Redis)
+    column: int = -1  # this worker's column of the table
 
     @property
     def name(self) -> str:
@@ -48,7 +51,7 @@ class WorkerContext:
         """Limits, spend windows and ledger in the supervisor, unless Redis shares them."""
         if config.redis.url:
             return None
-        return shared_parts(self.link)
+        return shared_parts(self.link, self.table, self.column)
 
     def shared_sessions(self, config: Config) -> SupervisorSessions | None:
         """Sticky-session pins in the supervisor, unless Redis shares them (or they are off)."""
