@@ -352,7 +352,15 @@ def run(
         pair = (
             None
             if admission_only
-            else throughput_pair(logdir, mock.port, seconds, rounds, revs=pair_against, rate=rate)
+            else throughput_pair(
+                logdir,
+                mock.port,
+                seconds,
+                rounds,
+                revs=pair_against,
+                rate=rate,
+                with_nginx=with_nginx,
+            )
         )
         admission: dict[str, Any] = {}
         if not pair_against:  # else the 1-and-2-workers figures only
