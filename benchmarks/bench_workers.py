@@ -23,7 +23,9 @@ the 1-and-2-workers figures; `--with-redis` adds 1 and 2 workers sharing admissi
 and of each commit, in alternating rounds (how issue 15's "within 3 %" is checked).
 `--pair-against REV` (repeatable) measures only the 1-and-2-workers figures, with 2 workers of
 each commit in the same rounds: how a change to the workers' sharing reports its growth against
-the commit before it.
+the commit before it. `--rate R` measures the same proxyds again at R requests a second (open
+loop: the same offered load for each); `--with-nginx` adds nginx with 1 and 2 worker processes
+to the same rounds, what two processes cost on these cores for a server in C.
 
 Loopback only; every process it starts it stops by its own pid; Redis keys under a fresh prefix.
 """

@@ -13,8 +13,6 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import structlog
-
 from proxyd.admission.admit import Admitted, SharedParts
 from proxyd.admission.balances import BalanceView, LocalLedger, Reservation
 from proxyd.admission.buckets import to_us
@@ -25,9 +23,7 @@ from proxyd.state.store import KeyRecord, VersionConflict
 from proxyd.supervisor.frames import Message
 from proxyd.supervisor.hub import key_limits
 from proxyd.supervisor.link import Link, reply_value
-from proxyd.supervisor.table import SharedTable, TableLedger, TableLimits
-
-log = structlog.get_logger("proxyd.worker")
+from proxyd.supervisor.table import SharedTable, TableLedger, TableLimits, logged
 
 
 def _raise_refusal(reply: Message) -> None:
@@ -302,11 +298,7 @@ class TableAdmission:
             shortfall = table.settle(reservation.slot, reservation.amount, cost_nanos, self.col)
         finally:
             table.unlock()
-        if shortfall:
-            log.warning(
-                "balance_shortfall", account_id=reservation.account_id, shortfall_nanos=shortfall
-            )
-        return shortfall
+        return logged(reservation, shortfall)
 
 
 class TableWorkerLimits:

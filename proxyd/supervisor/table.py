@@ -534,11 +534,7 @@ class TableLedger:
             shortfall = table.settle(reservation.slot, reservation.amount, cost_nanos, self.col)
         finally:
             table.unlock()
-        if shortfall:
-            log.warning(
-                "balance_shortfall", account_id=reservation.account_id, shortfall_nanos=shortfall
-            )
-        return shortfall
+        return logged(reservation, shortfall)
 
     def _write(self, account_id: str, write: Callable[[int | None], Any]) -> Any:
         table = self.table
@@ -616,6 +612,15 @@ class TableLedger:
             return BalanceView(*table.balance_of(at))
         finally:
             table.unlock()
+
+
+def logged(reservation: Reservation, shortfall: int) -> int:
+    """`shortfall` (a cost the balance could not hold), logged when there is one."""
+    if shortfall:
+        log.warning(
+            "balance_shortfall", account_id=reservation.account_id, shortfall_nanos=shortfall
+        )
+    return shortfall
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
