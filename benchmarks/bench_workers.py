@@ -149,6 +149,12 @@ def _cpu_cell(
     return {"ok": r["ok"], "errors": r["errors"], "rps": r["rps"], "cpu": cpu}
 
 
+def growth(after: dict[str, Any], before: dict[str, Any]) -> float:
+    """How much more CPU per request `after` took than `before` (0.12: 12 % more)."""
+    ratio: float = after["cpu_us_per_request"] / before["cpu_us_per_request"]
+    return round(ratio - 1, 3)
+
+
 def alternating_cpu(
     started: list[tuple[subprocess.Popen[bytes], int]],
     seconds: float,
@@ -198,13 +204,13 @@ def throughput_pair(
     revs: tuple[str, ...] = (),
     rate: float | None = None,
     with_nginx: bool = False,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None]:
     """1 and 2 workers side by side (`alternating_cpu`). `redis`: both share admission through
     Redis (the workers then never ask the supervisor); otherwise the two workers share it
     without Redis. `revs`: 2 workers of each of those commits too, in the same rounds (their
     growth is against this checkout's 1 worker). `rate`: the same proxyds are then measured
     again at that fixed rate (`at_rate` in each figure). `with_nginx`: nginx with 1 and 2 worker
-    processes in front of the same mock, unpinned, in the same rounds (under the key "nginx"):
+    processes in front of the same mock, unpinned, in the same rounds (the fourth figure):
     what running two processes instead of one costs per request on these two cores beside the
     load client for a server in C, none of it proxyd's: the floor under proxyd's own growth."""
     started = [_start(logdir, mock_port, workers=n, redis=redis) for n in (1, 2)]
@@ -224,30 +230,20 @@ def throughput_pair(
             _stop(proc)
         for proc, _ in references:
             _stop_nginx(proc)
-    at: dict[str, dict[str, Any]] = {}
+    reference = None
     if references:
         n1, n2 = others[-2:]
         others = others[:-2]
-        at["nginx"] = {
-            "one_worker": n1,
-            "two_workers": n2,
-            "cpu_per_request_growth": round(
-                n2["cpu_us_per_request"] / n1["cpu_us_per_request"] - 1, 3
-            ),
-        }
+        reference = {"one_worker": n1, "two_workers": n2, "cpu_per_request_growth": growth(n2, n1)}
     elif with_nginx:
-        at["nginx"] = {"skipped": "no nginx binary (make tools installs it)"}
-    base = one["cpu_us_per_request"]
+        reference = {"skipped": "no nginx binary (make tools installs it)"}
+    at: dict[str, dict[str, Any]] = {}
     for rev, f in zip(revs, others, strict=True):
-        at[rev] = {
-            "workers": 2,
-            "cpu_per_request_growth": round(f["cpu_us_per_request"] / base - 1, 3),
-        }
+        at[rev] = {"workers": 2, "cpu_per_request_growth": growth(f, one)}
         if rate is not None:
-            growth = f["at_rate"]["cpu_us_per_request"] / one["at_rate"]["cpu_us_per_request"] - 1
-            at[rev]["cpu_per_request_growth_at_rate"] = round(growth, 3)
+            at[rev]["cpu_per_request_growth_at_rate"] = growth(f["at_rate"], one["at_rate"])
         at[rev] |= f
-    return {"workers": 1} | one, {"workers": 2} | two, at
+    return {"workers": 1} | one, {"workers": 2} | two, at, reference
 
 
 def _start_nginx(
@@ -379,34 +375,31 @@ def run(
         targets["redis_added_p50_at_most_0.3ms"] = admission["added_p50_us"] <= 300
     if pair is None:
         return {"shared_admission": admission, "targets": targets}
-    one, two, at_revs = pair
-    growth = two["cpu_us_per_request"] / one["cpu_us_per_request"] - 1
+    one, two, at_revs, reference = pair
+    grew = growth(two, one)
     mem = list(two["memory"].values())
     extra_uss = [m["uss"] for m in mem[1:]]  # the supervisor first, then each worker
-    targets["cpu_growth_at_most_10pct"] = growth <= 0.10
+    targets["cpu_growth_at_most_10pct"] = grew <= 0.10
     targets["extra_worker_uss_at_most_40MB"] = bool(extra_uss) and max(extra_uss) <= 40 * 2**20
     out: dict[str, Any] = {
         "one_worker": one,
         "two_workers": two,
-        "cpu_per_request_growth": round(growth, 3),
+        "cpu_per_request_growth": grew,
     }
     if rate is not None:
-        paced = two["at_rate"]["cpu_us_per_request"] / one["at_rate"]["cpu_us_per_request"] - 1
-        out["cpu_per_request_growth_at_rate"] = round(paced, 3)
+        paced = growth(two["at_rate"], one["at_rate"])
+        out["cpu_per_request_growth_at_rate"] = paced
         targets["cpu_growth_at_rate_at_most_10pct"] = paced <= 0.10
-    reference = at_revs.pop("nginx", None)
     if at_revs:
         out["two_workers_at"] = at_revs
     if reference is not None:
         out["nginx"] = reference
     if redis_pair is not None:
-        one_r, two_r, _ = redis_pair
+        one_r, two_r, _, _ = redis_pair
         out["with_redis"] = {
             "one_worker": one_r,
             "two_workers": two_r,
-            "cpu_per_request_growth": round(
-                two_r["cpu_us_per_request"] / one_r["cpu_us_per_request"] - 1, 3
-            ),
+            "cpu_per_request_growth": growth(two_r, one_r),
         }
     return out | {"shared_admission": admission, "targets": targets}
 

@@ -86,16 +86,18 @@ class TokenBucket:
 
     def state(self, now: float) -> tuple[int, int]:
         """`remaining(now)` and `reset_us(now)` with one refill (for the answer's headers)."""
-        level = self._refill(to_us(now))
-        deficit = self._cap - level
-        return (
-            level // UNIT if level > 0 else 0,
-            -(-deficit // self.rate) if deficit > 0 else 0,
-        )
+        return level_state(self._refill(to_us(now)), self._cap, self.rate)
 
     def is_full(self, now: float) -> bool:
         """Whether the bucket is indistinguishable from a new one."""
         return self._refill(to_us(now)) >= self._cap
+
+
+def level_state(level: int, cap_units: int, rate: int) -> tuple[int, int]:
+    """(whole tokens available, microseconds until full) of a bucket at `level` units, holding
+    at most `cap_units`, refilling `rate` units a microsecond (shared with the workers' table)."""
+    deficit = cap_units - level
+    return (level // UNIT if level > 0 else 0, -(-deficit // rate) if deficit > 0 else 0)
 
 
 def duration_text(us: int) -> str:

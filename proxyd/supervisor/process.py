@@ -71,7 +71,7 @@ class Supervisor:
             sticky_ttl=st.ttl_seconds if st.enabled and not config.redis.url else None,
             sticky_max=st.max_sessions,
             table=self.table,
-            column=2 * workers,
+            column=self.table.hub_column if self.table is not None else 0,
         )
         self.store = StateStore()
         self.tokenizer = estimate.Tokenizer()
@@ -360,7 +360,7 @@ class Supervisor:
         self._unregister(proc)
         grants, reservations = self.hub.forget(proc.pid)
         nanos = 0
-        if self.table is not None and proc.spool < self.table.columns - 1:
+        if self.table is not None and proc.spool < self.table.hub_column:
             slots, nanos = self.table.forget(proc.spool)
             grants += slots
         self.rounds.gone(proc.pid)

@@ -151,15 +151,13 @@ def shared_parts(link: Link, table: SharedTable | None = None, column: int = -1)
     """Everything a worker keeps in its supervisor: in the table the supervisor maps into every
     worker when there is one (and a column of it for this worker), else behind the channel."""
     limits, joint = SupervisorLimits(link), SupervisorAdmission(link)
-    if table is None or not 0 <= column < table.columns:
+    if table is None or not 0 <= column < table.hub_column:
         return SharedParts(limits, SupervisorLedger(link), SupervisorSpend(link), joint)
-    table_limits = TableLimits(table, column, LocalLimits())
-    table_ledger = TableLedger(table, column, LocalLedger())
     return SharedParts(
-        TableWorkerLimits(table_limits, limits),
-        TableWorkerLedger(table_ledger, link),
+        TableWorkerLimits(TableLimits(table, column, LocalLimits()), limits),
+        TableWorkerLedger(TableLedger(table, column, LocalLedger()), link),
         SupervisorSpend(link),
-        TableAdmission(table_limits, table_ledger, joint),
+        TableAdmission(table, column, joint),
     )
 
 
@@ -254,9 +252,9 @@ class TableAdmission:
     hold, no message); a key with spend caps, or a key or an account the table has no slot
     for, is admitted by the supervisor's hub (`hub`)."""
 
-    def __init__(self, limits: TableLimits, ledger: TableLedger, hub: SupervisorAdmission) -> None:
-        self.table = limits.table
-        self.col = limits.col
+    def __init__(self, table: SharedTable, col: int, hub: SupervisorAdmission) -> None:
+        self.table = table
+        self.col = col
         self.hub = hub
 
     async def admit(self, key: KeyRecord, tokens: int, amount: int) -> Admitted:

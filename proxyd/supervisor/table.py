@@ -42,7 +42,7 @@ from proxyd.admission.balances import (
     insufficient_quota,
     settle_charge,
 )
-from proxyd.admission.buckets import UNIT, duration_text, to_us
+from proxyd.admission.buckets import UNIT, duration_text, level_state, to_us
 from proxyd.admission.limits import LimitGrant, LocalLimits, concurrency_limited, rate_limited
 from proxyd.state.store import KeyRecord, VersionConflict
 
@@ -57,7 +57,8 @@ MAX_RATE = INT64_MAX // UNIT
 # Key slot fields (then one in-flight count per column)
 K_H0, K_H1, K_RR, K_RC, K_RL, K_RS, K_TR, K_TC, K_TL, K_TS, K_IN = range(11)
 K_FIELDS = 11
-# Account slot fields (then one reserved amount per column)
+# Account slot fields (then one reserved amount per column); A_VER holds the version + 1, so a
+# slot just taken (all zeros) reads as version -1, never set
 A_H0, A_H1, A_BAL, A_RES, A_VER = range(5)
 A_FIELDS = 5
 HEADER = 8  # int64s before the key table: magic, sizes, columns
@@ -76,10 +77,10 @@ def _clamp(value: int) -> int:
 def _bucket_headers(
     headers: dict[str, str], kind: str, rate_text: str, level: int, cap: int, rate: int
 ) -> None:
-    deficit = cap * UNIT - level
+    remaining, reset = level_state(level, cap * UNIT, rate)
     headers[f"x-ratelimit-limit-{kind}"] = rate_text
-    headers[f"x-ratelimit-remaining-{kind}"] = str(level // UNIT if level > 0 else 0)
-    headers[f"x-ratelimit-reset-{kind}"] = duration_text(-(-deficit // rate) if deficit > 0 else 0)
+    headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+    headers[f"x-ratelimit-reset-{kind}"] = duration_text(reset)
 
 
 def _limits_of(key: KeyRecord) -> tuple[int, int, int, int]:
@@ -92,7 +93,8 @@ def _limits_of(key: KeyRecord) -> tuple[int, int, int, int]:
 
 
 class SharedTable:
-    """The shared keys and accounts; `open_lock` in each process after the fork."""
+    """The shared keys and accounts, and their lock (each process's own, taken again after a
+    fork). Columns 0 .. `hub_column - 1` are the workers'; `hub_column` is the supervisor's."""
 
     def __init__(self, *, keys: int, accounts: int, columns: int) -> None:
         if keys & (keys - 1) or accounts & (accounts - 1) or keys < 2 or accounts < 2:
@@ -100,6 +102,7 @@ class SharedTable:
         self.keys = keys
         self.accounts = accounts
         self.columns = columns
+        self.hub_column = columns - 1
         self.key_width = K_FIELDS + columns
         self.account_width = A_FIELDS + columns
         self.account_base = HEADER + keys * self.key_width
@@ -108,7 +111,6 @@ class SharedTable:
         os.ftruncate(self.fd, words * 8)
         self._map = mmap.mmap(self.fd, words * 8, mmap.MAP_SHARED)
         self.m = memoryview(self._map).cast("q")
-        self.m[0:4] = memoryview(bytes(32)).cast("q")  # a fresh memfd reads as zeros already
         self.m[0], self.m[1], self.m[2], self.m[3] = 0x70726F787964, keys, accounts, columns
         self._key_slots: dict[str, int] = {}  # this process's cache: key id -> slot offset
         self._account_slots: dict[str, int] = {}
@@ -125,11 +127,6 @@ class SharedTable:
                 table._attach()
 
         os.register_at_fork(after_in_child=reattach)
-
-    @property
-    def nbytes(self) -> int:
-        """The mapping's size."""
-        return self.m.nbytes
 
     # -- the lock ------------------------------------------------------------------------------
 
@@ -186,7 +183,8 @@ class SharedTable:
 
     def account_slot(self, account_id: str, *, insert: bool = False) -> int | None:
         """The account's slot; None when it has none (only the hub inserts, and only while the
-        table has room). Caller holds the lock when `insert` is true."""
+        table has room: a new account reads balance 0, version -1). Caller holds the lock when
+        `insert` is true."""
         at = self._account_slots.get(account_id)
         if at is not None:
             return at
@@ -322,14 +320,14 @@ class SharedTable:
                 if not rate:
                     views.append(None)
                     continue
-                level, cap = self._level(f, now_us), m[f + 1]
-                deficit = cap * UNIT - level
+                cap = m[f + 1]
+                remaining, reset = level_state(self._level(f, now_us), cap * UNIT, rate)
                 views.append(
                     {
                         "limit": rate,
                         "capacity": cap,
-                        "remaining": level // UNIT if level > 0 else 0,
-                        "reset_seconds": (-(-deficit // rate) if deficit > 0 else 0) / 1_000_000,
+                        "remaining": remaining,
+                        "reset_seconds": reset / 1_000_000,
                     }
                 )
             in_flight = m[at + K_IN]
@@ -373,25 +371,11 @@ class SharedTable:
     def balance_of(self, at: int) -> tuple[int, int, int]:
         """(balance, reserved, version) of an account slot."""
         m = self.m
-        return m[at + A_BAL], m[at + A_RES], m[at + A_VER]
+        return m[at + A_BAL], m[at + A_RES], m[at + A_VER] - 1
 
     def write_balance(self, at: int, balance: int, version: int) -> None:
         """Replace balance and version (the hub checks versions first)."""
-        self.m[at + A_BAL], self.m[at + A_VER] = _clamp(balance), version
-
-    def new_account(self, account_id: str) -> int | None:
-        """Insert an account (balance 0, version -1) or find it; None when the table is full.
-        Caller holds the lock."""
-        fresh = account_id not in self._account_slots and (
-            self._find(
-                account_id, self.account_base, self.accounts, self.account_width, insert=False
-            )
-            is None
-        )
-        at = self.account_slot(account_id, insert=True)
-        if at is not None and fresh:
-            self.m[at + A_VER] = -1
-        return at
+        self.m[at + A_BAL], self.m[at + A_VER] = _clamp(balance), version + 1
 
     # -- a process that died -------------------------------------------------------------------
 
@@ -540,7 +524,7 @@ class TableLedger:
         table = self.table
         table.lock()
         try:
-            return write(table.new_account(account_id))
+            return write(table.account_slot(account_id, insert=True))
         finally:
             table.unlock()
 
