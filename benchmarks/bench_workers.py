@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import shutil
 import signal
 import statistics
@@ -43,15 +44,39 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 
-from benchmarks import loadclient, nginx, procstat, rig
+from benchmarks import loadclient, nginx, procstat, rig, wrk
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BODY = {"model": rig.INSTANT_MODEL, "messages": [{"role": "user", "content": "hello"}]}
+# What the static provider of `--c-rig` answers: the mock's non-streamed completion, with usage.
+COMPLETION = {
+    "id": "chatcmpl-static",
+    "object": "chat.completion",
+    "created": 1796352082,
+    "model": rig.INSTANT_MODEL,
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": " The quick brown fox jumps over the dog"},
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 2, "completion_tokens": 9, "total_tokens": 11},
+}
+
+
+@dataclass(frozen=True)
+class CClient:
+    """wrk and its request script: the closed-loop load of `--c-rig`."""
+
+    binary: str
+    lua: Path
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -138,15 +163,52 @@ def _load(
     return result
 
 
-def _cpu_cell(
-    port: int, pids: list[int], seconds: float, rate: float | None = None
+def _burst(
+    port: int, pids: list[int], seconds: float, rate: float | None, client: CClient | None
 ) -> dict[str, Any]:
-    """One measured burst at 64 in flight (or `rate` requests a second, Poisson arrivals):
-    requests served, each process's CPU seconds."""
+    """One burst at 64 in flight from the Python load client, or from wrk when `client` is set
+    (or `rate` requests a second, Poisson arrivals, from the Python client): ok, errors, rps."""
+    if client is None:
+        return _load(port, pids, concurrency=64, seconds=seconds, warmup=0, rate=rate)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    burst = wrk.run(client.binary, url, client.lua, connections=64, seconds=seconds)
+    return {"ok": burst.ok, "errors": burst.errors, "rps": round(burst.rps, 1)}
+
+
+def _cpu_cell(
+    port: int,
+    pids: list[int],
+    seconds: float,
+    rate: float | None = None,
+    client: CClient | None = None,
+    provider_pid: int | None = None,
+) -> dict[str, Any]:
+    """One measured burst (`_burst`): requests served, each process's CPU seconds, and what
+    the rig spent beside them: the load client's CPU seconds (this process's, or wrk's) and
+    the provider's (`provider_pid`)."""
     before = {pid: procstat.cpu_seconds(pid) for pid in pids}
-    r = _load(port, pids, concurrency=64, seconds=seconds, warmup=0, rate=rate)
+    rig_before = _rig_cpu(provider_pid)
+    r = _burst(port, pids, seconds, rate, client)
     cpu = {pid: procstat.cpu_seconds(pid) - t for pid, t in before.items()}
-    return {"ok": r["ok"], "errors": r["errors"], "rps": r["rps"], "cpu": cpu}
+    rig_after = _rig_cpu(provider_pid)
+    return {
+        "ok": r["ok"],
+        "errors": r["errors"],
+        "rps": r["rps"],
+        "cpu": cpu,
+        "client_cpu": rig_after[0] - rig_before[0],
+        "provider_cpu": rig_after[1] - rig_before[1],
+    }
+
+
+def _rig_cpu(provider_pid: int | None) -> tuple[float, float]:
+    """CPU seconds so far of the load client (this process and the children it waited for:
+    wrk) and of the provider (with its worker processes: nginx's)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = time.process_time() + children.ru_utime + children.ru_stime
+    if not provider_pid:
+        return client, 0.0
+    return client, procstat.tree_cpu_seconds([provider_pid, *procstat.children(provider_pid)])
 
 
 def growth(after: dict[str, Any], before: dict[str, Any]) -> float:
@@ -160,18 +222,23 @@ def alternating_cpu(
     seconds: float,
     rounds: int,
     rate: float | None = None,
+    client: CClient | None = None,
+    provider_pid: int | None = None,
 ) -> list[dict[str, Any]]:
     """The proxyds `started`, measured in alternating bursts at 64 in flight (`rounds` each of
     `seconds / rounds`): the machine's drift (other tenants, frequency) hits all alike. CPU per
     request is each one's CPU over all its bursts divided by all its requests. `rate`: at that
-    many requests a second instead (open loop), the same offered load for every proxyd."""
+    many requests a second instead (open loop), the same offered load for every proxyd.
+    `client`: wrk sends the load instead of the Python client (whole seconds per burst).
+    `provider_pid`: the provider, whose CPU per request is reported beside the client's."""
     pids = [[proc.pid, *procstat.children(proc.pid)] for proc, _ in started]
     for (_, port), ps in zip(started, pids, strict=True):  # warm all up
-        _load(port, ps, concurrency=64, seconds=min(1.0, seconds / 3), warmup=0)
+        _burst(port, ps, min(1.0, seconds / 3), None, client)
     cells: list[list[dict[str, Any]]] = [[] for _ in started]
     for _ in range(rounds):
         for i, (_, port) in enumerate(started):
-            cells[i].append(_cpu_cell(port, pids[i], seconds / rounds, rate))
+            cell = _cpu_cell(port, pids[i], seconds / rounds, rate, client, provider_pid)
+            cells[i].append(cell)
     out = []
     for i in range(len(started)):
         served = max(1, sum(c["ok"] for c in cells[i]))
@@ -189,6 +256,10 @@ def alternating_cpu(
                     round(sum(c["cpu"].values()) * 1e6 / max(1, c["ok"]), 1) for c in cells[i]
                 ],
                 "memory": processes,
+                "rig_cpu_us_per_request": {
+                    side: round(sum(c[f"{side}_cpu"] for c in cells[i]) * 1e6 / served, 1)
+                    for side in ("client", "provider")
+                },
             }
         )
     return out
@@ -204,6 +275,8 @@ def throughput_pair(
     revs: tuple[str, ...] = (),
     rate: float | None = None,
     with_nginx: bool = False,
+    client: CClient | None = None,
+    provider_pid: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None]:
     """1 and 2 workers side by side (`alternating_cpu`). `redis`: both share admission through
     Redis (the workers then never ask the supervisor); otherwise the two workers share it
@@ -212,7 +285,8 @@ def throughput_pair(
     again at that fixed rate (`at_rate` in each figure). `with_nginx`: nginx with 1 and 2 worker
     processes in front of the same mock, unpinned, in the same rounds (the fourth figure):
     what running two processes instead of one costs per request on these two cores beside the
-    load client for a server in C, none of it proxyd's: the floor under proxyd's own growth."""
+    load client for a server in C, none of it proxyd's: the floor under proxyd's own growth.
+    `client`: wrk sends the closed-loop load; `provider_pid`: the provider (`alternating_cpu`)."""
     started = [_start(logdir, mock_port, workers=n, redis=redis) for n in (1, 2)]
     references: list[tuple[subprocess.Popen[bytes], int]] = []
     binary = nginx.find_binary() if with_nginx else None
@@ -220,9 +294,10 @@ def throughput_pair(
         started += [_start(logdir, mock_port, workers=2, redis=redis, rev=rev) for rev in revs]
         if binary is not None:
             references = [_start_nginx(logdir, binary, mock_port, n) for n in (1, 2)]
-        one, two, *others = alternating_cpu(started + references, seconds, rounds)
+        measured = started + references
+        one, two, *others = alternating_cpu(measured, seconds, rounds, None, client, provider_pid)
         if rate is not None:
-            paced = alternating_cpu(started + references, seconds, rounds, rate)
+            paced = alternating_cpu(measured, seconds, rounds, rate, None, provider_pid)
             for closed, at_rate in zip([one, two, *others], paced, strict=True):
                 closed["at_rate"] = {"rate": rate} | at_rate
     finally:
@@ -339,11 +414,22 @@ def run(
     pair_against: tuple[str, ...] = (),
     rate: float | None = None,
     with_nginx: bool = False,
+    c_rig: bool = False,
 ) -> dict[str, Any]:
     """Every figure of the file's docstring, in one session (`admission_only`: the Redis
-    admission's only)."""
+    admission's only). `c_rig`: the provider is nginx answering a fixed completion and the
+    closed-loop load comes from wrk, so the two cores go to the proxy, not to the Python rig."""
     logdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-workers-logs-"))
-    mock = rig.start_mock(logdir, instant=True, chunks=16, interval=0.02)
+    client: CClient | None = None
+    if c_rig:
+        binary, wrk_binary = nginx.install(), wrk.install()
+        if binary is None or wrk_binary is None:
+            raise SystemExit("--c-rig needs nginx and wrk (apt-get install nginx-light wrk)")
+        mock = rig.start_static_provider(binary, orjson.dumps(COMPLETION), logdir)
+        headers = {"Authorization": f"Bearer {rig.BENCH_SECRET}"}
+        client = CClient(wrk_binary, wrk.script(BODY, headers))
+    else:
+        mock = rig.start_mock(logdir, instant=True, chunks=16, interval=0.02)
     try:
         if w2_against:
             return {"w2_against": against_revisions(logdir, mock.port, seconds, rounds, w2_against)}
@@ -358,6 +444,8 @@ def run(
                 revs=pair_against,
                 rate=rate,
                 with_nginx=with_nginx,
+                client=client,
+                provider_pid=mock.pid,
             )
         )
         admission: dict[str, Any] = {}
@@ -382,6 +470,7 @@ def run(
     targets["cpu_growth_at_most_10pct"] = grew <= 0.10
     targets["extra_worker_uss_at_most_40MB"] = bool(extra_uss) and max(extra_uss) <= 40 * 2**20
     out: dict[str, Any] = {
+        "rig": "c (nginx provider, wrk load)" if c_rig else "python (mock provider, loadclient)",
         "one_worker": one,
         "two_workers": two,
         "cpu_per_request_growth": grew,
@@ -446,6 +535,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also measure nginx with 1 and 2 workers (the two-process floor on these cores)",
     )
+    parser.add_argument(
+        "--c-rig",
+        action="store_true",
+        help="nginx as the provider (a fixed completion) and wrk as the closed-loop client",
+    )
     args = parser.parse_args(argv)
     result = run(
         args.seconds,
@@ -457,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         pair_against=tuple(args.pair_against),
         rate=args.rate,
         with_nginx=args.with_nginx,
+        c_rig=args.c_rig,
     )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
 

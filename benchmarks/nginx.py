@@ -35,7 +35,7 @@ SERVER = """\
     upstream up_{port} {{ server 127.0.0.1:{upstream}; keepalive 1024;
         keepalive_requests 1000000; }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096{reuseport};
         location / {{
             proxy_pass http://up_{port};
             proxy_http_version 1.1;
@@ -78,15 +78,41 @@ def version(binary: str) -> str:
     return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
 
 
-def write_config(routes: dict[int, int], workers: int = 1) -> Path:
-    """A temp dir holding nginx.conf that proxies each listen port to its upstream port (with
-    `workers` worker processes)."""
+STATIC = """\
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ default_type application/json; return 200 '{body}'; }}
+    }}
+"""
+
+
+def _workdir(servers: str, workers: int) -> Path:
     workdir = Path(tempfile.mkdtemp(prefix="proxyd-bench-nginx-"))
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / sub).mkdir()
-    servers = "".join(SERVER.format(port=p, upstream=u) for p, u in routes.items())
     (workdir / "nginx.conf").write_text(CONF.format(dir=workdir, servers=servers, workers=workers))
     return workdir
+
+
+def write_config(routes: dict[int, int], workers: int = 1) -> Path:
+    """A temp dir holding nginx.conf that proxies each listen port to its upstream port (with
+    `workers` worker processes; more than one share each port with SO_REUSEPORT, as proxyd's
+    workers do, so that every worker takes connections)."""
+    reuseport = " reuseport" if workers > 1 else ""
+    servers = "".join(
+        SERVER.format(port=p, upstream=u, reuseport=reuseport) for p, u in routes.items()
+    )
+    return _workdir(servers, workers)
+
+
+def write_static(port: int, body: bytes) -> Path:
+    """A temp dir holding nginx.conf that answers every request on `port` with `body` (JSON,
+    200): a provider that costs next to nothing, so the proxy in front of it is what a run
+    measures."""
+    text = body.decode()
+    if "'" in text or "$" in text or "\\" in text:
+        raise ValueError("the static body must not need nginx escaping")
+    return _workdir(STATIC.format(port=port, body=text), 1)
 
 
 def command(binary: str, workdir: Path) -> list[str]:

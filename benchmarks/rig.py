@@ -123,6 +123,21 @@ def start_mock(logdir: Path, *, instant: bool, chunks: int, interval: float) -> 
     return _spawn("mock-instant" if instant else "mock-paced", pinned(RIG_CORE, argv), port, logdir)
 
 
+def start_static_provider(binary: str, body: bytes, logdir: Path) -> Service:
+    """nginx on the rig core answering every request with `body` (a non-streamed completion):
+    the provider of runs that must measure the proxy, not a Python mock beside it."""
+    port = free_port()
+    workdir = nginx.write_static(port, body)
+    try:
+        argv = pinned(RIG_CORE, nginx.command(binary, workdir))
+        svc = _spawn("static-provider", argv, port, logdir)
+    except RuntimeError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    svc.extra["workdir"] = str(workdir)
+    return svc
+
+
 def start_nginx(
     binary: str, routes: dict[str, int], logdir: Path
 ) -> tuple[Service, dict[str, int]]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from benchmarks import loadclient, nginx, rig
+from benchmarks import bench_workers, loadclient, nginx, rig, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("W1", "W2", "W4", "W7:invalid", "W5@10")
@@ -118,3 +120,60 @@ def test_timeline_stamps_every_segment_of_a_request() -> None:
     assert len(segments) == 10
     for line in segments:
         assert float(line.split()[0]) >= 0, line
+
+
+WRK_REPORT = """\
+Running 2s test @ http://127.0.0.1:8080/v1/chat/completions
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     9.81ms    2.01ms  30.12ms   80.00%
+    Req/Sec     6.52k   301.22     7.01k    70.00%
+  13050 requests in 2.00s, 9.61MB read
+  Socket errors: connect 0, read 3, write 0, timeout 2
+  Non-2xx or 3xx responses: 40
+Requests/sec:   6524.11
+Transfer/sec:      4.80MB
+"""
+
+
+def test_wrk_report_counts_only_2xx_answers_as_served() -> None:
+    """wrk's request count includes non-2xx answers: they and the socket errors are errors."""
+    burst = wrk.parse(WRK_REPORT, 2.0)
+    assert (burst.ok, burst.errors) == (13050 - 40, 40 + 3 + 2)
+    assert burst.rps == (13050 - 40) / 2.0
+    with pytest.raises(ValueError, match="no request count"):
+        wrk.parse("unable to connect to 127.0.0.1:1 Connection refused\n", 1.0)
+
+
+def test_c_rig_serves_a_priced_completion_through_proxyd(tmp_path: Path) -> None:
+    """`bench_workers --c-rig`: nginx answers the fixed completion, wrk drives proxyd in front
+    of it, and every answer is a 200 (the completion is one proxyd accepts and prices)."""
+    binary, wrk_binary = nginx.find_binary(), wrk.find_binary()
+    if binary is None or wrk_binary is None or not rig.proxyd_available():
+        pytest.skip("needs nginx, wrk (make tools installs both) and an importable proxyd")
+    provider = rig.start_static_provider(binary, orjson.dumps(bench_workers.COMPLETION), tmp_path)
+    try:
+        proc, port = bench_workers._start(tmp_path, provider.port, workers=1, redis=False)
+        try:
+            lua = wrk.script(bench_workers.BODY, {"Authorization": f"Bearer {rig.BENCH_SECRET}"})
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            burst = wrk.run(wrk_binary, url, lua, connections=4, seconds=1)
+            assert burst.ok > 50, burst
+            assert burst.errors == 0, burst
+        finally:
+            bench_workers._stop(proc)
+    finally:
+        rig.stop(provider)
+
+
+def test_nginx_reference_shares_its_port_between_workers() -> None:
+    """With two worker processes the reference nginx listens with SO_REUSEPORT, as proxyd's
+    workers do (without it one nginx worker takes almost every connection)."""
+    one = nginx.write_config({8001: 8002}, workers=1)
+    two = nginx.write_config({8001: 8002}, workers=2)
+    try:
+        assert "reuseport" not in (one / "nginx.conf").read_text()
+        assert "backlog=4096 reuseport;" in (two / "nginx.conf").read_text()
+    finally:
+        for d in (one, two):
+            shutil.rmtree(d, ignore_errors=True)
