@@ -197,7 +197,7 @@ def build_parts(
     elif redis is not None:  # pins shared by every instance
         shared_sessions = RedisSessions(redis, st.ttl_seconds)
     if sticky is not None and shared_sessions is not None:  # or by the workers of this one
-        sticky.on_settle = shared_sessions.put
+        sticky.publish = shared_sessions.place
         sticky.on_renew = shared_sessions.renew
     store.subscribe(health.on_state)
     store.subscribe(router.on_state)

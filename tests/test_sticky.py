@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
+from proxyd.redis_store.sessions import RedisSessions
+from proxyd.redis_store.store import RedisStore
 from proxyd.routing.health import Availability
 from proxyd.routing.route import Router
 from proxyd.routing.sticky import StickyTable, session_id
@@ -105,6 +107,78 @@ def test_untracked_session_follows_but_never_moves() -> None:
     table.open("k", "s", 0.0).settle("a", 0)
     table.open("k", "s", 1.0, track=False).settle("b", 0)
     assert table.open("k", "s", 2.0).channel_id == "a"
+
+
+async def test_a_placement_is_published_before_the_answer_and_the_stores_pin_is_followed() -> None:
+    """With a shared store, a first placement and a move return what the request awaits before
+    its answer (a hit returns nothing); when the store already held another pin for the new
+    session (another worker placed it first), the next turns follow the store's."""
+    asked: list[tuple[str, str, int, bool]] = []
+    held: dict[str, tuple[str, int]] = {"k1\x00s2": ("b", 1)}
+
+    async def place(key: str, ch: str, cred: int, first: bool) -> tuple[str, int] | None:
+        asked.append((key, ch, cred, first))
+        if first and key in held:
+            return held[key]
+        held[key] = (ch, cred)
+        return held[key]
+
+    table = StickyTable(ttl=10.0, publish=place)
+    placing = table.open("k1", "s1", 0.0).settle("a", 0)
+    assert placing is not None
+    assert asked == []  # nothing is asked until the request awaits it
+    await placing
+    assert asked == [("k1\x00s1", "a", 0, True)]
+    assert table.open("k1", "s1", 1.0).settle("a", 0) is None  # a hit: no round trip
+    moved = table.open("k1", "s1", 2.0).settle("b", 2)
+    assert moved is not None
+    await moved
+    assert asked[-1] == ("k1\x00s1", "b", 2, False)
+    raced = table.open("k1", "s2", 3.0).settle("a", 0)  # this turn went to a/0 ...
+    assert raced is not None
+    await raced
+    later = table.open("k1", "s2", 4.0)  # ... the next follow the store's pin
+    assert (later.channel_id, later.pinned) == ("b", 1)
+
+
+async def test_a_store_that_cannot_be_asked_leaves_the_local_pin() -> None:
+    """Redis away or the supervisor gone (None): the request goes on, the local pin stands."""
+
+    async def away(key: str, ch: str, cred: int, first: bool) -> tuple[str, int] | None:
+        return None
+
+    table = StickyTable(ttl=10.0, publish=away)
+    placing = table.open("k", "s", 0.0).settle("a", 1)
+    assert placing is not None
+    await placing
+    later = table.open("k", "s", 1.0)
+    assert (later.channel_id, later.pinned) == ("a", 1)
+
+
+@pytest.mark.redis
+async def test_redis_keeps_the_first_placement_and_takes_a_move() -> None:
+    """Against the real Redis: two instances place one new session at once, the first stays
+    and both are told it; a move replaces it; with Redis away, None."""
+    prefix = f"proxyd-test-{uuid.uuid4().hex[:8]}:"
+    stores = [RedisStore("redis://127.0.0.1:6379/0", prefix=prefix) for _ in range(2)]
+    for store in stores:
+        await store.start()
+    try:
+        one, two = (RedisSessions(store, 60.0) for store in stores)
+        assert await one.place("k\x00s", "c0", 0, True) == ("c0", 0)
+        assert await two.place("k\x00s", "c1", 2, True) == ("c0", 0)
+        assert await two.get("k\x00s") == ("c0", 0)
+        assert await two.place("k\x00s", "c1", 2, False) == ("c1", 2)
+        assert await one.get("k\x00s") == ("c1", 2)
+    finally:
+        for store in stores:
+            await store.close()
+    down = RedisStore("redis://127.0.0.1:1/0", prefix=prefix)
+    await down.start()
+    try:
+        assert await RedisSessions(down, 60.0).place("k\x00t", "c0", 0, True) is None
+    finally:
+        await down.close()
 
 
 def test_router_puts_the_sticky_channel_first_only_while_ready() -> None:
@@ -277,8 +351,8 @@ async def test_pins_are_shared_between_instances_through_redis(
     for s in range(6):
         headers = {**ANT, "x-claude-code-session-id": f"shared-{s}"}
         first, second = instances[0][0], instances[1][0]
+        # no wait: the pin is in Redis before the first instance's answer is
         assert (await first.post("/v1/messages", json=body, headers=headers)).status == 200
-        await instances[0][1].shared_sessions.drain()
         placed = _where(fakes)
         for fake in fakes:
             fake.seen.clear()

@@ -259,8 +259,12 @@ def test_the_hub_keeps_every_workers_sticky_pins_with_a_sliding_ttl() -> None:
     def get(key: str) -> Any:
         return hub.handle(2, {"op": "pin_get", "key": key, "id": 7})
 
+    def place(key: str, ch: str, cred: int, *, first: bool, pid: int = 1) -> Any:
+        msg = {"op": "pin_place", "key": key, "ch": ch, "cred": cred, "first": first, "id": 3}
+        return hub.handle(pid, msg)
+
     assert get("k1\x00h:s") == {"pin": None, "id": 7}
-    assert hub.handle(1, {"op": "pin_put", "key": "k1\x00h:s", "ch": "c2", "cred": 1}) is None
+    assert place("k1\x00h:s", "c2", 1, first=True) == {"pin": ["c2", 1], "id": 3}
     assert get("k1\x00h:s") == {"pin": ["c2", 1], "id": 7}
     now[0] = 150.0
     hub.handle(1, {"op": "pin_renew", "key": "k1\x00h:s"})
@@ -269,5 +273,26 @@ def test_the_hub_keeps_every_workers_sticky_pins_with_a_sliding_ttl() -> None:
     now[0] = 260.0
     assert get("k1\x00h:s")["pin"] is None
     off = Hub()
-    off.handle(1, {"op": "pin_put", "key": "k", "ch": "c", "cred": 0})
+    msg = {"op": "pin_place", "key": "k", "ch": "c", "cred": 0, "first": True, "id": 1}
+    assert off.handle(1, msg) == {"pin": None, "id": 1}
     assert off.handle(2, {"op": "pin_get", "key": "k", "id": 1}) == {"pin": None, "id": 1}
+
+
+def test_of_two_first_placements_the_first_stays_and_a_move_replaces_it() -> None:
+    """Two workers place one new session at once (two parallel first turns): the second is told
+    the first's pin, which both then follow; a move (failover) replaces the pin."""
+    hub = Hub(sticky_ttl=60.0, clock=lambda: 100.0)
+
+    def place(pid: int, ch: str, cred: int, *, first: bool) -> Any:
+        msg = {"op": "pin_place", "key": "k\x00h:s", "ch": ch, "cred": cred, "first": first}
+        reply = hub.handle(pid, {**msg, "id": pid})
+        assert reply is not None
+        return reply["pin"]
+
+    assert place(1, "c0", 0, first=True) == ["c0", 0]
+    assert place(2, "c1", 2, first=True) == ["c0", 0]
+    assert place(2, "c1", 2, first=False) == ["c1", 2]
+    assert hub.handle(1, {"op": "pin_get", "key": "k\x00h:s", "id": 9}) == {
+        "pin": ["c1", 2],
+        "id": 9,
+    }

@@ -1,9 +1,11 @@
 """Sticky-session pins shared by every instance: scoped session key -> channel and credential.
 
-A pin is written when a session is placed or moves (a background write, never awaited by a
-request) and its TTL renewed now and then by later turns; an instance that has no pin of its own
-reads it once. While Redis is away nothing is queued: pins are a placement hint, and each
-instance keeps its own table meanwhile.
+A pin is written when a session is placed or moves, before the request's answer reaches the
+client (one round trip, on first turns and moves only), so the next turn finds it on any
+instance; a first placement is SET NX, and of two at once the first stays and both instances
+follow it. Its TTL is renewed now and then by later turns (in the background); an instance that
+has no pin of its own reads it once. While Redis is away nothing is queued: pins are a placement
+hint, and each instance keeps its own table meanwhile.
 """
 
 from __future__ import annotations
@@ -57,10 +59,26 @@ class RedisSessions:
             return None
         return _pin(raw)
 
-    def put(self, scoped: str, channel_id: str, credential: int) -> None:
-        """Share a placement or a move (in the background)."""
-        value = f"{channel_id}\x1f{credential}"
-        self._spawn(lambda c: c.set(self._key(scoped), value, px=self._ttl_ms))
+    async def place(
+        self, scoped: str, channel_id: str, credential: int, first: bool
+    ) -> tuple[str, int] | None:
+        """Share a placement (`first`: SET NX, a live pin stays) or a move (SET): the pin Redis
+        holds after, or None while Redis is away (the request goes on; nothing is queued)."""
+        store = self._store
+        if store.fallback_active or store.closed:
+            return None
+        name, pin = self._key(scoped), (channel_id, credential)
+        try:
+            if await store.client.set(
+                name, f"{channel_id}\x1f{credential}", px=self._ttl_ms, nx=first
+            ):
+                return pin
+            return _pin(await store.client.get(name)) or pin  # placed first elsewhere
+        except FAILURES as exc:
+            if cancelling():
+                raise asyncio.CancelledError from exc
+            store.mark_down(exc)
+            return None
 
     def renew(self, scoped: str) -> None:
         """Slide the shared pin's TTL (in the background)."""

@@ -269,7 +269,14 @@ async def relay(
             permit.success()
             health.model_served(channel.id, model)
             if session is not None:
-                session.settle(channel.id, channel.api_keys.index(credential))
+                placing = session.settle(channel.id, channel.api_keys.index(credential))
+                if placing is not None:  # a shared store learns it before the client can
+                    try:  # send the next turn elsewhere (never raises but for a cancel)
+                        await placing
+                    except BaseException:
+                        if not isinstance(resp, Whole):
+                            resp.close()
+                        raise
             parts.observer.upstream_observe(
                 channel.id, _status_class(resp.status), loop.time() - started
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 from zlib import crc32 as _crc32
 
@@ -181,10 +181,15 @@ class Session:
         reads `pinned` where `channel_id` matches, without this call)."""
         return self.pinned if channel_id == self.channel_id else None
 
-    def settle(self, channel_id: str, credential: int) -> None:
-        """A channel answered: remember it (a hit, a first placement, or a move)."""
+    def settle(self, channel_id: str, credential: int) -> Coroutine[Any, Any, None] | None:
+        """A channel answered: remember it (a hit, a first placement, or a move).
+
+        With a shared store (`StickyTable.publish`), a placement or a move returns what to
+        await before the answer reaches the client: the store then holds the pin before the
+        client can send the next turn to another worker or instance. A hit returns None.
+        """
         if not self.track:
-            return
+            return None
         pin = self.pin
         if pin is not None and pin.channel_id == channel_id and pin.credential == credential:
             table = self._table  # a hit (most turns): the TTL slides from when it was opened
@@ -193,11 +198,15 @@ class Session:
             if table.on_renew is not None and self.opened - pin.shared_at > table.ttl / 4:
                 pin.shared_at = self.opened
                 table.on_renew(self.key)
-            return
-        self._table.place(self, channel_id, credential)
+            return None
+        return self._table.place(self, channel_id, credential)
 
 
 _new_session = object.__new__
+
+# A shared store's `place(scoped key, channel id, credential, first)`: the pin it holds after
+# (a first placement does not replace a live pin), or None when it could not be asked.
+Publish = Callable[[str, str, int, bool], Awaitable[tuple[str, int] | None]]
 
 
 class StickyTable:
@@ -205,8 +214,9 @@ class StickyTable:
 
     Counters `hits`, `misses` (no pin yet, or it expired) and `moves` (the request went
     elsewhere, e.g. the pinned channel was cooling down or failed before the first byte) are
-    plain ints read at scrape time. `on_settle` (optional) hears every placement or move, so a
-    shared store can learn it without a round trip on the request's path.
+    plain ints read at scrape time. `publish` (optional: a shared store's `place`) is given
+    every placement and move, awaited by the request before its answer (see `Session.settle`);
+    `on_renew` hears renewals, without a round trip on the request's path.
     """
 
     def __init__(
@@ -214,14 +224,14 @@ class StickyTable:
         *,
         ttl: float = 3600.0,
         max_sessions: int = 100_000,
-        on_settle: Callable[[str, str, int], None] | None = None,
+        publish: Publish | None = None,
         on_renew: Callable[[str], None] | None = None,
     ) -> None:
         if ttl <= 0 or max_sessions < 1:
             raise ValueError("ttl must be positive and max_sessions at least 1")
         self.ttl = ttl
         self.max_sessions = max_sessions
-        self.on_settle = on_settle
+        self.publish = publish
         self.on_renew = on_renew
         self._pins: OrderedDict[str, Pin] = OrderedDict()
         self.hits = 0
@@ -249,17 +259,34 @@ class StickyTable:
         session.adopt(pin)
         return session
 
-    def place(self, session: Session, channel_id: str, credential: int) -> None:
+    def place(
+        self, session: Session, channel_id: str, credential: int
+    ) -> Coroutine[Any, Any, None] | None:
         """`session` was served elsewhere than its pin (or has none): a first placement or a
-        move; the TTL slides from the time it was opened. (`Session.settle` counts hits.)"""
-        pin = session.pin
-        if pin is None:
+        move; the TTL slides from the time it was opened. (`Session.settle` counts hits.)
+        With `publish`, what to await: the shared store learns it, and a first placement that
+        another worker or instance made first is taken from there for the next turns."""
+        first = session.pin is None
+        if first:
             self.misses += 1
         else:
             self.moves += 1
         self.put(session.key, channel_id, credential, session.opened + self.ttl, session.opened)
-        if self.on_settle is not None:
-            self.on_settle(session.key, channel_id, credential)
+        publish = self.publish
+        if publish is None:
+            return None
+        asked = publish(session.key, channel_id, credential, first)
+        return self._published(asked, session.key, channel_id, credential)
+
+    async def _published(
+        self, asked: Awaitable[tuple[str, int] | None], key: str, channel_id: str, credential: int
+    ) -> None:
+        held = await asked
+        if held is None or held == (channel_id, credential):
+            return
+        pin = self._pins.get(key)
+        if pin is not None:  # the store had a pin already: the next turns go there
+            pin.channel_id, pin.credential = held
 
     def put(
         self, key: str, channel_id: str, credential: int, expires: float, shared_at: float

@@ -119,6 +119,21 @@ class Hub:
         self._spends: dict[int, tuple[int, SpendReservation]] = {}
         self._ids = itertools.count(1)
 
+    def _place(
+        self, key: str, channel_id: str, credential: int, *, first: bool
+    ) -> list[Any] | None:
+        """A worker placed (`first`) or moved a session: the pin held after. A first placement
+        leaves a live pin another worker made in place (the session follows that one)."""
+        pins = self.pins
+        if pins is None:
+            return None
+        now = self._clock()
+        held = pins.pin_of(key, now) if first else None
+        if held is not None:
+            return [held.channel_id, held.credential]
+        pins.put(key, channel_id, credential, now + pins.ttl, now)
+        return [channel_id, credential]
+
     def _key(self, wire: list[Any]) -> KeyRecord:
         known = self._keys.get(wire[0])
         if known is not None and known[0] == wire:
@@ -174,13 +189,6 @@ class Hub:
                 return self.admit(pid, message)
             except ProxydError as exc:
                 return {**refusal(exc), "id": message["id"]}
-        if op == "pin_put":
-            if self.pins is not None:
-                now = self._clock()
-                self.pins.put(
-                    message["key"], message["ch"], message["cred"], now + self.pins.ttl, now
-                )
-            return None
         if op == "pin_renew":
             if self.pins is not None:
                 self.pins.renew(message["key"], self._clock())
@@ -213,6 +221,8 @@ class Hub:
         if op == "pin_get":
             pin = None if self.pins is None else self.pins.pin_of(m["key"], self._clock())
             return {"pin": None if pin is None else [pin.channel_id, pin.credential]}
+        if op == "pin_place":
+            return {"pin": self._place(m["key"], m["ch"], m["cred"], first=m["first"])}
         if op == "acquire":
             grant = self.limits.acquire_now(self._key(m["key"]), m["tokens"])
             gid = next(self._ids)

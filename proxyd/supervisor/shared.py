@@ -22,7 +22,7 @@ from proxyd.errors import ErrorType, InsufficientQuota, ProxydError, RateLimited
 from proxyd.state.store import KeyRecord, VersionConflict
 from proxyd.supervisor.frames import Message
 from proxyd.supervisor.hub import key_limits
-from proxyd.supervisor.link import Link, reply_value
+from proxyd.supervisor.link import Link, SupervisorGone, reply_value
 from proxyd.supervisor.table import SharedTable, TableLedger, TableLimits, logged
 
 
@@ -119,9 +119,11 @@ class SupervisorSpend:
 class SupervisorSessions:
     """Sticky-session pins kept by the supervisor for every worker (no Redis, several workers).
 
-    A worker with no pin of its own for a session asks once (`get`, one round trip); placements,
-    moves and renewals are notifications. So the turns of one conversation stay on one channel
-    and credential whichever worker a connection reaches.
+    A worker with no pin of its own for a session asks once (`get`, one round trip). A placement
+    or a move is a request too (`place`), answered before the client sees the answer, so the
+    next turn finds it whichever worker it reaches; of two first placements at once the first
+    stays and both workers follow it. Renewals are notifications. So the turns of one
+    conversation stay on one channel and credential whichever worker a connection reaches.
     """
 
     def __init__(self, link: Link) -> None:
@@ -135,9 +137,18 @@ class SupervisorSessions:
         pin = reply_value(await self.link.request({"op": "pin_get", "key": scoped}))["pin"]
         return None if pin is None else (pin[0], int(pin[1]))
 
-    def put(self, scoped: str, channel_id: str, credential: int) -> None:
-        """Tell the supervisor where a session was placed or moved."""
-        self.link.notify({"op": "pin_put", "key": scoped, "ch": channel_id, "cred": credential})
+    async def place(
+        self, scoped: str, channel_id: str, credential: int, first: bool
+    ) -> tuple[str, int] | None:
+        """Tell the supervisor where a session was placed (`first`: only if it holds no live
+        pin) or moved; the pin it holds after, or None if it could not be asked."""
+        message = {"op": "pin_place", "key": scoped, "ch": channel_id, "cred": credential}
+        try:
+            reply = await self.link.request({**message, "first": first})
+        except SupervisorGone:
+            return None
+        pin = reply.get("pin")
+        return None if pin is None else (pin[0], int(pin[1]))
 
     def renew(self, scoped: str) -> None:
         """Slide the supervisor's TTL of a session's pin."""
