@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import ssl
 import warnings
 from pathlib import Path
@@ -203,6 +204,34 @@ async def test_tls_under_workers_and_sighup_brings_the_new_certificate(
             session.get(px.url + "/healthz", ssl=trust) as resp,
         ):
             assert resp.status == 200
+
+
+async def test_a_tls_handshake_under_way_at_drain_is_finished_and_served(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """SIGTERM (or a reload retiring a worker) while a client's TLS handshake is under way: the
+    connection was accepted before the listener closed, so the handshake completes and its
+    request is answered, then the connection closed; exit 0. Before: the drain did not know
+    the connection (aiohttp meets it only after the handshake) and the process exited under it,
+    a `ConnectionResetError` in the client's handshake (the SIGHUP test's rare failure)."""
+    mock = await start_server(create_mock_app(instant=True))
+    ca = trustme.CA()
+    cert, key = issue(ca, tmp_path / "tls")
+    settings = {"tls_cert": cert, "tls_key": key, "head_timeout_seconds": 3}
+    async with serve(tmp_path, server_url(mock), settings) as px:
+        sock = socket.create_connection(("127.0.0.1", px.port))  # accepted; no ClientHello yet
+        await asyncio.sleep(0.2)
+        px.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)  # the listener is closed; the drain has begun
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=client_context(ca), server_hostname="127.0.0.1"
+        )
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 10)  # to the end: the server closes it
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+        assert data.endswith(b'{"status": "ok"}')
+        assert await asyncio.wait_for(px.proc.wait(), 10) == 0
+        writer.close()
 
 
 def test_check_config_and_serve_refuse_a_certificate_that_cannot_be_loaded(

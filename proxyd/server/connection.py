@@ -22,6 +22,7 @@ phase changes, never per read):
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -45,6 +46,7 @@ PHASES: tuple[Cut, ...] = ("head", "body", "idle")
 
 # Where a connection is in its request cycle. Plain ints, not an Enum: they are read on every
 # read of the socket, and an Enum member costs a class-attribute lookup (~150 ns) each time.
+_HANDSHAKE_POLL: Final = 0.01  # seconds between looks at the handshakes left, at drain only
 FRESH: Final = 0  # accepted, no byte yet
 HEAD: Final = 1  # some of a request head came, not all of it
 BODY: Final = 2  # the head is in, the body is still coming
@@ -102,12 +104,15 @@ class GuardedRequestHandler(RequestHandler):
     """aiohttp's server protocol with phase deadlines, a connection cap and JSON errors."""
 
     __slots__ = (
+        "__weakref__",  # GuardedServer.accepted
+        "_accepted_at",
         "_close_due",
         "_deadline",
         "_factory",
         "_head",
         "_head_size",
         "_head_timeout",
+        "_made",
         "_max_head_bytes",
         "_pending",
         "_phase",
@@ -141,6 +146,8 @@ class GuardedRequestHandler(RequestHandler):
         self._pending: BaseRequest | None = None  # the request whose body is still coming
         self._close_due = False  # the listener closed; close once the request due has started
         self._started: asyncio.Future[None] | None = None  # set when that request starts
+        self._accepted_at = self._loop.time()
+        self._made = False  # connection_made: at once, or once a TLS handshake ended
         factory = self._request_factory
         assert factory is not None
         self._factory = factory
@@ -152,6 +159,7 @@ class GuardedRequestHandler(RequestHandler):
     # -- phases -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = True
         stats = self._stats
         stats.open += 1
         if stats.open > self._settings.max_connections:
@@ -159,6 +167,11 @@ class GuardedRequestHandler(RequestHandler):
             self._request_handler = self._over_capacity
         self._set_deadline(self._loop.time() + self._settings.head_timeout)
         super().connection_made(transport)
+
+    def handshaking(self, now: float) -> bool:
+        """Accepted, its TLS handshake not over (aiohttp meets a TLS connection only after it),
+        and still within the head deadline counted from the accept."""
+        return not self._made and now < self._accepted_at + self._head_timeout
 
     def _awaiting_request(self) -> bool:
         """Accepted, and its request has not started yet (no byte, or part of its head)."""
@@ -405,11 +418,39 @@ class GuardedServer(web.Server):
 
     settings: ConnectionSettings
     stats: ConnectionStats
+    accepted: weakref.WeakSet[GuardedRequestHandler]  # every protocol made, from the accept on
 
     def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(
+        handler = GuardedRequestHandler(
             self, loop=self._loop, settings=self.settings, stats=self.stats, **self._kwargs
         )
+        self.accepted.add(handler)
+        return handler
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's
+        """The listener closed: first let the TLS handshakes under way end (each within the head
+        deadline from its accept, all within `timeout`), then drain as aiohttp does.
+
+        A TLS connection reaches aiohttp, and the drain, only once its handshake is over. One
+        accepted just before the listener closed would otherwise be left out, and the process
+        would exit under it: the client's handshake reset. Once over, it is drained like a
+        plain connection accepted then: its request is answered once with `Connection: close`
+        (`GuardedRequestHandler.shutdown`).
+        """
+        loop = self._loop
+        start = loop.time()
+        waiting = [h for h in self.accepted if h.handshaking(start)]
+        if waiting:
+            limit = start + (self.settings.head_timeout if timeout is None else timeout)
+            # polled every 10 ms, at drain only, until they end or their deadlines pass
+            while loop.time() < limit and any(h.handshaking(loop.time()) for h in waiting):  # noqa: ASYNC110
+                await asyncio.sleep(_HANDSHAKE_POLL)
+            for handler in waiting:
+                if handler in self._connections:
+                    handler.close()  # as aiohttp's pre_shutdown closed the others
+            if timeout is not None:
+                timeout = max(0.0, timeout - (loop.time() - start))
+        await super().shutdown(timeout)
 
 
 class ClientRunner(web.AppRunner):
@@ -434,6 +475,7 @@ class ClientRunner(web.AppRunner):
         assert isinstance(server, GuardedServer)
         server.settings = self._settings
         server.stats = self._stats
+        server.accepted = weakref.WeakSet()
         return server
 
 
