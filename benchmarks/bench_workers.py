@@ -25,7 +25,11 @@ and of each commit, in alternating rounds (how issue 15's "within 3 %" is checke
 each commit in the same rounds: how a change to the workers' sharing reports its growth against
 the commit before it. `--rate R` measures the same proxyds again at R requests a second (open
 loop: the same offered load for each); `--with-nginx` adds nginx with 1 and 2 worker processes
-to the same rounds, what two processes cost on these cores for a server in C.
+to the same rounds, what two processes cost on these cores for a server in C, and
+`--with-aiohttp` the smallest Python proxy (`benchmarks.bareproxy`) with 1 and 2 processes, what
+they cost for Python doing none of proxyd's work. `--c-rig`: the provider is nginx answering a
+fixed completion and the closed-loop load comes from wrk, so the cores go to the proxies rather
+than to the Python mock and load client (each figure reports the rig's CPU per request too).
 
 Loopback only; every process it starts it stops by its own pid; Redis keys under a fresh prefix.
 """
@@ -275,26 +279,30 @@ def throughput_pair(
     revs: tuple[str, ...] = (),
     rate: float | None = None,
     with_nginx: bool = False,
+    with_aiohttp: bool = False,
     client: CClient | None = None,
     provider_pid: int | None = None,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     """1 and 2 workers side by side (`alternating_cpu`). `redis`: both share admission through
     Redis (the workers then never ask the supervisor); otherwise the two workers share it
     without Redis. `revs`: 2 workers of each of those commits too, in the same rounds (their
     growth is against this checkout's 1 worker). `rate`: the same proxyds are then measured
-    again at that fixed rate (`at_rate` in each figure). `with_nginx`: nginx with 1 and 2 worker
-    processes in front of the same mock, unpinned, in the same rounds (the fourth figure):
-    what running two processes instead of one costs per request on these two cores beside the
-    load client for a server in C, none of it proxyd's: the floor under proxyd's own growth.
-    `client`: wrk sends the closed-loop load; `provider_pid`: the provider (`alternating_cpu`)."""
+    again at that fixed rate (`at_rate` in each figure). References with 1 and 2 processes in
+    front of the same provider, unpinned, in the same rounds (the last dict, by name): with
+    `with_nginx` nginx's worker processes, what two processes cost per request on these cores
+    for a server in C; with `with_aiohttp` the smallest Python proxy (`benchmarks.bareproxy`),
+    what they cost for Python doing none of proxyd's work: the floors under proxyd's own
+    growth. `client`: wrk sends the closed-loop load; `provider_pid`: the provider."""
     started = [_start(logdir, mock_port, workers=n, redis=redis) for n in (1, 2)]
-    references: list[tuple[subprocess.Popen[bytes], int]] = []
+    references: dict[str, list[tuple[subprocess.Popen[bytes], int]]] = {}
     binary = nginx.find_binary() if with_nginx else None
     try:
         started += [_start(logdir, mock_port, workers=2, redis=redis, rev=rev) for rev in revs]
         if binary is not None:
-            references = [_start_nginx(logdir, binary, mock_port, n) for n in (1, 2)]
-        measured = started + references
+            references["nginx"] = [_start_nginx(logdir, binary, mock_port, n) for n in (1, 2)]
+        if with_aiohttp:
+            references["aiohttp"] = [_start_bare(logdir, mock_port, n) for n in (1, 2)]
+        measured = started + [pair for pairs in references.values() for pair in pairs]
         one, two, *others = alternating_cpu(measured, seconds, rounds, None, client, provider_pid)
         if rate is not None:
             paced = alternating_cpu(measured, seconds, rounds, rate, None, provider_pid)
@@ -303,22 +311,44 @@ def throughput_pair(
     finally:
         for proc, _ in started:
             _stop(proc)
-        for proc, _ in references:
-            _stop_nginx(proc)
-    reference = None
-    if references:
-        n1, n2 = others[-2:]
-        others = others[:-2]
-        reference = {"one_worker": n1, "two_workers": n2, "cpu_per_request_growth": growth(n2, n1)}
-    elif with_nginx:
-        reference = {"skipped": "no nginx binary (make tools installs it)"}
+        for name, pairs in references.items():
+            stop = _stop_nginx if name == "nginx" else _stop
+            for proc, _ in pairs:
+                stop(proc)
+    floors: dict[str, Any] = {}
+    tail = others[len(revs) :]
+    for i, name in enumerate(references):
+        n1, n2 = tail[2 * i : 2 * i + 2]
+        floors[name] = {
+            "one_worker": n1,
+            "two_workers": n2,
+            "cpu_per_request_growth": growth(n2, n1),
+        }
+        if rate is not None:
+            floors[name]["cpu_per_request_growth_at_rate"] = growth(n2["at_rate"], n1["at_rate"])
+    if with_nginx and binary is None:
+        floors["nginx"] = {"skipped": "no nginx binary (make tools installs it)"}
     at: dict[str, dict[str, Any]] = {}
-    for rev, f in zip(revs, others, strict=True):
+    for rev, f in zip(revs, others[: len(revs)], strict=True):
         at[rev] = {"workers": 2, "cpu_per_request_growth": growth(f, one)}
         if rate is not None:
             at[rev]["cpu_per_request_growth_at_rate"] = growth(f["at_rate"], one["at_rate"])
         at[rev] |= f
-    return {"workers": 1} | one, {"workers": 2} | two, at, reference
+    return {"workers": 1} | one, {"workers": 2} | two, at, floors
+
+
+def _start_bare(logdir: Path, mock_port: int, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+    """`benchmarks.bareproxy` with `workers` processes in front of the provider, unpinned."""
+    port = rig.free_port()
+    argv = [sys.executable, "-m", "benchmarks.bareproxy", "--workers", str(workers)]
+    argv += ["--port", str(port), "--upstream", str(mock_port)]
+    with (logdir / f"aiohttp-{workers}.log").open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=rig.CHECKOUT)
+    rig.wait_port(port, proc)
+    deadline = time.monotonic() + 10
+    while len(procstat.children(proc.pid)) < workers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc, port
 
 
 def _start_nginx(
@@ -414,6 +444,7 @@ def run(
     pair_against: tuple[str, ...] = (),
     rate: float | None = None,
     with_nginx: bool = False,
+    with_aiohttp: bool = False,
     c_rig: bool = False,
 ) -> dict[str, Any]:
     """Every figure of the file's docstring, in one session (`admission_only`: the Redis
@@ -444,6 +475,7 @@ def run(
                 revs=pair_against,
                 rate=rate,
                 with_nginx=with_nginx,
+                with_aiohttp=with_aiohttp,
                 client=client,
                 provider_pid=mock.pid,
             )
@@ -463,7 +495,7 @@ def run(
         targets["redis_added_p50_at_most_0.3ms"] = admission["added_p50_us"] <= 300
     if pair is None:
         return {"shared_admission": admission, "targets": targets}
-    one, two, at_revs, reference = pair
+    one, two, at_revs, floors = pair
     grew = growth(two, one)
     mem = list(two["memory"].values())
     extra_uss = [m["uss"] for m in mem[1:]]  # the supervisor first, then each worker
@@ -481,8 +513,7 @@ def run(
         targets["cpu_growth_at_rate_at_most_10pct"] = paced <= 0.10
     if at_revs:
         out["two_workers_at"] = at_revs
-    if reference is not None:
-        out["nginx"] = reference
+    out |= floors
     if redis_pair is not None:
         one_r, two_r, _, _ = redis_pair
         out["with_redis"] = {
@@ -536,6 +567,11 @@ def main(argv: list[str] | None = None) -> None:
         help="also measure nginx with 1 and 2 workers (the two-process floor on these cores)",
     )
     parser.add_argument(
+        "--with-aiohttp",
+        action="store_true",
+        help="also measure the smallest Python proxy with 1 and 2 processes (benchmarks.bareproxy)",
+    )
+    parser.add_argument(
         "--c-rig",
         action="store_true",
         help="nginx as the provider (a fixed completion) and wrk as the closed-loop client",
@@ -551,6 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         pair_against=tuple(args.pair_against),
         rate=args.rate,
         with_nginx=args.with_nginx,
+        with_aiohttp=args.with_aiohttp,
         c_rig=args.c_rig,
     )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from benchmarks import bench_workers, loadclient, nginx, rig, wrk
+from benchmarks import bench_workers, loadclient, nginx, procstat, rig, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("W1", "W2", "W4", "W7:invalid", "W5@10")
@@ -177,3 +177,28 @@ def test_nginx_reference_shares_its_port_between_workers() -> None:
     finally:
         for d in (one, two):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_python_floor_proxies_with_two_processes(tmp_path: Path) -> None:
+    """`bench_workers --with-aiohttp`: the smallest Python proxy, forked twice on one socket,
+    answers every request through the provider (both processes serve)."""
+    binary, wrk_binary = nginx.find_binary(), wrk.find_binary()
+    if binary is None or wrk_binary is None:
+        pytest.skip("needs nginx and wrk (make tools installs both)")
+    provider = rig.start_static_provider(binary, orjson.dumps(bench_workers.COMPLETION), tmp_path)
+    try:
+        proc, port = bench_workers._start_bare(tmp_path, provider.port, 2)
+        try:
+            workers = procstat.children(proc.pid)
+            assert len(workers) == 2
+            before = [procstat.cpu_seconds(pid) for pid in workers]
+            lua = wrk.script(bench_workers.BODY, {"Authorization": "Bearer x"})
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            burst = wrk.run(wrk_binary, url, lua, connections=8, seconds=1)
+            assert burst.ok > 50, burst
+            assert burst.errors == 0, burst
+            assert all(procstat.cpu_seconds(p) > b for p, b in zip(workers, before, strict=True))
+        finally:
+            bench_workers._stop(proc)
+    finally:
+        rig.stop(provider)
