@@ -11,6 +11,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from benchmarks import debian
+
 CONF = """\
 worker_processes {workers};
 daemon off;
@@ -55,21 +57,7 @@ def find_binary() -> str | None:
 
 def install() -> str | None:
     """apt-get install nginx-light (or nginx) when nginx is missing; the binary or None."""
-    found = find_binary()
-    if found or shutil.which("apt-get") is None:
-        return found
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    subprocess.run(["apt-get", "update", "-q"], check=False, env=env, capture_output=True)
-    for package in ("nginx-light", "nginx"):
-        done = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", package],
-            check=False,
-            env=env,
-            capture_output=True,
-        )
-        if done.returncode == 0 and find_binary():
-            break
-    return find_binary()
+    return debian.install(("nginx-light", "nginx"), find_binary)
 
 
 def version(binary: str) -> str:

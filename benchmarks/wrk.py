@@ -17,6 +17,8 @@ from pathlib import Path
 
 import orjson
 
+from benchmarks import debian
+
 _REQUESTS = re.compile(r"(\d+) requests in ")
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 _SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
@@ -42,18 +44,7 @@ def find_binary() -> str | None:
 
 def install() -> str | None:
     """apt-get install wrk when it is missing; the binary or None."""
-    found = find_binary()
-    if found or shutil.which("apt-get") is None:
-        return found
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    subprocess.run(["apt-get", "update", "-q"], check=False, env=env, capture_output=True)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "wrk"],
-        check=False,
-        env=env,
-        capture_output=True,
-    )
-    return find_binary()
+    return debian.install(("wrk",), find_binary)
 
 
 def script(body: object, headers: dict[str, str]) -> Path:
