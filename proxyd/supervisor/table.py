@@ -82,13 +82,25 @@ def _clamp(value: int) -> int:
     return INT64_MIN if value < INT64_MIN else INT64_MAX if value > INT64_MAX else value
 
 
+# The three `x-ratelimit-*` header names of each bucket (made once, not per answer)
+_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
+
+
 def _bucket_headers(
     headers: dict[str, str], kind: str, rate_text: str, level: int, cap: int, rate: int
 ) -> None:
     remaining, reset = level_state(level, cap * UNIT, rate)
-    headers[f"x-ratelimit-limit-{kind}"] = rate_text
-    headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-    headers[f"x-ratelimit-reset-{kind}"] = duration_text(reset)
+    limit_name, remaining_name, reset_name = _NAMES[kind]
+    headers[limit_name] = rate_text
+    headers[remaining_name] = str(remaining)
+    headers[reset_name] = duration_text(reset)
 
 
 def _limits_of(key: KeyRecord) -> tuple[int, int, int, int]:
@@ -150,7 +162,13 @@ class SharedTable:
         """Take the table's lock: at once if free, else after up to `SPIN_TRIES` quick tries,
         else blocking until its holder lets it go (or dies)."""
         fd = self._lock_fd
-        for _ in range(SPIN_TRIES + 1):
+        try:
+            fcntl.flock(fd, _EX_NB)
+        except BlockingIOError:
+            pass
+        else:
+            return
+        for _ in range(SPIN_TRIES):
             try:
                 fcntl.flock(fd, _EX_NB)
             except BlockingIOError:
