@@ -15,6 +15,7 @@ import pytest
 
 from proxyd.mockprovider import create_mock_app
 from tests.conftest import SECRET, StartServer, server_url
+from tests.fakes import FakeProvider, Step, chat_body
 from tests.served import Served, free_port, serve
 from tests.test_server_errors import assert_anthropic_error, assert_openai_error, split
 
@@ -285,6 +286,31 @@ async def test_a_request_on_its_way_at_drain_is_served(
         assert await asyncio.wait_for(px.proc.wait(), 10) == 0
         for w in (writer, silent[1], idle_writer):
             w.close()
+
+
+async def test_a_request_with_its_handler_at_drain_is_answered_with_connection_close(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """SIGTERM while a request waits for its provider: its answer says `Connection: close`
+    before the server closes the connection, so a keep-alive client does not send its next
+    request there. Before: a plain keep-alive answer, then the connection closed under it."""
+    fake = FakeProvider(Step(body=chat_body("hello"), stall_before_headers=0.8))
+    upstream = await start_server(fake.app())
+    async with serve(tmp_path, server_url(upstream)) as px:
+        reader, writer = await asyncio.open_connection("127.0.0.1", px.port)
+        writer.write(body_head(len(CHAT)) + CHAT)
+        for _ in range(100):  # the request is with its handler, waiting for the provider
+            if fake.seen:
+                break
+            await asyncio.sleep(0.01)
+        px.proc.send_signal(signal.SIGTERM)
+        data, _ = await until_closed(reader, 10)
+        status, headers = split(data)[:2]
+        assert status == 200
+        assert headers["connection"] == "close"
+        assert orjson.loads(data.split(b"\r\n\r\n", 1)[1])["object"] == "chat.completion"
+        assert await asyncio.wait_for(px.proc.wait(), 10) == 0
+        writer.close()
 
 
 async def test_the_control_and_metrics_listeners_have_the_same_deadlines(

@@ -33,6 +33,7 @@ def test_the_request_handler_internals_are_still_there() -> None:
         "_force_close",
         "_close",
         "_request_in_progress",
+        "_current_request",
         "_keepalive_timeout",
         "_manager",
     ):
@@ -48,6 +49,9 @@ def test_the_request_handler_internals_are_still_there() -> None:
         assert callable(getattr(RequestHandler, method, None)), method
     # the drain: pre_shutdown closes every connection, then shutdown(timeout) waits for them
     assert "conn.close()" in inspect.getsource(web.Server.pre_shutdown)
+    assert "self._server.pre_shutdown()" in inspect.getsource(web.BaseRunner.cleanup)
+    # the handler's request, set while its handler runs (Connection: close at drain)
+    assert "self._current_request = request" in inspect.getsource(RequestHandler._handle_request)
     assert inspect.iscoroutinefunction(RequestHandler.shutdown)
     params = list(inspect.signature(RequestHandler.handle_error).parameters)
     assert params == ["self", "request", "status", "exc", "message"]

@@ -2,8 +2,9 @@
 
 One of the two modules that reach into aiohttp's server internals: this one subclasses the
 protocol (`RequestHandler`'s `_waiter`, `_messages`, `_request_factory`, `_request_handler`,
-`_lingering_time`, `_process_keepalive`, `handle_error`, `Server._kwargs`); the other,
-`proxyd/server/respond.py`, holds the response writer and flow control. Guarded by
+`_lingering_time`, `_current_request`, `_process_keepalive`, `handle_error`, `Server._kwargs`,
+`Server.pre_shutdown`); the other, `proxyd/server/respond.py`, holds the response writer and
+flow control. Guarded by
 tests/test_connection_internals.py, which fails loudly, naming the attribute, when aiohttp
 changes any of them, and by tests/test_client_deadlines.py and tests/test_server_errors.py
 (black-box, against a real proxyd process). Never reads a body.
@@ -167,6 +168,9 @@ class GuardedRequestHandler(RequestHandler):
             self._request_handler = self._over_capacity
         self._set_deadline(self._loop.time() + self._settings.head_timeout)
         super().connection_made(transport)
+        manager = self._manager
+        if isinstance(manager, GuardedServer) and manager.draining:  # a TLS handshake ended
+            self.close()  # at drain: its one request answered with `Connection: close`
 
     def handshaking(self, now: float) -> bool:
         """Accepted, its TLS handshake not over (aiohttp meets a TLS connection only after it),
@@ -183,10 +187,15 @@ class GuardedRequestHandler(RequestHandler):
 
     def close(self) -> None:
         """aiohttp's graceful close (at drain: no more requests on this connection), kept back
-        while the connection's request is on its way: see `shutdown`."""
+        while the connection's request is on its way: see `shutdown`. A request with its
+        handler now answers with `Connection: close` unless its response has started, so a
+        keep-alive client does not reuse the connection this close ends."""
         if self._awaiting_request():
             self._close_due = True
             return
+        request = self._current_request
+        if request is not None:
+            request._cache["keep_alive"] = False  # BaseRequest.keep_alive is a cached property
         super().close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's
@@ -419,6 +428,7 @@ class GuardedServer(web.Server):
     settings: ConnectionSettings
     stats: ConnectionStats
     accepted: weakref.WeakSet[GuardedRequestHandler]  # every protocol made, from the accept on
+    draining: bool  # the listener closed: every connection is served its request, then closed
 
     def __call__(self) -> RequestHandler:
         handler = GuardedRequestHandler(
@@ -442,15 +452,19 @@ class GuardedServer(web.Server):
         waiting = [h for h in self.accepted if h.handshaking(start)]
         if waiting:
             limit = start + (self.settings.head_timeout if timeout is None else timeout)
-            # polled every 10 ms, at drain only, until they end or their deadlines pass
+            # polled every 10 ms, at drain only, until they end or their deadlines pass; each
+            # one closed itself (gracefully) as its handshake ended (`connection_made`)
             while loop.time() < limit and any(h.handshaking(loop.time()) for h in waiting):  # noqa: ASYNC110
                 await asyncio.sleep(_HANDSHAKE_POLL)
-            for handler in waiting:
-                if handler in self._connections:
-                    handler.close()  # as aiohttp's pre_shutdown closed the others
             if timeout is not None:
                 timeout = max(0.0, timeout - (loop.time() - start))
         await super().shutdown(timeout)
+
+    def pre_shutdown(self) -> None:
+        """The listener closed: from now on a connection met (a TLS handshake ending) is one
+        of the drain's, then aiohttp's graceful close of every connection."""
+        self.draining = True
+        super().pre_shutdown()
 
 
 class ClientRunner(web.AppRunner):
@@ -476,6 +490,7 @@ class ClientRunner(web.AppRunner):
         server.settings = self._settings
         server.stats = self._stats
         server.accepted = weakref.WeakSet()
+        server.draining = False
         return server
 
 
