@@ -188,8 +188,11 @@ async def serve_forever(config: Config, worker: WorkerContext | None = None) -> 
     if config.server.metrics_listen:
         ops_runner = _side_runner(create_ops_app(parts), config)
         await ops_runner.setup()
-        mhost, mport = split_host_port(config.server.metrics_listen)
-        await web.TCPSite(ops_runner, mhost, mport, reuse_port=worker is not None).start()
+        if worker is not None and worker.metrics_sock is not None:  # the supervisor's, per slot
+            await web.SockSite(ops_runner, worker.metrics_sock).start()
+        else:
+            mhost, mport = split_host_port(config.server.metrics_listen)
+            await web.TCPSite(ops_runner, mhost, mport).start()
         runners.append(ops_runner)
 
     stop = asyncio.Event()

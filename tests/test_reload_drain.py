@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import os
 import random
 import signal
 import socket
@@ -54,7 +56,7 @@ async def _one(port: int, tls: ssl.SSLContext | None, rng: random.Random) -> str
     return "ok"
 
 
-@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize("scheme", ["http", "https", "metrics"])
 async def test_new_connections_across_sighups_are_never_reset(
     tmp_path: Path, start_server: StartServer, scheme: str
 ) -> None:
@@ -62,7 +64,10 @@ async def test_new_connections_across_sighups_are_never_reset(
     dawdling before the handshake or the request: every one answered 200, none reset or closed
     unanswered. Before the drain waited for TLS handshakes (ba504bd), the TLS run saw
     `ConnectionResetError` in handshakes every time; before a connection accepted ahead of the
-    close was served (85cd44f), plain ones were closed unanswered."""
+    close was served (85cd44f), plain ones were closed unanswered. `metrics`: the same on each
+    worker's own `server.metrics_listen` port, which the supervisor now binds once per slot;
+    before, each worker bound its own SO_REUSEPORT socket and a retiring one reset the
+    connections queued on it."""
     mock = await start_server(create_mock_app(instant=True))
     server: dict[str, object] = {"head_timeout_seconds": 3}
     tls = None
@@ -78,8 +83,9 @@ async def test_new_connections_across_sighups_are_never_reset(
 
     async def hammer(seed: int) -> None:
         rng = random.Random(seed)
+        port = proxyd.metrics + seed % 2 if scheme == "metrics" else proxyd.listen
         while not done.is_set():
-            outcomes[await _one(proxyd.listen, tls, rng)] += 1
+            outcomes[await _one(port, tls, rng)] += 1
 
     try:
         assert proxyd.proc is not None
@@ -105,4 +111,54 @@ async def test_new_connections_across_sighups_are_never_reset(
         assert await proxyd.stop() == 0
     finally:
         done.set()
+        await proxyd.kill()
+
+
+def _listening(port: int) -> set[int]:
+    """The socket inodes listening on 127.0.0.1:`port` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state_code, inode = fields[1], fields[3], int(fields[9])
+        if state_code == "0A" and local == f"0100007F:{port:04X}":
+            found.add(inode)
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """The socket inodes process `pid` holds."""
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                held.add(int(target[8:-1]))
+    return held
+
+
+async def test_each_workers_metrics_port_is_one_socket_the_supervisor_binds(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """`server.metrics_listen` under --workers: slot k's port is one listening socket the
+    supervisor bound, which a reload's new worker takes over, as the client port is. Before,
+    each worker bound its own SO_REUSEPORT socket on the port: a reload put a second socket on
+    it, and the old one's queued connections were reset when it closed."""
+    mock = await start_server(create_mock_app(instant=True))
+    proxyd = Proxyd(tmp_path, state(server_url(mock)))
+    await proxyd.start()
+    try:
+        assert proxyd.proc is not None
+        supervisor = _socket_inodes(proxyd.proc.pid)
+        before = [_listening(proxyd.metrics + slot) for slot in (0, 1)]
+        assert all(len(inodes) == 1 and inodes <= supervisor for inodes in before), before
+        workers = set(proxyd.worker_pids())
+        proxyd.proc.send_signal(signal.SIGHUP)
+        for _ in range(400):  # 20 s at most: both replaced, the old ones gone
+            if not workers & set(proxyd.worker_pids()):
+                break
+            await asyncio.sleep(0.05)
+        assert not workers & set(proxyd.worker_pids())
+        assert [_listening(proxyd.metrics + slot) for slot in (0, 1)] == before
+        assert await proxyd.stop() == 0
+    finally:
         await proxyd.kill()

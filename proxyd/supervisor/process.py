@@ -25,7 +25,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.process_collector import ProcessCollector
 
-from proxyd.config import Config, ConfigError, load_config
+from proxyd.config import Config, ConfigError, load_config, split_host_port
 from proxyd.observability import logs, merge
 from proxyd.protocol import estimate
 from proxyd.state import sync
@@ -89,6 +89,9 @@ class Supervisor:
         self._exit = 0
         self.listen_sock: socket.socket | None = None
         self.control_sock: socket.socket | None = None
+        # server.metrics_listen: one socket per slot, bound once, so a reload's new worker
+        # takes over the old one's (no scrape queued on a closing socket is reset)
+        self.metrics_socks: list[socket.socket] = []
         self.registry = CollectorRegistry()
         ProcessCollector(namespace="proxyd", registry=self.registry)
         Gauge(
@@ -109,6 +112,11 @@ class Supervisor:
         self.listen_sock = spawn.bind(self.config.server.listen)
         if self.config.server.admin_token:
             self.control_sock = spawn.bind(self.config.server.control_listen, backlog=128)
+        if self.config.server.metrics_listen:
+            host, port = split_host_port(self.config.server.metrics_listen)
+            self.metrics_socks = [
+                spawn.bind(f"{host}:{port + slot}", backlog=128) for slot in range(self.workers)
+            ]
         self._load_state(self.config)
         self.tokenizer.load()
         import proxyd.app  # noqa: F401 - every module the workers run, imported once and shared
@@ -185,6 +193,7 @@ class Supervisor:
             inherited = [p.sock for p in self._procs.values()]
             if slot != 0 and self.control_sock is not None:
                 inherited.append(self.control_sock)
+            inherited += [m for i, m in enumerate(self.metrics_socks) if i != slot]
             signal.set_wakeup_fd(-1)
             os.close(self._wake[0])
             os.close(self._wake[1])
@@ -195,6 +204,7 @@ class Supervisor:
                 sock=child,
                 listen_sock=self.listen_sock,
                 control_sock=self.control_sock if slot == 0 else None,
+                metrics_sock=self.metrics_socks[slot] if self.metrics_socks else None,
                 store=self.store,
                 tokenizer=self.tokenizer,
                 table=self.table,
@@ -337,7 +347,7 @@ class Supervisor:
         log.info("supervisor_stopping", signal=signal.Signals(sig).name, grace_seconds=grace)
         self._restart_at.clear()
         self._rolling.clear()
-        for sock in (self.listen_sock, self.control_sock):
+        for sock in (self.listen_sock, self.control_sock, *self.metrics_socks):
             if sock is not None:
                 sock.close()  # the workers hold their own copies until they have drained
         for proc in self._procs.values():

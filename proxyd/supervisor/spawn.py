@@ -61,6 +61,7 @@ class Inherited:
     tokenizer: estimate.Tokenizer
     table: SharedTable | None = None  # limits and balances mapped into every worker (no Redis)
     column: int = -1  # this worker's column of it
+    metrics_sock: socket.socket | None = None  # its slot's server.metrics_listen socket
 
 
 def child_main(
@@ -87,6 +88,7 @@ def child_main(
             link=Link(inherited.sock, slot=inherited.slot, workers=inherited.workers),
             listen_sock=inherited.listen_sock,
             control_sock=inherited.control_sock,
+            metrics_sock=inherited.metrics_sock,
             store=inherited.store,
             tokenizer=inherited.tokenizer,
             table=inherited.table,

@@ -41,6 +41,7 @@ class WorkerContext:
     sockets: list[socket.socket] = field(default_factory=list)
     table: SharedTable | None = None  # limits and balances mapped into every worker (no Redis)
     column: int = -1  # this worker's column of the table
+    metrics_sock: socket.socket | None = None  # its slot's `server.metrics_listen`, bound once
 
     @property
     def name(self) -> str:
