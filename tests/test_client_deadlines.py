@@ -42,9 +42,18 @@ async def trickle(writer: asyncio.StreamWriter, data: bytes, every: float) -> No
 
 
 async def silent_then_closed(port: int) -> float:
-    """Connect and send nothing; how long until the server closed (asserting it sent nothing)."""
+    """Connect and send nothing; how long until the server closed (asserting it sent nothing).
+
+    A close that reaches the client as a reset rather than an end of stream counts as closed
+    too: it happened once in a full CI run (control or metrics port, ConnectionResetError),
+    never when run alone; what is checked is that the connection was cut, with nothing sent,
+    at its deadline."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    data, took = await until_closed(reader, 10)
+    start = time.monotonic()
+    try:
+        data, took = await until_closed(reader, 10)
+    except ConnectionResetError:
+        data, took = b"", time.monotonic() - start
     writer.close()
     assert data == b""
     return took
