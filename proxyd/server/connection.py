@@ -45,9 +45,10 @@ Cut = Literal["head", "body", "idle"]
 PHASES: tuple[Cut, ...] = ("head", "body", "idle")
 
 
+_HANDSHAKE_POLL: Final = 0.01  # seconds between looks at the handshakes left, at drain only
+
 # Where a connection is in its request cycle. Plain ints, not an Enum: they are read on every
 # read of the socket, and an Enum member costs a class-attribute lookup (~150 ns) each time.
-_HANDSHAKE_POLL: Final = 0.01  # seconds between looks at the handshakes left, at drain only
 FRESH: Final = 0  # accepted, no byte yet
 HEAD: Final = 1  # some of a request head came, not all of it
 BODY: Final = 2  # the head is in, the body is still coming

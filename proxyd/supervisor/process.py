@@ -184,7 +184,7 @@ class Supervisor:
 
     def _spawn(self, slot: int, role: str = "current") -> None:
         spool = self._spool_index()
-        config = spawn.worker_config(self.config, slot, spool)
+        config = spawn.worker_config(self.config, spool)
         parent, child = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child; its work is the worker's tests

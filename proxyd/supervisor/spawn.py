@@ -36,16 +36,13 @@ def bind(address: str, backlog: int = 4096) -> socket.socket:
     return sock
 
 
-def worker_config(config: Config, slot: int, spool: int) -> Config:
-    """A worker's config: a spool directory of its own; `metrics_listen` port plus its slot."""
+def worker_config(config: Config, spool: int) -> Config:
+    """A worker's config: a spool directory of its own (its `server.metrics_listen` port, that
+    address plus its slot, is the socket the supervisor bound: `Supervisor.prepare`)."""
     billing = config.billing.model_copy(
         update={"spool_dir": f"{config.billing.spool_dir}/worker-{spool}"}
     )
-    server = config.server
-    if server.metrics_listen:
-        host, port = split_host_port(server.metrics_listen)
-        server = server.model_copy(update={"metrics_listen": f"{host}:{port + slot}"})
-    return config.model_copy(update={"billing": billing, "server": server})
+    return config.model_copy(update={"billing": billing})
 
 
 @dataclass

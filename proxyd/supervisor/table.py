@@ -70,6 +70,7 @@ HEADER = 8  # int64s before the key table: magic, sizes, columns
 # 20 tries (benchmarks/RESULTS.md (9)).
 SPIN_TRIES = 32
 _EX_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
+_TRIES = range(SPIN_TRIES + 1)  # the first try, then the spin
 
 
 def digest(ident: str) -> tuple[int, int]:
@@ -162,13 +163,7 @@ class SharedTable:
         """Take the table's lock: at once if free, else after up to `SPIN_TRIES` quick tries,
         else blocking until its holder lets it go (or dies)."""
         fd = self._lock_fd
-        try:
-            fcntl.flock(fd, _EX_NB)
-        except BlockingIOError:
-            pass
-        else:
-            return
-        for _ in range(SPIN_TRIES):
+        for _ in _TRIES:
             try:
                 fcntl.flock(fd, _EX_NB)
             except BlockingIOError:
